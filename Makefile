@@ -1,0 +1,31 @@
+# `make run` and `make test` bootstrap .venv by themselves on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RUN_DIR ?= runs/demo
+
+.PHONY: run test test-all bench venv clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# Install the CPU torch first so a looser requirement never pulls a multi-GB CUDA build.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(PY) -m k2lab.cli demo --run-dir $(RUN_DIR)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -m "not slow" -q
+
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) bench/model.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
