@@ -97,6 +97,9 @@ def _atomic_write(path: Path, write) -> None:
 def save_model(model: nn.Module, path: str | Path, max_shard_size: int | str = "2GB",
                dtype: torch.dtype | None = None) -> Path:
     """Write config.json, model-XXXXX-of-YYYYY.safetensors and the index; each file atomically, index last."""
+    from k2lab.quant.checkpoint import has_int4_experts, save_int4_model
+    if has_int4_experts(model):  # compressed-tensors pack-quantized experts (k2lab.quant)
+        return save_int4_model(model, path, max_shard_size, dtype)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(max_shard_size)
@@ -172,6 +175,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
+    from k2lab.quant.checkpoint import is_int4_checkpoint, load_int4_model
+    if is_int4_checkpoint(path):  # compressed-tensors pack-quantized experts (k2lab.quant)
+        return load_int4_model(path, device, dtype, device_map)
     config = ModelConfig.load(path)
     with torch.device("meta"):
         model = K2ForCausalLM(config)
