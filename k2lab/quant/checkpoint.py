@@ -30,11 +30,13 @@ _LINEAR = re.compile(r"^(.*_proj|lm_head)\.weight$")  # the nn.Linear weights of
 
 
 def quantize_experts_(model: K2ForCausalLM) -> K2ForCausalLM:
-    """Post-training quantization in place: every routed `Experts` becomes `Int4Experts` (minmax scales)."""
+    """Quantize in place: every routed `Experts` (or QAT's, from its latent weights) becomes `Int4Experts`."""
     for moe in model.modules():
         if isinstance(moe, MoE) and isinstance(moe.experts, Experts):
+            ex = moe.experts
             with torch.no_grad():
-                moe.experts = Int4Experts.from_weights(*(w.float().cpu() for w in moe.experts.weights()))
+                moe.experts = Int4Experts.from_weights(*(w.detach().float().cpu()
+                                                         for w in (ex.gate_proj, ex.up_proj, ex.down_proj)))
     return model
 
 
