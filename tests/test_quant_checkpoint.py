@@ -174,3 +174,14 @@ def test_dequantized_matches_the_scheme():
     w = torch.randn(64, 96)
     t = ct.compress(w)
     assert torch.equal(ct.decompress("x", t, 32), int4.dequantize(*int4.quantize(w)))
+
+
+def test_kimi_k25_wrapper_round_trip(tmp_path):
+    """K2.5/K2.6 checkpoints hold the text model under `language_model.`; the INT4 path keeps that prefix."""
+    model = quantize_experts_(random_model(tiny_config().as_wrapper()))
+    k2lab.save_model(model, tmp_path)
+    assert f"language_model.{EXPERT}.weight_packed" in _tensors(tmp_path)
+    loaded = k2lab.load_model(tmp_path)
+    ids = torch.randint(0, 500, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))

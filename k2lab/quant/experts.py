@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from k2lab.model import Experts
 from k2lab.quant import int4
 
 PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -124,27 +125,19 @@ class Int4Experts(nn.Module):
         packed = getattr(self, f"{p}_packed")[e].view(self.shapes[p][0], -1)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.group_size, scale_and_zeros)
 
-    def expert_ffn(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """SwiGLU of expert e on x [n, D] (bf16)."""
-        return self._linear(F.silu(self._linear(x, "gate_proj", e)) * self._linear(x, "up_proj", e), "down_proj", e)
+    def grouped_ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs [M, D] sorted by expert with counts [E] rows each -> the experts' outputs [M, D] (xs's dtype)."""
+        x16, outs, start = xs.to(_ACT_DTYPE), [], 0
+        for e, n in enumerate(counts.tolist()):  # one kernel call per projection of each active expert
+            if n:
+                xe = x16[start:start + n]
+                h = F.silu(self._linear(xe, "gate_proj", e)) * self._linear(xe, "up_proj", e)
+                outs.append(self._linear(h, "down_proj", e))
+                start += n
+        return torch.cat(outs).to(xs.dtype) if outs else xs.new_zeros(0, xs.shape[1])
 
-    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
-        """x [N, D], topk_idx / topk_weight [N, k] -> sum_k weight * expert(x) [N, D]."""
-        n_tokens, k = topk_idx.shape
-        flat = topk_idx.reshape(-1)
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        token = order // k  # the token of each sorted (token, slot) pair
-        xs = x.to(_ACT_DTYPE)[token]
-        weights = topk_weight.reshape(-1)[order].to(x.dtype)
-        out = torch.zeros_like(x)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                y = self.expert_ffn(xs[start:start + c], e).to(x.dtype) * weights[start:start + c, None]
-                out.index_add_(0, token[start:start + c], y)
-                start += c
-        return out
+    # The routing dispatch (sort tokens by expert, weight, scatter back) is exactly the full-precision one.
+    forward = Experts.forward
 
     def weight_bytes(self) -> int:
         """Bytes the expert weights occupy in memory (packed values and scales)."""
