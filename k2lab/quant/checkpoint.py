@@ -168,13 +168,13 @@ def load_int4_model(path: str | Path, device: torch.device | str = "cpu", dtype:
                 slot = targets[name]
                 hf._check(name, t, slot)
                 hf._place(slot, t.to(dtype=torch.float32 if name.endswith(hf._FP32) else (dtype or t.dtype)))
-    for name, moe in moes.items():
-        moe.experts = _build_experts(name, expert_tensors, config, group_size)
     extra = sorted(set(expert_tensors) - {f"{n}.experts.{e}.{p}" for n in moes
                                           for e in range(config.n_routed_experts) for p in PROJS})
     if extra:
         raise CheckpointError(f"{len(extra)} pack-quantized Linears the config has no room for "
                               f"(n_routed_experts {config.n_routed_experts}, MoE layers), e.g. {extra[:3]}")
+    for name, moe in moes.items():  # layer by layer, releasing the read tensors as each becomes Int4Experts
+        moe.experts = _build_experts(name, expert_tensors, config, group_size)
     model.model.rotary_emb.reset(torch.device("cpu"))
     return model.eval()
 
@@ -196,6 +196,7 @@ def _build_experts(moe_name: str, tensors: dict[str, dict[str, torch.Tensor]], c
                 raise CheckpointError(str(err)) from None
             if shape != expected[p]:
                 raise CheckpointError(f"{name}.weight_shape is {list(shape)}, the config implies {list(expected[p])}")
-            per_proj[p][0].append(tensors[name]["weight_packed"])
-            per_proj[p][1].append(tensors[name]["weight_scale"])
+            local = tensors.pop(name)
+            per_proj[p][0].append(local["weight_packed"])
+            per_proj[p][1].append(local["weight_scale"])
     return Int4Experts.from_compressed({p: (torch.stack(a), torch.stack(b)) for p, (a, b) in per_proj.items()})
