@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,7 +35,7 @@ import k2lab  # noqa: E402
 from k2lab.config import ModelConfig  # noqa: E402
 from k2lab.model import K2ForCausalLM  # noqa: E402
 from k2lab.quant.checkpoint import quantize_experts_  # noqa: E402
-from k2lab.quant.qat import enable_qat_, stdlib_corpus, train, val_loss  # noqa: E402
+from k2lab.quant.qat import enable_qat_, lm_loss, stdlib_corpus, train, val_loss  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -68,10 +69,10 @@ def agreement(gen: torch.Tensor, ref: torch.Tensor) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base-steps", type=int, default=500)
-    ap.add_argument("--qat-steps", type=int, default=100)
+    ap.add_argument("--base-steps", type=int, default=400)
+    ap.add_argument("--qat-steps", type=int, default=80)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--qat-lr", type=float, default=3e-4)
+    ap.add_argument("--qat-lr", type=float, default=2e-4)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=8)
@@ -92,17 +93,27 @@ def main() -> None:
         return lambda step, loss: curves[name].append((step, loss))
 
     train(fp, args.base_steps, args.lr, args.batch, args.seq_len, seed=0, data=train_data, log=logger("fp"),
-          desc="fp")
-    qat = enable_qat_(copy.deepcopy(fp))
-    train(qat, args.qat_steps, args.qat_lr, args.batch, args.seq_len, seed=1, data=train_data, log=logger("qat"),
-          desc="qat")
-    fp_plus = copy.deepcopy(fp)
-    train(fp_plus, args.qat_steps, args.qat_lr, args.batch, args.seq_len, seed=1, data=train_data,
-          log=logger("fp+"), desc="fp+")
+          desc="fp", cosine=True)
+    fp.requires_grad_(False)
+
+    def distill(student, tokens):  # KL(FP teacher || student) over next-byte distributions
+        with torch.no_grad():
+            teacher = F.log_softmax(fp(tokens[:, :-1]).float(), -1)
+        student_logp = F.log_softmax(student(tokens[:, :-1]).float(), -1)
+        return F.kl_div(student_logp.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
+
+    continued = {}
+    for name, qat_on, loss_fn in [("qat", True, lm_loss), ("qat-kd", True, distill), ("fp+", False, lm_loss)]:
+        model = copy.deepcopy(fp).requires_grad_(True)
+        model = enable_qat_(model) if qat_on else model
+        train(model, args.qat_steps, args.qat_lr, args.batch, args.seq_len, seed=1, data=train_data,
+              log=logger(name), desc=name, loss_fn=loss_fn)
+        continued[name] = model
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        models = {"fp": fp, "ptq": through_format(fp, tmp, "ptq"), "qat": through_format(qat, tmp, "qat"),
-                  "fp+": fp_plus, "ptq(fp+)": through_format(fp_plus, tmp, "ptq_plus")}
+        models = {"fp": fp, "ptq": through_format(fp, tmp, "ptq"),
+                  "qat": through_format(continued["qat"], tmp, "qat"),
+                  "qat-kd": through_format(continued["qat-kd"], tmp, "qat_kd"), "fp+": continued["fp+"]}
         gen = torch.Generator().manual_seed(7)
         starts = torch.randint(0, len(val_data) - 65, (args.prompts,), generator=gen).tolist()
         prompts = torch.stack([val_data[s:s + 64] for s in starts])
@@ -115,7 +126,7 @@ def main() -> None:
             results[name] = {"val_loss": val_loss(model, val_data, batch=args.batch, seq_len=args.seq_len),
                              "generate_s": time.time() - t}
             print(f"{name}: val loss {results[name]['val_loss']:.4f}", flush=True)
-    for name, ref in [("ptq", "fp"), ("qat", "fp"), ("fp+", "fp"), ("ptq(fp+)", "fp+"), ("qat", "fp+")]:
+    for name, ref in [("ptq", "fp"), ("qat", "fp"), ("qat-kd", "fp"), ("fp+", "fp"), ("qat", "fp+")]:
         results[name][f"vs_{ref}"] = agreement(gens[name], gens[ref])
     results["train_curves"] = curves
     results["seconds"] = time.time() - t0
@@ -140,14 +151,14 @@ def plot(results: dict, file: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for name, style in [("ptq", "r-"), ("qat", "g-"), ("fp+", "k:")]:
+    for name, style in [("ptq", "r-"), ("qat", "g--"), ("qat-kd", "g-"), ("fp+", "k:")]:
         a = results[name]["vs_fp"]
         axes[0].plot(a["exact_prefix_fraction"], style, label=name)
         axes[1].plot(list(a["agreement_by_64"].values()), style + "o", label=name)
     axes[0].set(title="generations still identical to FP (greedy)", xlabel="generated token", ylabel="fraction")
     axes[1].set(title="token agreement with FP per 64-token window", xlabel="window (x64 tokens)")
-    names = ["fp", "ptq", "qat", "fp+", "ptq(fp+)"]
-    axes[2].bar(names, [results[n]["val_loss"] for n in names], color=["k", "r", "g", "grey", "salmon"])
+    names = ["fp", "ptq", "qat", "qat-kd", "fp+"]
+    axes[2].bar(names, [results[n]["val_loss"] for n in names], color=["k", "r", "lightgreen", "g", "grey"])
     lo = min(results[n]["val_loss"] for n in names)
     axes[2].set(title="validation loss (bytes)", ylim=(lo * 0.97, max(results[n]["val_loss"] for n in names) * 1.01))
     for ax in axes[:2]:

@@ -13,6 +13,7 @@ validation. It is a stand-in for the pre-training / SFT data and says so in the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sysconfig
 from pathlib import Path
@@ -80,16 +81,19 @@ def val_loss(model: K2ForCausalLM, data: torch.Tensor, batches: int = 8, batch: 
 
 def train(model: K2ForCausalLM, steps: int, lr: float, batch: int = 8, seq_len: int = 256, seed: int = 0,
           log=None, start: int = 0, optimizer: torch.optim.Optimizer | None = None,
-          data: torch.Tensor | None = None, desc: str = "train") -> torch.optim.Optimizer:
-    """AdamW with a short linear warmup on byte-level stdlib text; `log(step, loss)` after each step."""
+          data: torch.Tensor | None = None, desc: str = "train", cosine: bool = False,
+          loss_fn=lm_loss) -> torch.optim.Optimizer:
+    """AdamW on byte-level stdlib text: 20 warmup steps, then constant lr or (cosine) decay to lr/10.
+    `loss_fn(model, tokens)` is the objective; `log(step, loss)` runs after each step."""
     data = stdlib_corpus("train") if data is None else data
     opt = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(seed + start)
     model.train()
     for step in tqdm(range(start, steps), desc=desc, initial=start, total=steps):
+        decay = 0.55 + 0.45 * math.cos(math.pi * step / steps) if cosine else 1.0
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 20)
-        loss = lm_loss(model, sample_batch(data, batch, seq_len, gen))
+            group["lr"] = lr * min(1.0, (step + 1) / 20) * decay
+        loss = loss_fn(model, sample_batch(data, batch, seq_len, gen))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
