@@ -121,6 +121,7 @@ def _set_group_size(qc):
     (_set_group_size, None, r"weight_scale has shape .* group_size 64"),
     (lambda qc: qc["config_groups"]["group_0"]["weights"].update(num_bits=8), None, "num_bits is 8"),
     (lambda qc: qc.update(format="float-quantized"), None, "format is 'float-quantized'"),
+    (lambda qc: qc["config_groups"]["group_0"]["weights"].update(group_size=48), None, "group_size is 48"),
     (lambda qc: qc["ignore"].remove("re:.*shared_experts.*"), None, "shared_experts.*full precision"),
     (lambda qc: qc["ignore"].append("re:.*experts.*"), None, "ignore excludes it"),
     (None, lambda t: t.pop(f"{EXPERT}.weight_scale"), f"missing {EXPERT}.weight_scale"),

@@ -55,8 +55,8 @@ def read_quantization_config(qc: dict[str, Any]) -> int:
         if group.get(key) is not None:
             raise bad(f"{key} are quantized (W4A16 keeps activations in full precision)")
     group_size = w.get("group_size")
-    if not isinstance(group_size, int) or group_size <= 0 or group_size % int4.PER_WORD:
-        raise bad(f"weights.group_size is {group_size!r}, expected a positive multiple of {int4.PER_WORD}")
+    if group_size not in (32, 64, 128, 256):  # the sizes torch's INT4 kernel takes; the releases use 32
+        raise bad(f"weights.group_size is {group_size!r}, expected 32 (or 64, 128, 256)")
     return group_size
 
 
