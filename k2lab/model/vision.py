@@ -1,0 +1,291 @@
+"""MoonViT: the K2.5/K2.6 vision encoder, its 2x2 patch merger (temporal mean for video) and the projector.
+
+Module and parameter names are the released ones (`vision_tower.patch_embed.*`, `vision_tower.encoder.blocks.N.
+{norm0,norm1,wqkv,wo,mlp.fc0,mlp.fc1}`, `mm_projector.{pre_norm,proj.0,proj.2}`), so a checkpoint loads by prefix
+alone. The 2-D RoPE rotates adjacent pairs (the released layout, no permutation): pair i of a head turns by
+col * f_{i/2} for even i and row * f_{i/2} for odd i, f_j = theta^(-4j/head_dim).
+
+Several images (or video chunks) of different sizes run in one call as a packed sequence: patches are concatenated
+and attention runs per image over its own slice (cu_seqlens), so nothing is padded to a common size.
+Input layout (as transformers' Kimi-K2.5 processor writes it): `pixel_values` [N, 3, p, p], one row per patch, each
+image in raster order (frames one after another for video); `grid_thw` [n, 3] = (frames, rows, cols) per image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from k2lab.config import ModelConfig
+
+
+class MediaInputError(ValueError):
+    """Bad image/video input (unreadable, over budget, placeholder mismatch): a client error (HTTP 400)."""
+
+
+@dataclass
+class VisionConfig:
+    patch_size: int = 14
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    merge_kernel_size: tuple[int, int] = (2, 2)
+    pos_emb_height: int = 64  # learned position grid, interpolated (bicubic) to each image's patch grid
+    pos_emb_width: int = 64
+    pos_emb_time: int = 4  # most frames per video chunk (sinusoidal time embedding)
+    rope_theta: float = 10000.0
+    projector_ln_eps: float = 1e-5
+    text_hidden_size: int = 7168  # projector output = the language model's hidden size
+
+    def __post_init__(self) -> None:
+        self.merge_kernel_size = tuple(self.merge_kernel_size)
+        if self.hidden_size % self.num_attention_heads or (self.hidden_size // self.num_attention_heads) % 4:
+            raise ValueError(f"hidden_size {self.hidden_size} / {self.num_attention_heads} heads must give a "
+                             "head_dim divisible by 4 (2-D RoPE rotates row and column pairs)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def merge_size(self) -> int:
+        return self.merge_kernel_size[0] * self.merge_kernel_size[1]
+
+    @classmethod
+    def preset(cls, name: str) -> "VisionConfig":
+        if name not in VISION_PRESETS:
+            raise ValueError(f"unknown vision preset {name!r}; choose one of {', '.join(VISION_PRESETS)}")
+        return cls(**VISION_PRESETS[name])
+
+    # Released config.json (Moonshot's remote code) spells some fields differently from transformers.
+    _RELEASED = {"vt_hidden_size": "hidden_size", "vt_intermediate_size": "intermediate_size",
+                 "vt_num_hidden_layers": "num_hidden_layers", "vt_num_attention_heads": "num_attention_heads",
+                 "init_pos_emb_height": "pos_emb_height", "init_pos_emb_width": "pos_emb_width",
+                 "init_pos_emb_time": "pos_emb_time", "projector_ln_eps": "projector_ln_eps"}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VisionConfig":
+        """Read a `vision_config` in either the released (vt_*) or the transformers spelling."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw.update({ours: d[theirs] for theirs, ours in cls._RELEASED.items() if theirs in d})
+        if "rope_theta" in (d.get("rope_parameters") or {}):
+            kw["rope_theta"] = d["rope_parameters"]["rope_theta"]
+        return cls(**kw)
+
+    def to_dict(self) -> dict:
+        """The `vision_config` of a checkpoint: released keys plus transformers' keys, so both can open it."""
+        hf = dataclasses.asdict(self)
+        hf["merge_kernel_size"] = list(self.merge_kernel_size)
+        hf.pop("rope_theta")
+        released = {theirs: hf[ours] for theirs, ours in self._RELEASED.items()}
+        return {**released, **hf, "mm_hidden_size": self.hidden_size, "merge_type": "sd2_tpool",
+                "mm_projector_type": "patchmerger", "pos_emb_type": "divided_fixed",
+                "video_attn_type": "spatial_temporal", "projector_hidden_act": "gelu",
+                "hidden_act": "gelu_pytorch_tanh",
+                "rope_parameters": {"rope_type": "axial", "rope_theta": self.rope_theta}}
+
+
+VISION_PRESETS: dict[str, dict] = {
+    "moonvit": {},
+    # tiny: a pos grid smaller than typical test images so the interpolation is exercised.
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 pos_emb_height=8, pos_emb_width=8, text_hidden_size=256),
+}
+
+
+def sincos_time_embedding(num_frames: int, dim: int) -> torch.Tensor:
+    """[num_frames, dim]: [sin(f * w_i) | cos(f * w_i)], w_i = 10000^(-2i/dim)."""
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    angles = torch.arange(num_frames, dtype=torch.float32)[:, None] * inv_freq
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class PositionEmbedding(nn.Module):
+    """Learned [H, W, D] grid resampled (bicubic) to each image's grid; video frames also get a time sinusoid."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.pos_emb_height, cfg.pos_emb_width, cfg.hidden_size))
+        self.num_frames = cfg.pos_emb_time
+
+    def forward(self, x: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
+        parts = []
+        for t, h, w in grid_thw:
+            if (h, w) == tuple(self.weight.shape[:2]):
+                pos = self.weight.flatten(0, 1)
+            else:
+                grid = self.weight.permute(2, 0, 1).unsqueeze(0)  # [1, D, H, W]
+                pos = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+                pos = pos.squeeze(0).permute(1, 2, 0).flatten(0, 1)  # [h*w, D]
+            pos = pos.unsqueeze(0).expand(t, -1, -1)  # [t, h*w, D]
+            if t > 1:  # single images get no time term
+                pos = pos + sincos_time_embedding(t, pos.shape[-1]).to(pos)[:, None]
+            parts.append(pos.flatten(0, 1))
+        return x + torch.cat(parts).to(x.dtype)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(3, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.pos_emb = PositionEmbedding(cfg)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: list) -> torch.Tensor:
+        x = self.proj(pixel_values).flatten(1)  # [N, 3, p, p] -> [N, D]
+        return self.pos_emb(x, grid_thw)
+
+
+def rope_2d_angles(grid_thw: list, head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """[N, head_dim/2] rotation angles: pair 2j turns by col * f_j, pair 2j+1 by row * f_j."""
+    freqs = theta ** (-torch.arange(0, head_dim, 4, device=device, dtype=torch.float32) / head_dim)
+    parts = []
+    for t, h, w in grid_thw:
+        rows = torch.arange(h, device=device).repeat_interleave(w).repeat(t)
+        cols = torch.arange(w, device=device).repeat(h * t)
+        parts.append(torch.stack([cols[:, None] * freqs, rows[:, None] * freqs], dim=-1).flatten(1))
+    return torch.cat(parts)
+
+
+def apply_rope_2d(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """x [N, H, hd] rotated pairwise (adjacent pairs) by angles [N, hd/2], in fp32."""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [N, H, hd/2] each
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc0 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc1 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc1(F.gelu(self.fc0(x), approximate="tanh"))
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm ViT block: x + attn(norm0(x)), then + mlp(norm1(x)); attention packed over images."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.norm0 = nn.LayerNorm(cfg.hidden_size, eps=1e-5)
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=1e-5)
+        self.wqkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)  # rows: q | k | v, heads contiguous
+        self.wo = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.mlp = VisionMLP(cfg)
+
+    def attention(self, x: torch.Tensor, angles: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        q, k, v = self.wqkv(x).unflatten(-1, (3, self.n_heads, self.head_dim)).unbind(1)  # [N, H, hd] each
+        q, k = apply_rope_2d(q, angles), apply_rope_2d(k, angles)
+        out = []
+        for qi, ki, vi in zip(*(t.transpose(0, 1).split(seqlens, dim=1) for t in (q, k, v))):
+            out.append(F.scaled_dot_product_attention(qi, ki, vi))  # [H, L_i, hd]: one image, full attention
+        return self.wo(torch.cat(out, dim=1).transpose(0, 1).flatten(1))
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        x = x + self.attention(self.norm0(x), angles, seqlens)
+        return x + self.mlp(self.norm1(x))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=1e-5)
+
+    def forward(self, x: torch.Tensor, angles: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, angles, seqlens)
+        return self.final_layernorm(x)
+
+
+def temporal_patch_merge(x: torch.Tensor, grid_thw: list, kh: int, kw: int) -> torch.Tensor:
+    """[N, D] -> [M, kh*kw, D]: group each kh x kw block of patches (raster order inside the block), mean over t."""
+    out = []
+    for xi, (t, h, w) in zip(x.split([t * h * w for t, h, w in grid_thw]), grid_thw):
+        xi = xi.view(t, h // kh, kh, w // kw, kw, -1).permute(0, 1, 3, 2, 4, 5)  # [t, h/kh, w/kw, kh, kw, D]
+        out.append(xi.float().mean(0).flatten(0, 1).flatten(1, 2).to(x.dtype))
+    return torch.cat(out)
+
+
+class MoonViT(nn.Module):
+    """The vision tower: patches of several images -> merged tokens [M, kh*kw, D] (before the projector)."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.encoder = VisionEncoder(cfg)
+
+    def check_inputs(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[tuple[int, int, int]]:
+        cfg = self.config
+        if grid_thw.ndim != 2 or grid_thw.shape[1] != 3:
+            raise MediaInputError(f"grid_thw must be [num_images, 3], got shape {tuple(grid_thw.shape)}")
+        grid = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
+        kh, kw = cfg.merge_kernel_size
+        for i, (t, h, w) in enumerate(grid):
+            if not (1 <= t <= cfg.pos_emb_time and h > 0 and w > 0 and h % kh == 0 and w % kw == 0):
+                raise MediaInputError(f"image {i}: grid (t={t}, h={h}, w={w}) must have 1 <= t <= "
+                                      f"{cfg.pos_emb_time} and h, w positive multiples of {kh}x{kw}")
+        expected = (sum(t * h * w for t, h, w in grid), 3, cfg.patch_size, cfg.patch_size)
+        if tuple(pixel_values.shape) != expected:
+            raise MediaInputError(f"pixel_values has shape {tuple(pixel_values.shape)}, expected {expected} "
+                                  f"for grid_thw {grid}")
+        return grid
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        grid = self.check_inputs(pixel_values, grid_thw)
+        x = self.patch_embed(pixel_values.to(self.patch_embed.proj.weight.dtype), grid)
+        angles = rope_2d_angles(grid, self.config.head_dim, self.config.rope_theta, device=x.device)
+        x = self.encoder(x, angles, [t * h * w for t, h, w in grid])  # a video chunk attends across its frames
+        return temporal_patch_merge(x, grid, *self.config.merge_kernel_size)
+
+
+class Projector(nn.Module):
+    """mm_projector: LayerNorm per patch, concatenate the kh*kw patches of a merged token, 2-layer GELU MLP."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        merged = cfg.hidden_size * cfg.merge_size
+        self.pre_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.projector_ln_eps)
+        self.proj = nn.Sequential(nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, cfg.text_hidden_size))
+
+    def forward(self, merged: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pre_norm(merged).flatten(1))  # [M, kh*kw, D] -> [M, text_hidden]
+
+
+def init_vision_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Random init for fresh models: normal(0, std) weights, zero biases, unit norms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=std)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, PositionEmbedding):
+            nn.init.normal_(m.weight, std=std)
+
+
+# Which vision preset goes with a ModelConfig preset (text-only models have none).
+MODEL_VISION_PRESET = {"kimi-k2.5": "moonvit", "kimi-k2.6": "moonvit", "tiny": "tiny"}
+
+
+def vision_param_counts(preset: str) -> dict[str, int]:
+    """Parameter counts of the vision encoder and projector for a model preset, built on the meta device."""
+    text = ModelConfig.preset(preset)
+    if preset not in MODEL_VISION_PRESET:
+        return {}
+    cfg = dataclasses.replace(VisionConfig.preset(MODEL_VISION_PRESET[preset]), text_hidden_size=text.hidden_size)
+    with torch.device("meta"):
+        encoder, projector = MoonViT(cfg), Projector(cfg)
+    n_enc = sum(p.numel() for p in encoder.parameters())
+    n_proj = sum(p.numel() for p in projector.parameters())
+    return {"vision_encoder": n_enc, "projector": n_proj, "vision_total": n_enc + n_proj}
