@@ -1,0 +1,1 @@
+"""Data for k2lab: image preprocessing for the multimodal model."""
