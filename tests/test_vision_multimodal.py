@@ -8,17 +8,20 @@ import pytest
 import torch
 
 from k2lab.checkpoint.multimodal import load_multimodal, save_multimodal, vision_state_dict_to_hf
-from k2lab.config import ModelConfig
 from k2lab.data.images import expand_media_placeholders, media_token_counts
 from k2lab.model.multimodal import K2VLForConditionalGeneration, multimodal_config
 from k2lab.model.vision import MediaInputError, VisionConfig
 
+from tests.conftest import tiny_config
+
 transformers = pytest.importorskip("transformers")
 from transformers import Kimi_K25ForConditionalGeneration  # noqa: E402
 
-CONFIG = multimodal_config(ModelConfig.preset("tiny"), VisionConfig.preset("tiny"))
+# The lead's parity config: YaRN with a short original context, group-limited routing (n_group 4, topk_group 2).
+CONFIG = multimodal_config(tiny_config(), VisionConfig.preset("tiny"))
 PAD = CONFIG.wrapper["media_placeholder_token_id"]
 BEGIN, END = PAD - 3, PAD - 1  # <|media_begin|>, <|media_end|> at K2's offsets
+TEXT_IDS = CONFIG.bos_token_id  # ordinary tokens are the ids below [BOS]
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> None:
@@ -50,9 +53,9 @@ def prompt_batch(grids_per_row: list[list[tuple[int, int, int]]], seed=0):
     g = torch.Generator().manual_seed(seed)
     rows, grid = [], []
     for row_grids in grids_per_row:
-        ids = torch.randint(0, 7000, (5,), generator=g).tolist()
+        ids = torch.randint(0, TEXT_IDS, (5,), generator=g).tolist()
         for t, h, w in row_grids:
-            ids += [BEGIN, PAD, END] + torch.randint(0, 7000, (3,), generator=g).tolist()
+            ids += [BEGIN, PAD, END] + torch.randint(0, TEXT_IDS, (3,), generator=g).tolist()
             grid.append((t, h, w))
         rows.append(ids)
     counts = media_token_counts(torch.tensor(grid), 4)
@@ -61,7 +64,7 @@ def prompt_batch(grids_per_row: list[list[tuple[int, int, int]]], seed=0):
         expanded.append(expand_media_placeholders(ids, counts[k:k + len(row_grids)], PAD))
         k += len(row_grids)
     length = max(map(len, expanded))
-    input_ids = torch.tensor([ids + torch.randint(0, 7000, (length - len(ids),), generator=g).tolist()
+    input_ids = torch.tensor([ids + torch.randint(0, TEXT_IDS, (length - len(ids),), generator=g).tolist()
                               for ids in expanded])
     n = sum(t * h * w for t, h, w in grid)
     pixel_values = torch.randn(n, 3, 14, 14, generator=g)
