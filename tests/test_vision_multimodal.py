@@ -4,11 +4,15 @@ k2lab saves a tiny random model in the released layout (`language_model.*`, `vis
 transformers opens the directory with its own loader. Logits and greedy generations are compared.
 """
 
+import base64
+import io
+
 import pytest
 import torch
+from PIL import Image
 
 from k2lab.checkpoint.multimodal import load_multimodal, save_multimodal, vision_state_dict_to_hf
-from k2lab.data.images import expand_media_placeholders, media_token_counts
+from k2lab.data.images import ImageBudget, expand_media_placeholders, images_from_messages, media_token_counts
 from k2lab.model.multimodal import K2VLForConditionalGeneration, multimodal_config
 from k2lab.model.vision import MediaInputError, VisionConfig
 
@@ -102,6 +106,27 @@ def test_greedy_generation_with_images_matches_transformers(models):
         nxt = model(seq, pixel_values, grid_thw)[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], dim=1)
     assert torch.equal(ours, seq)
+
+
+@torch.no_grad()
+def test_chat_image_url_to_generation(models):
+    """An OpenAI-style message with a data-URL image, preprocessed, expanded and generated from, as a server does."""
+    model, hf, _ = models
+    image = Image.radial_gradient("L").resize((90, 50)).convert("RGB")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                             {"type": "image_url", "image_url": {"url": url}}]}]
+    pixel_values, grid_thw = images_from_messages(messages, ImageBudget.for_vision(VisionConfig.preset("tiny")))
+    assert grid_thw.tolist() == [[1, 4, 8]]  # 50 x 90 px padded to 56 x 112
+    rendered = [CONFIG.bos_token_id, 17, 29, BEGIN, PAD, END, 41]  # the chat template writes one pad per image
+    input_ids = torch.tensor([expand_media_placeholders(rendered, media_token_counts(grid_thw, 4), PAD)])
+    assert input_ids.shape[1] == len(rendered) - 1 + 8
+    ours = model.generate(input_ids, pixel_values, grid_thw, max_new_tokens=4)
+    ref = hf.generate(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid_thw, max_new_tokens=4,
+                      do_sample=False, min_new_tokens=4)
+    assert torch.equal(ours, ref)
 
 
 @torch.no_grad()
