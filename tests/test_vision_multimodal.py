@@ -11,11 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from k2lab.checkpoint.multimodal import load_multimodal, save_multimodal, vision_state_dict_to_hf
+from k2lab.checkpoint import CheckpointError, load_model, save_model
+from k2lab.checkpoint.multimodal import VISION_SHARD, load_multimodal, save_multimodal, vision_state_dict_to_hf
 from k2lab.data.images import ImageBudget, expand_media_placeholders, images_from_messages, media_token_counts
+from k2lab.model import K2ForCausalLM
 from k2lab.model.multimodal import K2VLForConditionalGeneration, multimodal_config
 from k2lab.model.vision import MediaInputError, VisionConfig
-
 from tests.conftest import tiny_config
 
 transformers = pytest.importorskip("transformers")
@@ -137,6 +138,24 @@ def test_save_load_round_trip(models):
         assert torch.equal(vision_state_dict_to_hf(loaded)[name], t), name
     input_ids, pixel_values, grid_thw = prompt_batch([[(1, 4, 6)]], seed=2)
     assert torch.equal(loaded(input_ids, pixel_values, grid_thw), model(input_ids, pixel_values, grid_thw))
+
+
+@torch.no_grad()
+def test_text_loader_skips_vision_and_bad_checkpoints_are_named(models, tmp_path):
+    model, _, path = models
+    text = load_model(path)  # the text-only loader opens a multimodal checkpoint and ignores the vision tensors
+    ids = torch.arange(10)[None]
+    assert torch.equal(text(ids), model.language_model(ids))
+    from safetensors.torch import load_file, save_file
+    broken = save_multimodal(model, tmp_path / "broken")
+    tensors = load_file(broken / VISION_SHARD)
+    tensors.pop("vision_tower.encoder.blocks.1.wqkv.weight")
+    save_file(tensors, str(broken / VISION_SHARD))
+    with pytest.raises(CheckpointError, match="missing .*blocks.1.wqkv.weight"):
+        load_multimodal(broken)
+    save_model(K2ForCausalLM(tiny_config()), tmp_path / "text")
+    with pytest.raises(CheckpointError, match="no vision_config"):
+        load_multimodal(tmp_path / "text")
 
 
 @torch.no_grad()

@@ -36,7 +36,8 @@ def load_vision_from_hf(model: K2VLForConditionalGeneration, tensors: dict[str, 
         missing, unexpected = sorted(set(expected) - set(part)), sorted(set(part) - set(expected))
         if missing or unexpected:
             raise CheckpointError(f"{prefix}* tensors do not match the vision config: missing "
-                                  f"{[prefix + k for k in missing[:3]]}, unexpected {[prefix + k for k in unexpected[:3]]}")
+                                  f"{[prefix + k for k in missing[:3]]}, "
+                                  f"unexpected {[prefix + k for k in unexpected[:3]]}")
         for k, v in part.items():
             if tuple(v.shape) != tuple(expected[k].shape):
                 raise CheckpointError(f"{prefix}{k} has shape {tuple(v.shape)}, the vision config implies "

@@ -86,6 +86,9 @@ class K2VLForConditionalGeneration(nn.Module):
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         bsz, t = input_ids.shape
+        if t + max_new_tokens > self.config.max_position_embeddings:
+            raise ValueError(f"prompt {t} + {max_new_tokens} new tokens exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
         device = lm.lm_head.weight.device
         gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         cache = lm.new_cache(bsz, t + max_new_tokens)
