@@ -25,7 +25,8 @@ from transformers import Kimi_K25ForConditionalGeneration  # noqa: E402
 # The lead's parity config: YaRN with a short original context, group-limited routing (n_group 4, topk_group 2).
 CONFIG = multimodal_config(tiny_config(), VisionConfig.preset("tiny"))
 PAD = CONFIG.wrapper["media_placeholder_token_id"]
-BEGIN, END = PAD - 3, PAD - 1  # <|media_begin|>, <|media_end|> at K2's offsets
+BEGIN, CONTENT, END = PAD - 3, PAD - 2, PAD - 1  # <|media_begin|>, <|media_content|>, <|media_end|>
+IMAGE_WORD = 88  # stands for the token(s) of the text "image"
 TEXT_IDS = CONFIG.bos_token_id  # ordinary tokens are the ids below [BOS]
 
 
@@ -53,14 +54,14 @@ def models(tmp_path_factory):
 
 
 def prompt_batch(grids_per_row: list[list[tuple[int, int, int]]], seed=0):
-    """Rows of text with one `<|media_begin|> pads <|media_end|>` run per image, right-filled with text to a
+    """Rows of text with one `<|media_begin|>image<|media_content|> pads <|media_end|>` run per image, filled to a
     common length, plus the packed pixel_values / grid_thw of all images in row order."""
     g = torch.Generator().manual_seed(seed)
     rows, grid = [], []
     for row_grids in grids_per_row:
         ids = torch.randint(0, TEXT_IDS, (5,), generator=g).tolist()
         for t, h, w in row_grids:
-            ids += [BEGIN, PAD, END] + torch.randint(0, TEXT_IDS, (3,), generator=g).tolist()
+            ids += [BEGIN, IMAGE_WORD, CONTENT, PAD, END] + torch.randint(0, TEXT_IDS, (3,), generator=g).tolist()
             grid.append((t, h, w))
         rows.append(ids)
     counts = media_token_counts(torch.tensor(grid), 4)
@@ -121,7 +122,8 @@ def test_chat_image_url_to_generation(models):
                                              {"type": "image_url", "image_url": {"url": url}}]}]
     pixel_values, grid_thw = images_from_messages(messages, ImageBudget.for_vision(VisionConfig.preset("tiny")))
     assert grid_thw.tolist() == [[1, 4, 8]]  # 50 x 90 px padded to 56 x 112
-    rendered = [CONFIG.bos_token_id, 17, 29, BEGIN, PAD, END, 41]  # the chat template writes one pad per image
+    # the K2.5 template renders each image as <|media_begin|>image<|media_content|><|media_pad|><|media_end|>
+    rendered = [CONFIG.bos_token_id, 17, 29, BEGIN, IMAGE_WORD, CONTENT, PAD, END, 41]
     input_ids = torch.tensor([expand_media_placeholders(rendered, media_token_counts(grid_thw, 4), PAD)])
     assert input_ids.shape[1] == len(rendered) - 1 + 8
     ours = model.generate(input_ids, pixel_values, grid_thw, max_new_tokens=4)
