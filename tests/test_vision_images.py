@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from k2lab.data.images import (ImageBudget, expand_media_placeholders, image_urls, images_from_messages,
-                               media_token_counts, preprocess_images, preprocess_video, read_image, resize_target,
-                               to_patches)
+                               media_token_counts, prepare_chat_media, preprocess_images, preprocess_video,
+                               read_image, resize_target, to_patches)
 from k2lab.model.vision import MediaInputError
 
 BUDGET = ImageBudget()
@@ -149,3 +149,17 @@ def test_placeholder_expansion_and_count_mismatch():
     assert expand_media_placeholders(ids, [3, 1], pad) == [1, 5, pad, pad, pad, 6, 2, 5, pad, 6]
     with pytest.raises(MediaInputError, match="2 media placeholders but 1 images"):
         expand_media_placeholders(ids, [3], pad)
+
+
+def test_prepare_chat_media_for_a_server():
+    pad = 9
+    url = data_url(Image.new("RGB", (60, 30)))
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "and this?"},
+                                             {"type": "image_url", "image_url": {"url": url}}]}]
+    ids, pixel_values, grid_thw = prepare_chat_media(messages, [1, pad, 2, pad, 3], pad, BUDGET)
+    assert grid_thw.tolist() == [[1, 4, 6]] * 2 and pixel_values.shape[0] == 48
+    assert ids == [1] + [pad] * 6 + [2] + [pad] * 6 + [3]
+    assert prepare_chat_media([{"role": "user", "content": "hi"}], [1, 2], pad, BUDGET) == ([1, 2], None, None)
+    with pytest.raises(MediaInputError, match="1 media placeholders but 2 images"):
+        prepare_chat_media(messages, [1, pad, 2], pad, BUDGET)

@@ -179,3 +179,14 @@ def expand_media_placeholders(ids: list[int], counts: list[int], pad_id: int) ->
         else:
             out.append(t)
     return out
+
+
+def prepare_chat_media(messages: list[dict], rendered_ids: list[int], pad_id: int, budget: ImageBudget,
+                       local_root: Path | None = None) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+    """The server's one call: a chat request and its rendered prompt (one `<|media_pad|>` per image part) ->
+    (expanded input ids, pixel_values, image_grid_thw); (ids, None, None) when the request has no images."""
+    pixel_values, grid_thw = images_from_messages(messages, budget, local_root)
+    ids = expand_media_placeholders(rendered_ids, media_token_counts(grid_thw, budget.merge ** 2), pad_id)
+    if grid_thw.shape[0] == 0:
+        return ids, None, None
+    return ids, pixel_values, grid_thw
