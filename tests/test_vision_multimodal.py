@@ -170,3 +170,15 @@ def test_placeholder_count_mismatch_is_a_media_error(models):
         model(input_ids)
     with pytest.raises(MediaInputError, match="pixel_values has shape"):
         model(input_ids, pixel_values[:-1], grid_thw)
+
+
+def test_gradients_reach_the_vision_tower():
+    """Training through the image path (e.g. SFT on image chats): the loss moves MoonViT and the projector."""
+    model = K2VLForConditionalGeneration(CONFIG).train()
+    input_ids, pixel_values, grid_thw = prompt_batch([[(1, 4, 4)]], seed=4)
+    logits = model(input_ids, pixel_values, grid_thw)
+    torch.nn.functional.cross_entropy(logits[0, :-1], input_ids[0, 1:]).backward()
+    for name in ("vision_tower.patch_embed.pos_emb.weight", "vision_tower.encoder.blocks.0.wqkv.weight",
+                 "mm_projector.proj.2.weight", "language_model.model.layers.0.self_attn.q_a_proj.weight"):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
