@@ -117,17 +117,24 @@ class PositionEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
         parts = []
         for t, h, w in grid_thw:
-            if (h, w) == tuple(self.weight.shape[:2]):
-                pos = self.weight.flatten(0, 1)
-            else:
-                grid = self.weight.permute(2, 0, 1).unsqueeze(0)  # [1, D, H, W]
-                pos = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
-                pos = pos.squeeze(0).permute(1, 2, 0).flatten(0, 1)  # [h*w, D]
+            # bicubic resampling is separable: pos = A_h @ grid @ A_w^T, with A_h [h, H], A_w [w, W] (two small
+            # matmuls; F.interpolate on the [D, H, W] grid itself is ~20x slower on CPU)
+            a_h = bicubic_matrix(self.weight.shape[0], h).to(self.weight)
+            a_w = bicubic_matrix(self.weight.shape[1], w).to(self.weight)
+            rows = (a_h @ self.weight.flatten(1)).view(h, self.weight.shape[1], -1)  # [h, W, D]
+            pos = (a_w @ rows).flatten(0, 1)  # [h, w, D] -> [h*w, D]
             pos = pos.unsqueeze(0).expand(t, -1, -1)  # [t, h*w, D]
             if t > 1:  # single images get no time term
                 pos = pos + sincos_time_embedding(t, pos.shape[-1]).to(pos)[:, None]
             parts.append(pos.flatten(0, 1))
         return x + torch.cat(parts).to(x.dtype)
+
+
+def bicubic_matrix(size_in: int, size_out: int) -> torch.Tensor:
+    """[size_out, size_in]: F.interpolate's bicubic (align_corners=False, border-clamped) resampling as a matrix,
+    read off by resampling the identity (column i = where input position i goes)."""
+    eye = torch.eye(size_in).view(1, size_in, size_in, 1)  # channel i: a unit impulse at position i
+    return F.interpolate(eye, size=(size_out, 1), mode="bicubic", align_corners=False)[0, :, :, 0].T
 
 
 class PatchEmbed(nn.Module):
@@ -137,26 +144,27 @@ class PatchEmbed(nn.Module):
         self.pos_emb = PositionEmbedding(cfg)
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: list) -> torch.Tensor:
-        x = self.proj(pixel_values).flatten(1)  # [N, 3, p, p] -> [N, D]
+        # a stride-p convolution over one p x p patch is a matmul: [N, 3*p*p] @ [3*p*p, D] (faster than conv2d)
+        x = F.linear(pixel_values.flatten(1), self.proj.weight.flatten(1), self.proj.bias)
         return self.pos_emb(x, grid_thw)
 
 
-def rope_2d_angles(grid_thw: list, head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """[N, head_dim/2] rotation angles: pair 2j turns by col * f_j, pair 2j+1 by row * f_j."""
+def rope_2d(grid_thw: list, head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """[N, 1, head_dim/2] complex rotations: pair 2j turns by col * f_j, pair 2j+1 by row * f_j."""
     freqs = theta ** (-torch.arange(0, head_dim, 4, device=device, dtype=torch.float32) / head_dim)
     parts = []
     for t, h, w in grid_thw:
         rows = torch.arange(h, device=device).repeat_interleave(w).repeat(t)
         cols = torch.arange(w, device=device).repeat(h * t)
         parts.append(torch.stack([cols[:, None] * freqs, rows[:, None] * freqs], dim=-1).flatten(1))
-    return torch.cat(parts)
+    angles = torch.cat(parts)
+    return torch.polar(torch.ones_like(angles), angles).unsqueeze(1)
 
 
-def apply_rope_2d(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """x [N, H, hd] rotated pairwise (adjacent pairs) by angles [N, hd/2], in fp32."""
-    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [N, H, hd/2] each
-    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
+def apply_rope_2d(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """x [N, H, hd]: adjacent pairs as complex numbers times rotation [N, 1, hd/2], in fp32."""
+    x_c = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(x_c * rotation).flatten(-2).to(x.dtype)
 
 
 class VisionMLP(nn.Module):
@@ -181,16 +189,17 @@ class VisionBlock(nn.Module):
         self.wo = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.mlp = VisionMLP(cfg)
 
-    def attention(self, x: torch.Tensor, angles: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, rope: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
         q, k, v = self.wqkv(x).unflatten(-1, (3, self.n_heads, self.head_dim)).unbind(1)  # [N, H, hd] each
-        q, k = apply_rope_2d(q, angles), apply_rope_2d(k, angles)
+        q, k = apply_rope_2d(q, rope), apply_rope_2d(k, rope)
         out = []
-        for qi, ki, vi in zip(*(t.transpose(0, 1).split(seqlens, dim=1) for t in (q, k, v))):
-            out.append(F.scaled_dot_product_attention(qi, ki, vi))  # [H, L_i, hd]: one image, full attention
+        # [1, H, L_i, hd] per image: 4-D inputs take SDPA's fused kernel (3-D ones fall back to the math path)
+        for qi, ki, vi in zip(*(t.transpose(0, 1).unsqueeze(0).split(seqlens, dim=2) for t in (q, k, v))):
+            out.append(F.scaled_dot_product_attention(qi, ki, vi)[0])
         return self.wo(torch.cat(out, dim=1).transpose(0, 1).flatten(1))
 
-    def forward(self, x: torch.Tensor, angles: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
-        x = x + self.attention(self.norm0(x), angles, seqlens)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+        x = x + self.attention(self.norm0(x), rope, seqlens)
         return x + self.mlp(self.norm1(x))
 
 
@@ -200,9 +209,9 @@ class VisionEncoder(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_hidden_layers))
         self.final_layernorm = nn.LayerNorm(cfg.hidden_size, eps=1e-5)
 
-    def forward(self, x: torch.Tensor, angles: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x, angles, seqlens)
+            x = block(x, rope, seqlens)
         return self.final_layernorm(x)
 
 
@@ -243,8 +252,8 @@ class MoonViT(nn.Module):
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         grid = self.check_inputs(pixel_values, grid_thw)
         x = self.patch_embed(pixel_values.to(self.patch_embed.proj.weight.dtype), grid)
-        angles = rope_2d_angles(grid, self.config.head_dim, self.config.rope_theta, device=x.device)
-        x = self.encoder(x, angles, [t * h * w for t, h, w in grid])  # a video chunk attends across its frames
+        rope = rope_2d(grid, self.config.head_dim, self.config.rope_theta, device=x.device)
+        x = self.encoder(x, rope, [t * h * w for t, h, w in grid])  # a video chunk attends across its frames
         return temporal_patch_merge(x, grid, *self.config.merge_kernel_size)
 
 
