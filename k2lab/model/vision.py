@@ -112,13 +112,12 @@ class PositionEmbedding(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cfg.pos_emb_height, cfg.pos_emb_width, cfg.hidden_size))
-        self.num_frames = cfg.pos_emb_time
 
     def forward(self, x: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> torch.Tensor:
         parts = []
         for t, h, w in grid_thw:
             # bicubic resampling is separable: pos = A_h @ grid @ A_w^T, with A_h [h, H], A_w [w, W] (two small
-            # matmuls; F.interpolate on the [D, H, W] grid itself is ~20x slower on CPU)
+            # matmuls; F.interpolate on the [D, H, W] grid itself is several times slower on CPU)
             a_h = bicubic_matrix(self.weight.shape[0], h).to(self.weight)
             a_w = bicubic_matrix(self.weight.shape[1], w).to(self.weight)
             rows = (a_h @ self.weight.flatten(1)).view(h, self.weight.shape[1], -1)  # [h, W, D]
