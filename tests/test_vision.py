@@ -128,6 +128,10 @@ def test_param_counts_match_transformers():
     assert counts["vision_encoder"] == sum(p.numel() for p in hf_vt.parameters()) == 416_866_032
     assert counts["projector"] == sum(p.numel() for p in hf_proj.parameters()) == 54_277_888
     assert vision_param_counts("kimi-k2") == {}
+    # from a checkpoint's config.json (released vt_* spelling) as `info --checkpoint` reads it
+    released = ModelConfig.preset("kimi-k2.6").as_wrapper({"vt_hidden_size": 1152, "vt_num_hidden_layers": 27})
+    assert vision_param_counts(ModelConfig.from_dict(released.to_dict())) == counts
+    assert vision_param_counts(ModelConfig.preset("kimi-k2.6")) == {}  # the bare text config has no vision
 
 
 def test_config_reads_released_and_transformers_spellings():

@@ -286,12 +286,20 @@ def init_vision_weights(module: nn.Module, std: float = 0.02) -> None:
 MODEL_VISION_PRESET = {"kimi-k2.5": "moonvit", "kimi-k2.6": "moonvit", "tiny": "tiny"}
 
 
-def vision_param_counts(preset: str) -> dict[str, int]:
-    """Parameter counts of the vision encoder and projector for a model preset, built on the meta device."""
-    text = ModelConfig.preset(preset)
-    if preset not in MODEL_VISION_PRESET:
-        return {}
-    cfg = dataclasses.replace(VisionConfig.preset(MODEL_VISION_PRESET[preset]), text_hidden_size=text.hidden_size)
+def vision_param_counts(model: str | ModelConfig) -> dict[str, int]:
+    """Parameter counts of the vision encoder and projector, built on the meta device, for a model preset name
+    or a ModelConfig whose kimi_k25 wrapper has a vision_config; {} for a text-only model."""
+    if isinstance(model, str):
+        text = ModelConfig.preset(model)
+        if model not in MODEL_VISION_PRESET:
+            return {}
+        cfg = VisionConfig.preset(MODEL_VISION_PRESET[model])
+    else:
+        text = model
+        if not (model.wrapper or {}).get("vision_config"):
+            return {}
+        cfg = VisionConfig.from_dict(model.wrapper["vision_config"])
+    cfg = dataclasses.replace(cfg, text_hidden_size=text.hidden_size)
     with torch.device("meta"):
         encoder, projector = MoonViT(cfg), Projector(cfg)
     n_enc = sum(p.numel() for p in encoder.parameters())
