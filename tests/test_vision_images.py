@@ -84,6 +84,11 @@ def test_video_frames_are_chunked_by_four():
     assert pixel_values.shape == (6 * 8, 3, 14, 14)
     with pytest.raises(MediaInputError, match="differ in size"):
         preprocess_video(frames[:2] + [Image.new("RGB", (28, 28))], BUDGET)
+    _, grid_thw = preprocess_video([Image.new("RGB", (2000, 1000))] * 2, BUDGET)  # frames get the video budget
+    (_, (ph, pw)) = resize_target(1000, 2000, ImageBudget(max_patches=4096))
+    assert grid_thw.tolist() == [[2, ph // 14, pw // 14]] and ph * pw // 196 < 5000
+    with pytest.raises(MediaInputError, match="over the request budget of 40"):
+        preprocess_video(frames, ImageBudget(max_request_patches=40))
 
 
 def test_image_url_parts_data_urls_and_local_paths(tmp_path):

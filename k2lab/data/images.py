@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import math
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class ImageBudget:
     patch_size: int = 14
     merge: int = 2  # merge kernel side: padded sizes are multiples of patch_size * merge
     max_patches: int = 16384  # per image, after resizing
+    max_video_patches: int = 4096  # per video frame (transformers' Kimi-K2.5 video processor default)
     max_side_patches: int = 512
     max_pixels: int = 64 * 1024 * 1024  # per image as sent; larger images are refused before decoding
     max_request_patches: int = 65536  # all images of one request together
@@ -144,14 +146,19 @@ def preprocess_images(images: list[Image.Image], budget: ImageBudget) -> tuple[t
 
 def preprocess_video(frames: list[Image.Image], budget: ImageBudget) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled video frames -> chunks of up to `frames_per_chunk` frames, one grid_thw row (t, h, w) per chunk."""
+    frame_budget = dataclasses.replace(budget, max_patches=budget.max_video_patches)
     pixel_values, grid = [], []
     for start in range(0, len(frames), budget.frames_per_chunk):
-        chunk = [to_patches(f, budget, index=start + k)
+        chunk = [to_patches(f, frame_budget, index=start + k)
                  for k, f in enumerate(frames[start:start + budget.frames_per_chunk])]
         if len({g for _, g in chunk}) != 1:
             raise MediaInputError(f"video frames {start}..{start + len(chunk) - 1} differ in size")
         pixel_values += [p for p, _ in chunk]
         grid.append((len(chunk), *chunk[0][1]))
+    total = sum(t * h * w for t, h, w in grid)
+    if total > budget.max_request_patches:
+        raise MediaInputError(f"{len(frames)} video frames need {total} patches, over the request budget of "
+                              f"{budget.max_request_patches}")
     return torch.cat(pixel_values), torch.tensor(grid, dtype=torch.long)
 
 
