@@ -5,6 +5,7 @@ The released-layout tensors are written to a checkpoint directory that transform
 tensors by name. Both then see identical pixel inputs.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -59,23 +60,27 @@ def hf_config_dict(vision: VisionConfig) -> dict:
     return cfg
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def released_pair(vision: VisionConfig, path):
+    """k2lab's tower + projector with random weights, and transformers' model opened from the same tensors."""
     torch.manual_seed(0)
-    vt, proj = MoonViT(TINY), Projector(TINY)
+    vt, proj = MoonViT(vision), Projector(vision)
     randomize_(vt, 1)
     randomize_(proj, 2)
     released = {f"vision_tower.{k}": v for k, v in vt.state_dict().items()}
     released |= {f"mm_projector.{k}": v for k, v in proj.state_dict().items()}
-    cfg = hf_config_dict(TINY)
+    cfg = hf_config_dict(vision)
     from transformers import Kimi_K25Config
     released |= hf_text_tensors(Kimi_K25ForConditionalGeneration(Kimi_K25Config(**cfg)))
-    path = tmp_path_factory.mktemp("released")
     save_file({k: v.contiguous() for k, v in released.items()}, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(cfg))
     hf, info = Kimi_K25ForConditionalGeneration.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     return vt.eval(), proj.eval(), hf.eval()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return released_pair(TINY, tmp_path_factory.mktemp("released"))
 
 
 def patches(grid, seed=0):
@@ -100,6 +105,18 @@ def test_image_features_match_transformers(models, grid):
     features = proj(merged)
     ref = torch.cat(hf.model.get_image_features(pixel_values, grid_thw).pooler_output)
     assert features.shape == (merged.shape[0], TEXT.hidden_size)
+    torch.testing.assert_close(features, ref, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_full_width_layer_matches_transformers(tmp_path):
+    """MoonViT's real width (1152, 16 heads of 72, MLP 4304, 64x64 position grid), one layer to stay fast."""
+    full = dataclasses.replace(VisionConfig.preset("moonvit"), num_hidden_layers=1, text_hidden_size=TEXT.hidden_size)
+    vt, proj, hf = released_pair(full, tmp_path)
+    grid = [(1, 8, 12), (3, 4, 4)]
+    pixel_values, grid_thw = patches(grid, seed=7), torch.tensor(grid)
+    features = proj(vt(pixel_values, grid_thw))
+    ref = torch.cat(hf.model.get_image_features(pixel_values, grid_thw).pooler_output)
     torch.testing.assert_close(features, ref, atol=1e-4, rtol=0)
 
 
