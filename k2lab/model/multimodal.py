@@ -31,6 +31,8 @@ def multimodal_config(text: ModelConfig, vision: VisionConfig) -> ModelConfig:
 
 
 class K2VLForConditionalGeneration(nn.Module):
+    """Kimi K2.5/K2.6: `language_model` (K2ForCausalLM), `vision_tower` (MoonViT), `mm_projector`."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         if config.wrapper is None or "vision_config" not in config.wrapper:
