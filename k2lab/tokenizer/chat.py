@@ -91,6 +91,8 @@ def assistant_segments(message: dict, where: str = "assistant message") -> Itera
         yield from (("<think>", True, True), (reasoning, False, True), ("</think>", True, True))
     content = _text(message.get("content"), where)
     _check_free_of(content, TOOL_MARKERS, f"{where} content")
+    if reasoning is None and content.startswith("<think>"):
+        raise ValueError(f"{where} content starts with <think>, which would be read back as reasoning")
     yield content, False, True
     calls = message.get("tool_calls") or []
     if calls:
