@@ -18,16 +18,15 @@ def tokenizer_train(
     vocab_size: int = typer.Option(..., "--vocab-size", help="total vocabulary, 256 special ids included"),
     out: str = typer.Option(..., "--out", help="directory for tiktoken.model + tokenizer_config.json"),
     paths: list[str] = typer.Argument(None, help="text files to train on (default: the embedded corpus)"),
-    max_bytes: int = typer.Option(None, "--max-bytes", help="bytes of training text (default 2 MB; 0: all)"),
+    max_bytes: int = typer.Option(None, "--max-bytes", help="bytes of training text (default 256 per vocab entry; 0: all)"),
 ) -> None:
     """Train a BPE vocabulary with the K2 split pattern and special tokens."""
     import time
 
     from k2lab.tokenizer import train_tokenizer
 
-    kw = {} if max_bytes is None else {"max_bytes": max_bytes or None}
     t0 = time.perf_counter()
-    tok = train_tokenizer(vocab_size, paths or None, out_dir=out, show_progress=True, **kw)
+    tok = train_tokenizer(vocab_size, paths or None, out_dir=out, max_bytes=max_bytes, show_progress=True)
     typer.echo(f"vocab {tok.vocab_size} ({tok.vocab_size - 256} BPE ranks + 256 special) in "
                f"{time.perf_counter() - t0:.1f}s -> {out}")
 

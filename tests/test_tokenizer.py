@@ -168,3 +168,9 @@ def _hf(transformers, d):
             warnings.simplefilter("ignore")
             _HF[d] = transformers.AutoTokenizer.from_pretrained(d)
     return _HF[d]
+
+
+def test_encode_batch_equals_encode(tok):
+    texts = list(iter_texts(max_bytes=600_000)) + ["x = 1\n" * 100_000, "", "<|im_end|>"]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    assert tok.encode_batch(texts, allow_special=True)[-1] == [tok.im_end_id]

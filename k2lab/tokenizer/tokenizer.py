@@ -130,12 +130,18 @@ class Tokenizer:
             ids.extend(self.enc.encode(piece, **kw))
         return ids
 
-    def encode_batch(self, texts: list[str], allow_special: bool = False, num_threads: int = 4) -> list[list[int]]:
-        """Encode many texts with tiktoken's thread pool (long texts are still cut into safe pieces)."""
-        if any(len(t) > MAX_RUN_CHARS for t in texts):
-            return [self.encode(t, allow_special) for t in texts]
+    def encode_batch(self, texts: list[str], allow_special: bool = False, num_threads: int = 8) -> list[list[int]]:
+        """`encode` for many texts at once, on tiktoken's thread pool."""
+        pieces, owner = [], []
+        for i, text in enumerate(texts):
+            for piece in _split_long(text) if len(text) > MAX_RUN_CHARS else (text,):
+                pieces.append(piece)
+                owner.append(i)
         kw = {"allowed_special": self._special_set} if allow_special else {"disallowed_special": ()}
-        return self.enc.encode_batch(texts, num_threads=num_threads, **kw)
+        out: list[list[int]] = [[] for _ in texts]
+        for i, ids in zip(owner, self.enc.encode_batch(pieces, num_threads=num_threads, **kw)):
+            out[i].extend(ids)
+        return out
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(list(ids), errors="replace")

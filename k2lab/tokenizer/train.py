@@ -12,14 +12,17 @@ from pathlib import Path
 
 from k2lab.tokenizer.tokenizer import NUM_RESERVED, PAT_STR, Tokenizer
 
-DEFAULT_MAX_BYTES = 2_000_000  # keeps `tokenizer train` to seconds on a laptop core; raise for a better vocab
+# Default training text per vocabulary entry: 2 MB for 8192 (seconds), 8 MB for 32768 (about ten seconds);
+# with min_frequency 2 that is about the least text that supports the size. More text, a better vocab.
+BYTES_PER_TOKEN = 256
 
 
 def train_tokenizer(vocab_size: int, paths: list[str | os.PathLike] | None = None,
-                    out_dir: str | os.PathLike | None = None, max_bytes: int | None = DEFAULT_MAX_BYTES,
+                    out_dir: str | os.PathLike | None = None, max_bytes: int | None = None,
                     show_progress: bool = False) -> Tokenizer:
-    """Learn `vocab_size - 256` BPE ranks from `paths` (None: the embedded corpus, first `max_bytes` bytes),
-    add the K2 special tokens and chat template, and save to `out_dir` when given."""
+    """Learn `vocab_size - 256` BPE ranks from `paths` (None: the embedded corpus), add the K2 special
+    tokens and chat template, and save to `out_dir` when given. Reads the first `max_bytes` bytes of text
+    (None: BYTES_PER_TOKEN * vocab_size; 0: all of it)."""
     from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -38,7 +41,8 @@ def train_tokenizer(vocab_size: int, paths: list[str | os.PathLike] | None = Non
     hf.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=num_ranks, min_frequency=2, show_progress=show_progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    hf.train_from_iterator(iter_texts(paths, max_bytes), trainer=trainer)
+    cap = BYTES_PER_TOKEN * vocab_size if max_bytes is None else (max_bytes or None)
+    hf.train_from_iterator(iter_texts(paths, cap), trainer=trainer)
     vocab = hf.get_vocab()
     if len(vocab) != num_ranks:
         raise ValueError(f"the training text only supports {len(vocab)} BPE tokens, fewer than the "
