@@ -18,7 +18,8 @@ def tokenizer_train(
     vocab_size: int = typer.Option(..., "--vocab-size", help="total vocabulary, 256 special ids included"),
     out: str = typer.Option(..., "--out", help="directory for tiktoken.model + tokenizer_config.json"),
     paths: list[str] = typer.Argument(None, help="text files to train on (default: the embedded corpus)"),
-    max_bytes: int = typer.Option(None, "--max-bytes", help="bytes of training text (default 256 per vocab entry; 0: all)"),
+    max_bytes: int = typer.Option(None, "--max-bytes",
+                                  help="bytes of training text (default 256 per vocab entry; 0: all)"),
 ) -> None:
     """Train a BPE vocabulary with the K2 split pattern and special tokens."""
     import time

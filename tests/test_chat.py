@@ -25,7 +25,8 @@ ARGS = st.dictionaries(SAFE, st.recursive(st.none() | st.booleans() | st.integer
 @st.composite
 def tool_call(draw, i):
     name, args = draw(NAME), draw(ARGS)
-    call = {"type": "function", "function": {"name": name, "arguments": draw(st.sampled_from([args, json.dumps(args)]))}}
+    arguments = draw(st.sampled_from([args, json.dumps(args)]))
+    call = {"type": "function", "function": {"name": name, "arguments": arguments}}
     if draw(st.booleans()):
         call["id"] = f"functions.{name}:{i}"
     return call
@@ -51,9 +52,9 @@ def message(draw):
     return m
 
 
+PARAMS = {"type": "object", "properties": {"x": {"type": "string"}}}
 TOOLS = st.none() | st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
-    {"name": NAME, "description": TEXT, "parameters": st.just({"type": "object", "properties": {"x": {"type": "string"}}})})}),
-    min_size=1, max_size=2)
+    {"name": NAME, "description": TEXT, "parameters": st.just(PARAMS)})}), min_size=1, max_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +80,15 @@ def test_golden_k2_tool_round():
     """The multi-turn weather exchange of the Kimi K2 tool-call guide, byte for byte."""
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Get weather information. "
               "Call this tool when the user needs to get weather information", "parameters": {
-              "type": "object", "required": ["city"], "properties": {"city": {"type": "string", "description": "City name"}}}}}]
+              "type": "object", "required": ["city"],
+              "properties": {"city": {"type": "string", "description": "City name"}}}}}]
     messages = [
         {"role": "system", "content": "You are Kimi, an AI assistant created by Moonshot AI."},
         {"role": "user", "content": "What's the weather like in Beijing today? Use the tool to check."},
         {"role": "assistant", "content": "", "tool_calls": [{"id": "functions.get_weather:0", "type": "function",
          "function": {"name": "get_weather", "arguments": '{"city": "Beijing"}'}}]},
-        {"role": "tool", "tool_call_id": "functions.get_weather:0", "name": "get_weather", "content": '{"weather": "Sunny"}'},
+        {"role": "tool", "tool_call_id": "functions.get_weather:0", "name": "get_weather",
+         "content": '{"weather": "Sunny"}'},
     ]
     expected = (
         '<|im_system|>tool_declare<|im_middle|>[{"type":"function","function":{"name":"get_weather","description":'
@@ -175,3 +178,21 @@ def test_sft_keeps_marker_text_in_content_as_text(tok):
 def test_bad_messages_get_clear_errors(messages, match):
     with pytest.raises(ValueError, match=match):
         render(messages)
+
+
+def test_cli_render_and_parse_tool_calls(tmp_path):
+    from typer.testing import CliRunner
+
+    from k2lab.cli import app
+
+    conv = {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]}
+    (tmp_path / "c.json").write_text(json.dumps(conv))
+    out = CliRunner().invoke(app, ["render", "--messages", str(tmp_path / "c.json"), "--generation-prompt"])
+    assert out.exit_code == 0 and out.output == render(conv["messages"], conv["tools"], add_generation_prompt=True)
+    text = ('ok<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{"a": 1}'
+            '<|tool_call_end|><|tool_calls_section_end|>')
+    out = CliRunner().invoke(app, ["parse-tool-calls"], input=text)
+    parsed = json.loads(out.output)
+    assert out.exit_code == 0 and parsed["content"] == "ok" and parsed["errors"] == []
+    assert parsed["tool_calls"] == [{"id": "functions.f:0", "type": "function",
+                                     "function": {"name": "f", "arguments": '{"a": 1}'}}]

@@ -174,3 +174,16 @@ def test_encode_batch_equals_encode(tok):
     texts = list(iter_texts(max_bytes=600_000)) + ["x = 1\n" * 100_000, "", "<|im_end|>"]
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
     assert tok.encode_batch(texts, allow_special=True)[-1] == [tok.im_end_id]
+
+
+def test_cli_train(tmp_path):
+    from typer.testing import CliRunner
+
+    from k2lab.cli import app
+
+    text = tmp_path / "a.txt"
+    text.write_text(read_corpus(max_bytes=300_000))
+    out = CliRunner().invoke(app, ["tokenizer", "train", "--vocab-size", "1024", "--out", str(tmp_path / "t"), str(text)])
+    assert out.exit_code == 0, out.output
+    tok = Tokenizer.load(tmp_path / "t")
+    assert tok.vocab_size == 1024 and tok.pad_id == 1023 and tok.decode(tok.encode("def f(x):")) == "def f(x):"

@@ -34,10 +34,17 @@ TOOL_MARKERS = ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<
 CHAT_TEMPLATE = r"""{%- macro text(c) -%}
 {%- if c is string -%}{{ c }}{%- elif c is not none -%}{%- for p in c -%}{{ p['text'] }}{%- endfor -%}{%- endif -%}
 {%- endmacro -%}
-{%- if tools -%}<|im_system|>tool_declare<|im_middle|>{{ tools | tojson(separators=(',', ':')) }}<|im_end|>{%- endif -%}
+{%- if tools -%}
+<|im_system|>tool_declare<|im_middle|>{{ tools | tojson(separators=(',', ':')) }}<|im_end|>
+{%- endif -%}
 {%- for m in messages -%}
-{%- if loop.first and m['role'] != 'system' -%}<|im_system|>system<|im_middle|>""" + DEFAULT_SYSTEM_PROMPT + r"""<|im_end|>{%- endif -%}
-{%- if m['role'] == 'user' -%}<|im_user|>{%- elif m['role'] == 'assistant' -%}<|im_assistant|>{%- else -%}<|im_system|>{%- endif -%}
+{%- if loop.first and m['role'] != 'system' -%}
+<|im_system|>system<|im_middle|>""" + DEFAULT_SYSTEM_PROMPT + r"""<|im_end|>
+{%- endif -%}
+{%- if m['role'] == 'user' -%}<|im_user|>
+{%- elif m['role'] == 'assistant' -%}<|im_assistant|>
+{%- else -%}<|im_system|>
+{%- endif -%}
 {{ m.get('name') or m['role'] }}<|im_middle|>
 {%- if m['role'] == 'assistant' -%}
 {%- if m.get('reasoning_content') is not none -%}<think>{{ m['reasoning_content'] }}</think>{%- endif -%}
@@ -45,7 +52,9 @@ CHAT_TEMPLATE = r"""{%- macro text(c) -%}
 {%- if m.get('tool_calls') -%}<|tool_calls_section_begin|>
 {%- for tc in m['tool_calls'] -%}
 {%- set args = tc['function']['arguments'] -%}
-<|tool_call_begin|>{{ tc.get('id') or 'functions.' ~ tc['function']['name'] ~ ':' ~ loop.index0 }}<|tool_call_argument_begin|>{{ (args if args is string else args | tojson) | replace('<|', '\\u003c|') }}<|tool_call_end|>
+{%- set args = (args if args is string else args | tojson) | replace('<|', '\\u003c|') -%}
+<|tool_call_begin|>{{ tc.get('id') or 'functions.' ~ tc['function']['name'] ~ ':' ~ loop.index0 }}
+{{- '<|tool_call_argument_begin|>' }}{{ args }}<|tool_call_end|>
 {%- endfor -%}<|tool_calls_section_end|>
 {%- endif -%}
 {%- elif m['role'] == 'tool' -%}## Return of {{ m['tool_call_id'] }}
@@ -132,7 +141,8 @@ def segments(messages: list[dict], tools: list[dict] | None = None,
         elif role == "tool":
             if "tool_call_id" not in m:
                 raise ValueError(f"{where}: a tool message needs tool_call_id")
-            yield from turn(ROLE_MARKER[role], name, f"## Return of {m['tool_call_id']}\n" + _text(m.get("content"), where))
+            body = f"## Return of {m['tool_call_id']}\n" + _text(m.get("content"), where)
+            yield from turn(ROLE_MARKER[role], name, body)
         else:
             yield from turn(ROLE_MARKER[role], name, _text(m.get("content"), where))
     if add_generation_prompt:
@@ -149,7 +159,8 @@ def render_assistant(message: dict) -> str:
     return "".join(text for text, _, _ in assistant_segments(message))
 
 
-def render_sft(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
+def render_sft(tokenizer: Tokenizer, messages: list[dict],
+               tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
     """Token ids of the conversation and a loss mask: 1 on what the assistant produces (reasoning, content,
     tool-call section, the closing <|im_end|>), 0 elsewhere. Text is encoded with special tokens
     disallowed, so content that spells a marker stays ordinary text."""

@@ -199,7 +199,8 @@ class StreamingParser:
         if self.state == "call_id":
             self._error(None, f"tool call {self._id.strip()!r} unclosed: {why} before its arguments; dropped")
         elif self.state == "arguments" and self._index is not None:
-            self._error(self._index, f"tool call {self._id.strip()!r} unclosed: {why} before <|tool_call_end|>; dropped")
+            self._error(self._index,
+                        f"tool call {self._id.strip()!r} unclosed: {why} before <|tool_call_end|>; dropped")
 
     def _emit(self, event: dict) -> None:
         self._events.append(event)
