@@ -183,7 +183,8 @@ def test_cli_train(tmp_path):
 
     text = tmp_path / "a.txt"
     text.write_text(read_corpus(max_bytes=300_000))
-    out = CliRunner().invoke(app, ["tokenizer", "train", "--vocab-size", "1024", "--out", str(tmp_path / "t"), str(text)])
+    args = ["tokenizer", "train", "--vocab-size", "1024", "--out", str(tmp_path / "t"), str(text)]
+    out = CliRunner().invoke(app, args)
     assert out.exit_code == 0, out.output
     tok = Tokenizer.load(tmp_path / "t")
     assert tok.vocab_size == 1024 and tok.pad_id == 1023 and tok.decode(tok.encode("def f(x):")) == "def f(x):"
