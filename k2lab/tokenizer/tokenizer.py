@@ -51,7 +51,7 @@ NAMED_SPECIALS = {
 # (github.com/openai/tiktoken/issues/195), so long inputs are encoded in pieces.
 MAX_ENCODE_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
-_LONG_RUN = re.compile(r"\s{%d}|\S{%d}" % (MAX_RUN_CHARS + 1, MAX_RUN_CHARS + 1))
+_WHITESPACE = re.compile(r"\s")
 # Before a space that follows a printable ASCII character: no pre-token of PAT_STR holds a non-space
 # character followed by a space, so cutting there leaves the token ids unchanged.
 _SAFE_CUT = re.compile(r"(?<=[!-~]) ")
@@ -78,8 +78,16 @@ def _split_long(text: str) -> Iterator[str]:
     yield from _split_runs(text[start:])
 
 
+def _may_have_long_run(text: str) -> bool:
+    """Cheap test: a run over MAX_RUN_CHARS covers a whole aligned block of MAX_RUN_CHARS // 2 chars,
+    so it suffices to find an all-space or space-free block (each check stops at its first mismatch)."""
+    step = MAX_RUN_CHARS // 2
+    return any(block.isspace() or not _WHITESPACE.search(block)
+               for block in (text[i:i + step] for i in range(0, len(text) - step + 1, step)))
+
+
 def _split_runs(text: str) -> Iterator[str]:
-    if len(text) <= MAX_RUN_CHARS or not _LONG_RUN.search(text):
+    if len(text) <= MAX_RUN_CHARS or not _may_have_long_run(text):
         yield text
         return
     start = 0
