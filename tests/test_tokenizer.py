@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from k2lab.data.corpus import corpus_files, iter_texts, read_corpus, stdlib_dir
 from k2lab.tokenizer import Tokenizer, train_tokenizer
 from k2lab.tokenizer.chat import CHAT_TEMPLATE
-from k2lab.tokenizer.tokenizer import MAX_ENCODE_CHARS, MAX_RUN_CHARS, default_special_names
+from k2lab.tokenizer.tokenizer import MAX_ENCODE_CHARS, MAX_RUN_CHARS, _split_runs, default_special_names
 
 # REFERENCE.md section 7: the K2 special-token ids (vocab 163840).
 K2_IDS = {"[BOS]": 163584, "[EOS]": 163585, "<|im_end|>": 163586, "<|im_user|>": 163587,
@@ -188,3 +188,24 @@ def test_cli_train(tmp_path):
     assert out.exit_code == 0, out.output
     tok = Tokenizer.load(tmp_path / "t")
     assert tok.vocab_size == 1024 and tok.pad_id == 1023 and tok.decode(tok.encode("def f(x):")) == "def f(x):"
+
+
+def _k2_run_cuts(text, limit):
+    """K2's rule, char by char: cut a run of whitespace or non-whitespace every `limit` chars."""
+    pieces, start, run, space = [], 0, 0, None
+    for i, ch in enumerate(text):
+        if ch.isspace() != space:
+            run, space = 1, ch.isspace()
+        else:
+            run += 1
+            if run > limit:
+                pieces.append(text[start:i])
+                start, run = i, 1
+    return pieces + [text[start:]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(MAX_RUN_CHARS - 3, 2 * MAX_RUN_CHARS + 3), st.integers(0, 20_000), st.sampled_from([" ", "x", "\n"]))
+def test_long_runs_are_cut_as_k2_cuts_them(run, offset, ch):
+    text = "ab c\n" * (offset // 5) + ch * run + " tail"
+    assert list(_split_runs(text)) == _k2_run_cuts(text, MAX_RUN_CHARS)
