@@ -187,3 +187,12 @@ def test_to_message():
     msg = parsed.to_message()
     assert msg["content"] is None and msg["tool_calls"][0]["function"] == {"name": "ok", "arguments": '{"x": 1}'}
     assert "reasoning_content" not in msg
+
+
+def test_second_argument_marker_drops_the_call_once():
+    text = ("<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{"
+            "<|tool_call_argument_begin|>}<|tool_call_end|>" + GOOD + "<|tool_calls_section_end|>")
+    parsed, events = stream(list(text))
+    assert [c["id"] for c in parsed.tool_calls] == ["functions.ok:1"] and len(parsed.errors) == 1
+    assert "".join(e["text"] for e in events if e["type"] == "arguments" and e["index"] == 0) == "{"
+    assert parse(text) == parsed

@@ -146,6 +146,7 @@ class StreamingParser:
             else:
                 where = f" in tool call {self._id.strip()!r}; call dropped" if s == "arguments" else " ignored"
                 self._error(self._index if s == "arguments" else None, "stray <|tool_call_argument_begin|>" + where)
+                self._index = None  # a dropped call streams no more deltas
         elif mk == CALL_END:
             if s == "arguments":
                 self._close_call()
