@@ -52,6 +52,7 @@ NAMED_SPECIALS = {
 MAX_ENCODE_CHARS = 400_000
 MAX_RUN_CHARS = 25_000
 _WHITESPACE = re.compile(r"\s")
+_RUN = re.compile(r"\s+|\S+")
 # Before a space that follows a printable ASCII character: no pre-token of PAT_STR holds a non-space
 # character followed by a space, so cutting there leaves the token ids unchanged.
 _SAFE_CUT = re.compile(r"(?<=[!-~]) ")
@@ -91,11 +92,10 @@ def _split_runs(text: str) -> Iterator[str]:
         yield text
         return
     start = 0
-    for m in re.finditer(r"\s+|\S+", text):
+    for m in _RUN.finditer(text):
         for cut in range(m.start() + MAX_RUN_CHARS, m.end(), MAX_RUN_CHARS):
-            if cut < m.end():
-                yield text[start:cut]
-                start = cut
+            yield text[start:cut]
+            start = cut
     yield text[start:]
 
 
@@ -115,8 +115,7 @@ class Tokenizer:
         self.enc = tiktoken.Encoding(name=name, pat_str=PAT_STR, mergeable_ranks=mergeable_ranks,
                                      special_tokens=self.special_tokens)
         self.vocab_size = n + NUM_RESERVED
-        ids = {name: self.special_tokens[name] for name in NAMED_SPECIALS.values()
-               if name in self.special_tokens}
+        ids = {t: self.special_tokens[t] for t in NAMED_SPECIALS.values() if t in self.special_tokens}
         self.bos_id, self.eos_id = ids.get("[BOS]"), ids.get("[EOS]")
         self.pad_id, self.unk_id = ids.get("[PAD]"), ids.get("[UNK]")
         self.im_end_id, self.im_user_id = ids.get("<|im_end|>"), ids.get("<|im_user|>")
