@@ -1,1 +1,1 @@
-"""Data for k2lab: image preprocessing for the multimodal model."""
+"""Data: the embedded corpus, packing, synthetic task families with verifiers, image preprocessing."""
