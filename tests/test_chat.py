@@ -173,7 +173,7 @@ def test_sft_keeps_marker_text_in_content_as_text(tok):
     ([{"role": "assistant", "content": "<think>x"}], "starts with <think>"),
     ([{"role": "assistant", "content": "", "reasoning_content": "a</think>b"}], "marker"),
     ([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]}], "function.arguments"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "list of text parts"),
+    ([{"role": "user", "content": [{"type": "input_audio", "input_audio": "x"}]}], "text or image_url parts"),
 ])
 def test_bad_messages_get_clear_errors(messages, match):
     with pytest.raises(ValueError, match=match):
@@ -196,3 +196,15 @@ def test_cli_render_and_parse_tool_calls(tmp_path):
     assert out.exit_code == 0 and parsed["content"] == "ok" and parsed["errors"] == []
     assert parsed["tool_calls"] == [{"id": "functions.f:0", "type": "function",
                                      "function": {"name": "f", "arguments": '{"a": 1}'}}]
+
+
+def test_image_parts_render_as_media_markers(hf):
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
+                                         {"type": "text", "text": " Be brief."}]}]
+    text = render(msgs, add_generation_prompt=True)
+    assert ("<|im_user|>user<|im_middle|>What is this?<|media_begin|>image<|media_content|><|media_pad|>"
+            "<|media_end|> Be brief.<|im_end|>") in text
+    assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == text
+    with pytest.raises(ValueError, match="text parts"):
+        render([{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])

@@ -31,8 +31,14 @@ ROLE_MARKER = {"user": "<|im_user|>", "assistant": "<|im_assistant|>", "system":
 TOOL_MARKERS = ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
                 "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<|im_end|>")
 
+# An image part: one <|media_pad|> that the vision stage expands to the image's merged patch count.
+MEDIA = (("<|media_begin|>", True), ("image", False), ("<|media_content|>", True), ("<|media_pad|>", True),
+         ("<|media_end|>", True))
+
 CHAT_TEMPLATE = r"""{%- macro text(c) -%}
-{%- if c is string -%}{{ c }}{%- elif c is not none -%}{%- for p in c -%}{{ p['text'] }}{%- endfor -%}{%- endif -%}
+{%- if c is string -%}{{ c }}{%- elif c is not none -%}{%- for p in c -%}
+{%- if p['type'] == 'image_url' -%}""" + "".join(t for t, _ in MEDIA) + r"""{%- else -%}{{ p['text'] }}{%- endif -%}
+{%- endfor -%}{%- endif -%}
 {%- endmacro -%}
 {%- if tools -%}
 <|im_system|>tool_declare<|im_middle|>{{ tools | tojson(separators=(',', ':')) }}<|im_end|>
@@ -68,12 +74,19 @@ CHAT_TEMPLATE = r"""{%- macro text(c) -%}
 Segment = tuple[str, bool, bool]
 
 
-def _text(content, where: str) -> str:
+def _content(content, where: str, images: bool = False) -> list[tuple[str, bool]]:
+    """Content as (text, is_marker) pieces; image_url parts (where allowed) become the media markers."""
     if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(p["text"] for p in content)
-    raise ValueError(f"{where}: content must be a string, null, or a list of text parts, got {content!r:.80}")
+        return [(content or "", False)]
+    kinds = ("text", "image_url") if images else ("text",)
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in kinds for p in content):
+        return [piece for p in content for piece in (MEDIA if p["type"] == "image_url" else [(p["text"], False)])]
+    allowed = "text or image_url parts" if images else "text parts"
+    raise ValueError(f"{where}: content must be a string, null, or a list of {allowed}, got {content!r:.80}")
+
+
+def _text(content, where: str) -> str:
+    return "".join(text for text, _ in _content(content, where))
 
 
 def _check_free_of(text: str, markers: tuple[str, ...], where: str) -> None:
@@ -143,8 +156,10 @@ def segments(messages: list[dict], tools: list[dict] | None = None,
                 raise ValueError(f"{where}: a tool message needs tool_call_id")
             body = f"## Return of {m['tool_call_id']}\n" + _text(m.get("content"), where)
             yield from turn(ROLE_MARKER[role], name, body)
-        else:
-            yield from turn(ROLE_MARKER[role], name, _text(m.get("content"), where))
+        else:  # user and system turns may carry images
+            yield from ((ROLE_MARKER[role], True, False), (name, False, False), ("<|im_middle|>", True, False))
+            yield from ((text, marker, False) for text, marker in _content(m.get("content"), where, images=True))
+            yield "<|im_end|>", True, False
     if add_generation_prompt:
         yield from (("<|im_assistant|>", True, False), ("assistant", False, False), ("<|im_middle|>", True, False))
 
