@@ -153,12 +153,18 @@ def metrics(grades: list[str], partial: str, n_boot: int = 1000) -> dict:
 
 
 def compute_results(items: list[dict], partial: str) -> dict:
+    """Overall metrics, per domain, and per `kind` (fact / nonexistent) when the dataset has that field."""
     graded = [i for i in items if i["grade"]]
-    by_domain: dict[str, list[str]] = {}
-    for i in graded:
-        by_domain.setdefault(i["domain"], []).append(i["grade"])
+
+    def grouped(key: str) -> dict:
+        groups: dict[str, list[str]] = {}
+        for i in graded:
+            if i.get(key):
+                groups.setdefault(i[key], []).append(i["grade"])
+        return {k: metrics(g, partial) for k, g in sorted(groups.items())}
+
     return {"partial": partial, "overall": metrics([i["grade"] for i in graded], partial),
-            "domains": {d: metrics(g, partial) for d, g in sorted(by_domain.items())},
+            "domains": grouped("domain"), "kinds": grouped("kind"),
             "ungraded": [{"id": i["id"], "tie": i["tie"]} for i in items if not i["grade"]],
             "reviewed": sum(1 for i in items if i["reviews"]),
             "overruled": sum(1 for i in items if i["reviews"] and i["grade"] != i["judge_grade"])}
@@ -181,3 +187,15 @@ def finalize(run_dir: str | Path) -> dict:
     write_json(run_dir / "results.json", results)
     report.calibration_report(run_dir, results)
     return results
+
+
+def main(dataset: str | Path | None, model: str | None, judge_models: list[str], base_url: str | None,
+         judge_base_url: str | None, judge_api_key: str | None, run_dir: str | Path, partial: str,
+         resume: bool, on_error: str, concurrency: int) -> dict:
+    """`k2lab eval calibration`: endpoints and keys default to K2LAB_* / OPENAI_* (see agents/llm.py)."""
+    from k2lab.agents.llm import LLM
+
+    answerer = LLM(base_url=base_url, model=model, max_concurrency=concurrency)
+    judges = [Judge(LLM(base_url=judge_base_url or base_url, api_key=judge_api_key, model=m,
+                        max_concurrency=concurrency)) for m in judge_models or [answerer.model]]
+    return asyncio.run(run_calibration(dataset or SEED_DATASET, answerer, judges, run_dir, partial, resume, on_error))

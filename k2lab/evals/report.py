@@ -66,8 +66,9 @@ def bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], titl
 def calibration_report(run_dir: Path, r: dict) -> None:
     cols = ["total", "correct", "incorrect", "partial_answer", "not_attempted", "omniscience_index",
             "omniscience_index_ci95", "accuracy", "hallucination_rate", "hallucination_rate_ci95"]
-    rows = [["**all**"] + [r["overall"][c] for c in cols]] + [[d] + [m[c] for c in cols]
-                                                             for d, m in r["domains"].items()]
+    rows = [["**all**"] + [r["overall"][c] for c in cols]]
+    rows += [[d] + [m[c] for c in cols] for d, m in r["domains"].items()]
+    rows += [[f"kind: {k}"] + [m[c] for c in cols] for k, m in r["kinds"].items()]
     domains = list(r["domains"])
     bar_plot(run_dir / "plots" / "domains.png", domains,
              {"accuracy": [r["domains"][d]["accuracy"] for d in domains],
@@ -95,4 +96,47 @@ def calibration_report(run_dir: Path, r: dict) -> None:
         parts += [f"- ungraded {u['id']}" + (" (judges tied)" if u["tie"] else "") for u in r["ungraded"]]
         parts += [f"- unanswered {u['id']}: {u['error']}" for u in r["unanswered"]]
         parts += [f"- skipped row {s}" for s in r["skipped_rows"]]
+    write_atomic(run_dir / "report.md", "\n".join(parts) + "\n")
+
+
+def toolcall_report(run_dir: Path, r: dict) -> None:
+    fr = r.get("finish_reason") or {}
+    labels = ["schema accuracy", "precision", "recall", "F1"] + [f"{t} args" for t in r["per_tool"]]
+    values = [r["schema_accuracy"], fr.get("precision"), fr.get("recall"), fr.get("f1")]
+    values += [v["accuracy"] for v in r["per_tool"].values()]
+    bar_plot(run_dir / "plots" / "reliability.png", labels, {"fraction": values},
+             f"{r['model']}: tool-call reliability", "fraction")
+    parts = [f"# Tool calls: {r['model']}", "",
+             f"Requests {r['requests']}, answered {r['answered']}, endpoint errors {len(r['errors'])}, "
+             f"tool-call responses {r['tool_call_responses']}.", "",
+             md_table(["metric", "value"],
+                      [["schema_accuracy", r["schema_accuracy"]],
+                       *[[f"finish_reason {k}", fr.get(k)] for k in ("precision", "recall", "f1", "tp", "fp", "fn", "tn")]]),
+             "", f"Reference: {r['reference'] or 'none (no precision/recall)'}. Pass bars on F1: "
+             f"instruct >= {r['pass_bars_f1']['instruct']}, thinking >= {r['pass_bars_f1']['thinking']}.", "",
+             "![reliability](plots/reliability.png)", "", "## Per tool", "",
+             md_table(["tool", "calls", "valid", "accuracy"],
+                      [[t, v["calls"], v["valid"], v["accuracy"]] for t, v in r["per_tool"].items()])]
+    if r["invalid_calls"]:
+        parts += ["", "## Invalid calls", "", md_table(["id", "tool", "reason"],
+                  [[c["id"], c["tool"], c["reason"]] for c in r["invalid_calls"]])]
+    if r["errors"] or r["skipped_rows"]:
+        parts += ["", "## Left out", ""] + [f"- {e['id']}: {e['error']}" for e in r["errors"]]
+        parts += [f"- skipped row {s}" for s in r["skipped_rows"]]
+    write_atomic(run_dir / "report.md", "\n".join(parts) + "\n")
+
+
+def coding_report(run_dir: Path, r: dict) -> None:
+    ks = list(r["pass_at_k"])
+    bar_plot(run_dir / "plots" / "pass_at_k.png", [f"pass@{k}" for k in ks], {"pass@k": list(r["pass_at_k"].values())},
+             f"{r['model']}: coding", "fraction")
+    parts = [f"# Coding: {r['model']}", "", f"{r['problems']} problems, {r['samples_per_problem']} samples each, "
+             f"temperature {r['temperature']}. Unbiased pass@k.", "",
+             md_table(["k", "pass@k"], [[k, v] for k, v in r["pass_at_k"].items()]), "",
+             "![pass@k](plots/pass_at_k.png)", "", "## Per problem", "",
+             md_table(["problem", "samples", "passed", "outcomes"],
+                      [[p["id"], p["n"], p["c"], ", ".join(f"{k} {v}" for k, v in p["outcomes"].items())]
+                       for p in r["per_problem"]])]
+    if r["skipped_rows"]:
+        parts += ["", "## Left out", ""] + [f"- skipped row {s}" for s in r["skipped_rows"]]
     write_atomic(run_dir / "report.md", "\n".join(parts) + "\n")

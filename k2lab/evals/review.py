@@ -237,3 +237,19 @@ def make_server(session: ReviewSession, host: str = "127.0.0.1", port: int = 0) 
             self._send(303, "", headers={"Location": f"/#item-{get('id')}"})
 
     return ThreadingHTTPServer((host, port), Handler)
+
+
+def main(run_dir: str | Path, web: bool, host: str, port: int, reviewer: str) -> None:
+    """`k2lab review RUN_DIR`: the terminal UI, or with web=True the local page until Ctrl-C."""
+    session = ReviewSession(run_dir, reviewer)
+    if not web:
+        review_tui(session)
+        return
+    server = make_server(session, host, port)
+    print(f"review page: http://{host}:{server.server_address[1]}/  (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
