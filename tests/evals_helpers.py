@@ -1,0 +1,76 @@
+"""Shared helpers for the evals tests: a scripted endpoint that plays both the answering model and the judges.
+
+The endpoint is `k2lab.testing.scripted_server.ScriptedServer`, a real OpenAI-compatible HTTP server on
+loopback that plays back scripted replies: a test double for the model, not the thing under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+from k2lab.agents.llm import LLM
+from k2lab.evals import calibration
+from k2lab.evals.judge import Judge
+from k2lab.testing.scripted_server import ScriptedRequest, ScriptedServer
+
+_QUESTION = re.compile(r"^Question: (.*)$", re.MULTILINE)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def rows_for(grades: dict[str, str], domain_of=lambda q: "d1") -> list[dict]:
+    """Dataset rows, one per question, gold answer 'gold <q>'."""
+    return [{"id": q, "domain": domain_of(q), "topic": "t", "question": q, "answer": f"gold {q}"} for q in grades]
+
+
+class CalibrationScript:
+    """Answers 'answer to <q>' (or `answers[q]`); judge `model` replies from `replies[model][q]`.
+
+    A reply entry is a string, or a list of strings played one per attempt (retries see the later ones).
+    `asked` counts answer requests per question; `fail` makes the answer request for those questions fail (400).
+    """
+
+    def __init__(self, replies: dict[str, dict[str, str | list[str]]], answers: dict[str, str] | None = None,
+                 fail: set[str] = frozenset()):
+        self.replies, self.answers, self.fail = replies, answers or {}, set(fail)
+        self.asked: dict[str, int] = {}
+        self.judged: dict[tuple[str, str], int] = {}
+
+    def __call__(self, req: ScriptedRequest) -> dict:
+        if req.system.startswith("You are answering a question"):
+            q = req.user
+            self.asked[q] = self.asked.get(q, 0) + 1
+            if q in self.fail:
+                raise RuntimeError(f"scripted failure for {q}")
+            return {"content": self.answers.get(q, f"answer to {q}")}
+        q = _QUESTION.search(req.user).group(1)
+        model = req.body["model"]
+        self.judged[(model, q)] = self.judged.get((model, q), 0) + 1
+        reply = self.replies[model][q]
+        if isinstance(reply, list):
+            reply = reply[min(req.step, len(reply) - 1)]
+        return {"content": reply}
+
+
+def run_calibration(srv: ScriptedServer, dataset: Path, run_dir: Path, judges: list[str], **kw) -> dict:
+    model = LLM(base_url=srv.base_url, api_key="test", model="answerer", max_retries=0)
+    js = [Judge(LLM(base_url=srv.base_url, api_key="test", model=j, max_retries=0)) for j in judges]
+    return asyncio.run(calibration.run_calibration(dataset, model, js, run_dir, **kw))
+
+
+def graded_run(tmp_path: Path, letters: dict[str, str], judges: dict[str, dict[str, str]] | None = None,
+               domain_of=lambda q: "d1", **kw) -> tuple[Path, dict]:
+    """A finished calibration run where judge 'j1' replies `letters[q]` (or `judges` gives several)."""
+    judges = judges or {"j1": letters}
+    dataset = write_jsonl(tmp_path / "data.jsonl", rows_for(letters, domain_of))
+    run_dir = tmp_path / "run"
+    script = CalibrationScript({j: {q: f"Because.\n{g}" for q, g in gs.items()} for j, gs in judges.items()})
+    with ScriptedServer(script) as srv:
+        results = run_calibration(srv, dataset, run_dir, list(judges), **kw)
+    return run_dir, results
