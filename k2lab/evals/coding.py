@@ -1,7 +1,8 @@
 """Coding eval: sample solutions from a model, run each against the problem's unit tests in the sandbox.
 
 A problem is one JSONL line: `id`, `prompt` (the task), `tests` (Python that exercises the solution with
-asserts; it runs after the solution in the same program, and the sample passes when the program exits 0).
+asserts; it runs after the solution in the same program, and the sample passes when the program gets through
+the tests and exits 0).
 Samples run in `k2lab.agents.sandbox.Sandbox` (own process and workspace, CPU, memory, output and wall-clock
 limits, no network). pass@k is the unbiased estimator over n samples per problem, averaged over problems.
 `resume=True` keeps every sample already run.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -50,8 +52,13 @@ def extract_code(reply: str) -> str:
 
 
 async def run_tests(sandbox: Sandbox, code: str, tests: str, limits: Limits) -> dict:
-    res = await sandbox.python(code + "\n\n" + tests + "\n", limits)
-    return {"passed": res.ok, "outcome": res.outcome, "exit_code": res.exit_code,
+    """Solution then tests in one program; it passes when it exits 0 having printed a fresh nonce after the
+    tests, so a solution that ends the program early (sys.exit(0), os._exit(0)) does not pass."""
+    nonce = secrets.token_hex(8)
+    res = await sandbox.python(f"{code}\n\n{tests}\n\nprint('tests-passed-{nonce}')\n", limits)
+    passed = res.ok and f"tests-passed-{nonce}" in res.stdout[-200:]
+    outcome = "ended_early" if res.ok and not passed else res.outcome
+    return {"passed": passed, "outcome": outcome, "exit_code": res.exit_code,
             "stderr": res.stderr[-2000:], "wall_s": round(res.wall_s, 3)}
 
 
