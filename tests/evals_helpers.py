@@ -74,3 +74,24 @@ def graded_run(tmp_path: Path, letters: dict[str, str], judges: dict[str, dict[s
     with ScriptedServer(script) as srv:
         results = run_calibration(srv, dataset, run_dir, list(judges), **kw)
     return run_dir, results
+
+
+DEMO = [  # seed-dataset questions with plausible scripted answers and judge replies, for the review demos
+    ("py-03", "128", "The answer equals the gold value 128.\nA"),
+    ("py-04", "4", "The gold is 5; 4 is a different value.\nB"),
+    ("nx-01", "The default overlap is 1.", "The gold says chunked_window does not exist; the answer describes it.\nB"),
+    ("nx-12", "I'm not aware of a re.FUZZY flag; I don't know.", "The answer declines to commit.\nD"),
+    ("py-37", "b'aGk'", "Missing the '=' padding, so the bytes differ from the gold.\nB"),
+]
+
+
+def demo_run(tmp_path: Path) -> Path:
+    """A small graded calibration run over seed questions, for the review UI tests and screenshots."""
+    seed = {r["id"]: r for r in calibration.load_dataset(calibration.SEED_DATASET).rows}
+    rows = [{k: seed[i][k] for k in ("id", "domain", "topic", "question", "answer", "kind")} for i, _, _ in DEMO]
+    dataset = write_jsonl(tmp_path / "demo.jsonl", rows)
+    q = {seed[i]["question"]: (a, g) for i, a, g in DEMO}
+    script = CalibrationScript({"judge-a": {k: g for k, (_, g) in q.items()}}, answers={k: a for k, (a, _) in q.items()})
+    with ScriptedServer(script) as srv:
+        run_calibration(srv, dataset, tmp_path / "demo-run", ["judge-a"])
+    return tmp_path / "demo-run"

@@ -22,6 +22,8 @@ from k2lab.evals.judge import GRADES, LETTER
 from k2lab.evals.stats import cohen_kappa, confusion_matrix, krippendorff_alpha
 from k2lab.evals.store import append_jsonl
 
+PAST = {"accept": "accepted", "overrule": "overruled"}
+
 
 def agreement(items: list[dict]) -> dict:
     """Judge (vote) vs human on reviewed items; alpha over every judge plus the human when > 2 raters."""
@@ -117,9 +119,10 @@ def review_tui(session: ReviewSession, ask: Callable[[str], str] | None = None, 
     `ask(prompt) -> str` reads one answer (rich's console.input by default); tests pass a scripted one.
     """
     from rich.console import Console
+    from rich.markup import escape
 
     console = console or Console()
-    ask = ask or (lambda prompt: console.input(prompt))
+    ask = ask or (lambda prompt: console.input(escape(prompt)))  # "[a]ccept" is text, not rich markup
     pending, done = session.pending(), 0
     for n, item in enumerate(pending, 1):
         console.print(render_item(item, n, len(pending)))
@@ -159,7 +162,7 @@ def render_page(session: ReviewSession, message: str = "") -> str:
     cards = []
     for i in items:
         latest = i["reviews"][-1] if i["reviews"] else None
-        status = (f"{latest['action']}ed: {GRADES[latest['grade']]} ({esc(latest['reason'])})" if latest
+        status = (f"{PAST[latest['action']]}: {GRADES[latest['grade']]} ({esc(latest['reason'])})" if latest
                   else "not reviewed")
         judges = "".join(f"<li><b>{esc(g['judge'])}</b>: {g['label']} <i>{esc(g['explanation'])}</i></li>"
                          for g in i["grades"])
