@@ -91,7 +91,8 @@ def demo_run(tmp_path: Path) -> Path:
     rows = [{k: seed[i][k] for k in ("id", "domain", "topic", "question", "answer", "kind")} for i, _, _ in DEMO]
     dataset = write_jsonl(tmp_path / "demo.jsonl", rows)
     q = {seed[i]["question"]: (a, g) for i, a, g in DEMO}
-    script = CalibrationScript({"judge-a": {k: g for k, (_, g) in q.items()}}, answers={k: a for k, (a, _) in q.items()})
+    script = CalibrationScript({"judge-a": {k: g for k, (_, g) in q.items()}},
+                               answers={k: a for k, (a, _) in q.items()})
     with ScriptedServer(script) as srv:
         run_calibration(srv, dataset, tmp_path / "demo-run", ["judge-a"])
     return tmp_path / "demo-run"

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from k2lab.evals import report
 from k2lab.evals.judge import GRADES, Judge, vote
 from k2lab.evals.stats import bootstrap_ci
-from k2lab.evals.store import Dataset, append_jsonl, read_dataset, read_jsonl, require, write_json
+from k2lab.evals.store import Dataset, append_jsonl, read_dataset, read_jsonl, require, snapshot, write_json
 
 PARTIAL_CONVENTIONS = ("incorrect", "abstain")
 SEED_DATASET = Path(__file__).parent / "data" / "calibration.jsonl"
@@ -66,6 +66,7 @@ async def run_calibration(dataset: str | Path, model, judges: list[Judge], run_d
         raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or pick a new run dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     data = load_dataset(dataset, on_error)
+    snapshot(run_dir, data.rows)
     write_json(run_dir / "config.json", {"eval": "calibration", "dataset": str(dataset), "model": model.model,
                                          "judges": [j.name for j in judges], "partial": partial,
                                          "skipped_rows": data.skipped})
@@ -99,8 +100,7 @@ async def run_calibration(dataset: str | Path, model, judges: list[Judge], run_d
 def load_items(run_dir: str | Path) -> list[dict]:
     """Dataset rows joined with the answer, every judge's grade, the vote, and the reviews (latest wins)."""
     run_dir = Path(run_dir)
-    config = report.read_config(run_dir)
-    rows = load_dataset(config["dataset"], "skip").rows
+    rows = read_jsonl(run_dir / "dataset.jsonl")
     answers = {a["id"]: a for a in read_jsonl(run_dir / "answers.jsonl")}
     grades: dict[str, list[dict]] = {}
     for g in read_jsonl(run_dir / "grades.jsonl"):
@@ -180,7 +180,7 @@ def finalize(run_dir: str | Path) -> dict:
     answered = {i["id"] for i in items}
     errors = {e["id"]: e["error"] for e in read_jsonl(run_dir / "errors.jsonl")}
     unanswered = [{"id": r["id"], "error": errors.get(r["id"], "not asked yet")}
-                  for r in load_dataset(config["dataset"], "skip").rows if r["id"] not in answered]
+                  for r in read_jsonl(run_dir / "dataset.jsonl") if r["id"] not in answered]
     results = {"eval": "calibration", "model": config["model"], "judges": config["judges"],
                **compute_results(items, config["partial"]), "agreement": agreement(items),
                "unanswered": unanswered, "skipped_rows": config.get("skipped_rows", [])}

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from k2lab.agents.sandbox import Limits, Sandbox
 from k2lab.evals import report
 from k2lab.evals.stats import pass_at_k
-from k2lab.evals.store import Dataset, append_jsonl, read_dataset, read_jsonl, require, write_json
+from k2lab.evals.store import Dataset, append_jsonl, read_dataset, read_jsonl, require, snapshot, write_json
 
 SEED_DATASET = Path(__file__).parent / "data" / "coding.jsonl"
 
@@ -74,6 +74,7 @@ async def run_coding(dataset: str | Path, model, run_dir: str | Path, n: int = 1
         raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or pick a new run dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     data = load_dataset(dataset, on_error)
+    snapshot(run_dir, data.rows)
     write_json(run_dir / "config.json", {"eval": "coding", "dataset": str(dataset), "model": model.model, "n": n,
                                          "ks": list(ks), "temperature": temperature, "skipped_rows": data.skipped})
     done = {(s["id"], s["sample"]) for s in read_jsonl(log)}
@@ -105,7 +106,7 @@ async def run_coding(dataset: str | Path, model, run_dir: str | Path, n: int = 1
 def finalize(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     config = report.read_config(run_dir)
-    rows = load_dataset(config["dataset"], "skip").rows
+    rows = read_jsonl(run_dir / "dataset.jsonl")
     samples: dict[str, dict[int, dict]] = {}
     for s in read_jsonl(run_dir / "samples.jsonl"):
         samples.setdefault(s["id"], {})[s["sample"]] = s

@@ -46,7 +46,8 @@ Answer to grade: {answer}
 Reply with one short sentence explaining the grade, then a last line holding only the letter A, B, C or D.
 """
 
-RETRY_NOTE = "Your reply did not end with a line holding only one letter. Reply again: one sentence, then A, B, C or D alone."
+RETRY_NOTE = ("Your reply did not end with a line holding only one letter. "
+              "Reply again: one sentence, then A, B, C or D alone.")
 
 _LETTER_LINE = re.compile(r"^[\s*_`\"'(\[]*(?:grade\s*[:=]?\s*)?([ABCD])[\s*_`\"')\].:]*$", re.IGNORECASE)
 _LABEL_LINE = re.compile(r"^[\s*_`\"'(\[]*(CORRECT|INCORRECT|PARTIAL_ANSWER|PARTIAL|NOT_ATTEMPTED)[\s*_`\"')\].:]*$")

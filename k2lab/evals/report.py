@@ -111,7 +111,8 @@ def toolcall_report(run_dir: Path, r: dict) -> None:
              f"tool-call responses {r['tool_call_responses']}.", "",
              md_table(["metric", "value"],
                       [["schema_accuracy", r["schema_accuracy"]],
-                       *[[f"finish_reason {k}", fr.get(k)] for k in ("precision", "recall", "f1", "tp", "fp", "fn", "tn")]]),
+                       *[[f"finish_reason {k}", fr.get(k)]
+                         for k in ("precision", "recall", "f1", "tp", "fp", "fn", "tn")]]),
              "", f"Reference: {r['reference'] or 'none (no precision/recall)'}. Pass bars on F1: "
              f"instruct >= {r['pass_bars_f1']['instruct']}, thinking >= {r['pass_bars_f1']['thinking']}.", "",
              "![reliability](plots/reliability.png)", "", "## Per tool", "",

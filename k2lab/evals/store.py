@@ -142,5 +142,10 @@ def write_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+def snapshot(run_dir: Path, rows: list[dict]) -> None:
+    """Keep the rows a run uses in run_dir/dataset.jsonl, so reports and review do not need the original file."""
+    write_atomic(run_dir / "dataset.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 def write_json(path: str | Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

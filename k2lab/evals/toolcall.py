@@ -22,7 +22,7 @@ from jsonschema.exceptions import SchemaError
 from tqdm import tqdm
 
 from k2lab.evals import report
-from k2lab.evals.store import Dataset, append_jsonl, read_dataset, read_jsonl, write_json
+from k2lab.evals.store import Dataset, append_jsonl, read_dataset, read_jsonl, snapshot, write_json
 
 SEED_DATASET = Path(__file__).parent / "data" / "toolcalls.jsonl"
 NOT_SENT = ("id", "expect", "model", "stream", "stream_options")  # our keys, and what the client sets itself
@@ -69,6 +69,7 @@ async def run_toolcalls(dataset: str | Path, model, run_dir: str | Path, referen
         raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or pick a new run dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     data = load_dataset(dataset, on_error)
+    snapshot(run_dir, data.rows)
     write_json(run_dir / "config.json", {"eval": "toolcalls", "dataset": str(dataset), "model": model.model,
                                          "reference": str(reference) if reference else None,
                                          "skipped_rows": data.skipped})
@@ -160,7 +161,7 @@ def compute_results(rows: list[dict], responses: dict[str, dict], reference: dic
 def finalize(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     config = report.read_config(run_dir)
-    rows = load_dataset(config["dataset"], "skip").rows
+    rows = read_jsonl(run_dir / "dataset.jsonl")
     responses = latest(read_jsonl(run_dir / "responses.jsonl"))
     if config["reference"]:
         ref = latest(read_jsonl(Path(config["reference"]) / "responses.jsonl"))
