@@ -14,6 +14,7 @@ import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from k2lab.agents.llm import LLM, Usage
@@ -176,3 +177,32 @@ class Agent:
             if tool is None:
                 return f"error: no tool named {name!r}; available: {sorted(self.tools)}"
             return await tool(call["function"].get("arguments") or "{}")
+
+
+def run_agent(task: str, workspace: Path, mcp: list[str] = (), run_dir: Path | None = None,
+              max_steps: int = 50) -> AgentResult:
+    """`k2lab agent`: one agent with the workspace tools (+ MCP tools) against the configured endpoint."""
+    from k2lab.agents.mcp import MCPTools
+    from k2lab.agents.sandbox import Sandbox
+    from k2lab.agents.tools import workspace_tools
+
+    run_dir = Path(run_dir or f"runs/agent-{time.strftime('%Y%m%d-%H%M%S')}")
+    tracer = Tracer(run_dir / "trace.jsonl")
+
+    def show(step: int, m: dict) -> None:
+        calls = ", ".join(c["function"]["name"] for c in m.get("tool_calls") or [])
+        print(f"[step {step}] " + (f"tools: {calls}" if calls else (m.get("content") or "")[:200]), flush=True)
+
+    async def go() -> AgentResult:
+        async with MCPTools(list(mcp)) as mcp_tools:
+            agent = Agent("agent", LLM(), "You are a capable assistant. Use the tools when they help; the "
+                          "workspace is your working directory.", workspace_tools(Sandbox(workspace)) + mcp_tools,
+                          AgentLimits(max_steps=max_steps), tracer, on_message=show)
+            with tracer.span("run", "agent", task=task[:200]):
+                return await agent.run(task)
+    try:
+        res = asyncio.run(go())
+    finally:
+        tracer.close()
+    (run_dir / "result.json").write_text(json.dumps(res.summary(), indent=2))
+    return res

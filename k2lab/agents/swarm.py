@@ -182,3 +182,31 @@ class Swarm:
         self.sub_steps[orch_step] = max(self.sub_steps.get(orch_step, 0), summary["steps"])
         self.on_event({"event": "subagent_done", **summary, "done": len(self.summaries)})
         return summary
+
+
+def run_swarm(task: str | None, run_dir: Path | None = None, resume: bool = False, max_subagents: int = 300,
+              max_tool_calls: int = 4000, max_concurrency: int = 300, mcp: list[str] = ()) -> SwarmResult:
+    """`k2lab swarm`: a swarm against the configured endpoint; sub-agents get workspace (+ MCP) tools."""
+    from tqdm import tqdm
+
+    from k2lab.agents.mcp import MCPTools
+
+    if resume and run_dir is None:
+        raise ValueError("--resume needs the run directory")
+    run_dir = Path(run_dir or f"runs/swarm-{time.strftime('%Y%m%d-%H%M%S')}")
+    limits = SwarmLimits(max_subagents, max_tool_calls, max_concurrency)
+    bar = tqdm(desc="sub-agents done", unit="agent")
+
+    def progress(e: dict) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"last: {e['agent']} {e['outcome']}")
+
+    async def go() -> SwarmResult:
+        async with MCPTools(list(mcp)) as mcp_tools:
+            def tools(name: str) -> list[Tool]:
+                return workspace_tools(Sandbox(run_dir / "workspace" / name)) + mcp_tools
+            return await Swarm(LLM(), run_dir, tools, limits, on_event=progress).run(task, resume=resume)
+    try:
+        return asyncio.run(go())
+    finally:
+        bar.close()

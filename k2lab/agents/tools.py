@@ -21,32 +21,35 @@ import pydantic
 from k2lab.agents.sandbox import Sandbox
 
 
+class ArgumentError(ValueError):
+    """Arguments that do not match a tool's schema; the message goes back to the model."""
+
+
 @dataclass
 class Tool:
     name: str
     description: str
-    params: type[pydantic.BaseModel]
-    fn: Callable[..., Any]
+    parameters: dict  # JSON schema of the arguments object
+    fn: Callable[..., Any]  # called with the validated arguments as keywords
+    validate: Callable[[dict], dict]  # arguments -> validated arguments; raises ArgumentError
 
     @property
     def spec(self) -> dict:
         """OpenAI function-tool definition."""
-        schema = self.params.model_json_schema()
-        schema.pop("title", None)
         return {"type": "function", "function": {"name": self.name, "description": self.description,
-                                                  "parameters": schema}}
+                                                  "parameters": self.parameters}}
 
     async def __call__(self, arguments: str | dict) -> str:
         """Validate and run; always returns text."""
         try:
             args = json.loads(arguments or "{}") if isinstance(arguments, str) else arguments
-            values = self.params.model_validate(args)
+            if not isinstance(args, dict):
+                raise ArgumentError(f"expected a JSON object, got {type(args).__name__}")
+            kwargs = self.validate(args)
         except json.JSONDecodeError as e:
             return f"error: arguments of {self.name} are not valid JSON ({e.msg} at position {e.pos})"
-        except pydantic.ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'arguments'}: {err['msg']}" for err in e.errors())
-            return f"error: invalid arguments for {self.name}: {problems}"
-        kwargs = {k: getattr(values, k) for k in type(values).model_fields}
+        except ArgumentError as e:
+            return f"error: invalid arguments for {self.name}: {e}"
         try:
             if inspect.iscoroutinefunction(self.fn):
                 out = await self.fn(**kwargs)
@@ -55,6 +58,17 @@ class Tool:
         except Exception as e:  # the model sees the failure and may retry differently
             return f"error: {self.name} raised {type(e).__name__}: {e}"
         return out if isinstance(out, str) else json.dumps(out, default=str)
+
+
+def _pydantic_validator(model: type[pydantic.BaseModel]) -> Callable[[dict], dict]:
+    def validate(args: dict) -> dict:
+        try:
+            values = model.model_validate(args)
+        except pydantic.ValidationError as e:
+            raise ArgumentError("; ".join(f"{'.'.join(map(str, err['loc'])) or 'arguments'}: {err['msg']}"
+                                          for err in e.errors())) from None
+        return {k: getattr(values, k) for k in model.model_fields}
+    return validate
 
 
 def tool(fn: Callable | None = None, *, name: str | None = None, description: str | None = None):
@@ -69,8 +83,10 @@ def tool(fn: Callable | None = None, *, name: str | None = None, description: st
             fields[p.name] = (p.annotation, ... if p.default is inspect.Parameter.empty else p.default)
         params = pydantic.create_model(f"{f.__name__}_params", __config__=pydantic.ConfigDict(extra="forbid"),
                                        **fields)
-        doc = inspect.getdoc(f) or ""
-        return Tool(name or f.__name__, description or doc, params, f)
+        schema = params.model_json_schema()
+        schema.pop("title", None)
+        return Tool(name or f.__name__, description or inspect.getdoc(f) or "", schema, f,
+                    _pydantic_validator(params))
     return wrap(fn) if fn is not None else wrap
 
 
