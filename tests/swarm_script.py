@@ -46,7 +46,7 @@ def handler(counts: list[int], system: str = ORCHESTRATOR_PROMPT):
             if req.step == 1:
                 return {"tool_calls": [{"name": "assign_task", "arguments": {"agent": f"w{i}", "prompt": f"k={k}"}}
                                        for i, k in enumerate(counts)]}
-            results = [json.loads(m["content"]) for m in req.tool_results]
+            results = [json.loads(m["content"]) for m in req.tool_results if m["content"].startswith("{")]
             ok = [r for r in results if r["outcome"] == "completed"]
             return {"content": f"total={sum(int(r['output']) for r in ok)} completed={len(ok)}/{len(results)}"}
         i, k = int(req.system.split()[1]), int(re.search(r"k=(\d+)", req.user).group(1))
