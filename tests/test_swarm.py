@@ -18,9 +18,7 @@ from k2lab.agents.swarm import Swarm, SwarmLimits
 from k2lab.agents.tools import tool
 from k2lab.agents.trace import Journal, read_spans, render_tree
 from k2lab.testing.scripted_server import Faults, ScriptedServer
-
-sys.path.insert(0, str(Path(__file__).parent))
-from swarm_script import expected, handler, lookup, plan  # noqa: E402
+from k2lab.testing.swarm_script import expected, handler, lookup, plan
 
 
 def run_swarm(srv, run_dir, tools, limits=SwarmLimits(), **llm_kw):

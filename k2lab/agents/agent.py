@@ -194,12 +194,15 @@ def run_agent(task: str, workspace: Path, mcp: list[str] = (), run_dir: Path | N
         print(f"[step {step}] " + (f"tools: {calls}" if calls else (m.get("content") or "")[:200]), flush=True)
 
     async def go() -> AgentResult:
+        llm = LLM()
         async with MCPTools(list(mcp)) as mcp_tools:
-            agent = Agent("agent", LLM(), "You are a capable assistant. Use the tools when they help; the "
+            agent = Agent("agent", llm, "You are a capable assistant. Use the tools when they help; the "
                           "workspace is your working directory.", workspace_tools(Sandbox(workspace)) + mcp_tools,
                           AgentLimits(max_steps=max_steps), tracer, on_message=show)
             with tracer.span("run", "agent", task=task[:200]):
-                return await agent.run(task)
+                res = await agent.run(task)
+        await llm.aclose()
+        return res
     try:
         res = asyncio.run(go())
     finally:

@@ -126,6 +126,12 @@ class LLM:
                                               timeout=self.timeout, max_retries=0)
             self.limiter = AdaptiveLimit(self.max_concurrency, self.initial_concurrency)
 
+    async def aclose(self) -> None:
+        """Close the HTTP connections (call from the event loop that used them)."""
+        if self._loop is not None:
+            await self._client.close()
+            self._loop = None
+
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         p_in, p_out = self.price_per_mtok
         return (prompt_tokens * p_in + completion_tokens * p_out) / 1e6

@@ -202,10 +202,13 @@ def run_swarm(task: str | None, run_dir: Path | None = None, resume: bool = Fals
         bar.set_postfix_str(f"last: {e['agent']} {e['outcome']}")
 
     async def go() -> SwarmResult:
+        llm = LLM()
         async with MCPTools(list(mcp)) as mcp_tools:
             def tools(name: str) -> list[Tool]:
                 return workspace_tools(Sandbox(run_dir / "workspace" / name)) + mcp_tools
-            return await Swarm(LLM(), run_dir, tools, limits, on_event=progress).run(task, resume=resume)
+            res = await Swarm(llm, run_dir, tools, limits, on_event=progress).run(task, resume=resume)
+        await llm.aclose()
+        return res
     try:
         return asyncio.run(go())
     finally:

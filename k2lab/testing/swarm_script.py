@@ -1,5 +1,5 @@
-"""Scripted decisions for swarm tests and bench/swarm.py, played back by the scripted test server (a test double
-for the model, not a model): an orchestrator that creates N workers, assigns them all in one message and sums
+"""Scripted decisions for the swarm tests and bench/swarm.py, played back by the scripted test server (a test
+double for the model, not a model): an orchestrator that creates N workers, assigns them all in one message and sums
 their answers; worker i makes k_i `lookup` calls spread over 1 + i % 3 steps and answers the sum."""
 
 from __future__ import annotations
