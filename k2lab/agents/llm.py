@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 import openai
+from openai.types.chat import ChatCompletion
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
@@ -125,6 +126,12 @@ class LLM:
                                               timeout=self.timeout, max_retries=0)
             self.limiter = AdaptiveLimit(self.max_concurrency, self.initial_concurrency)
 
+    async def aclose(self) -> None:
+        """Close the HTTP connections (call from the event loop that used them)."""
+        if self._loop is not None:
+            await self._client.close()
+            self._loop = None
+
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         p_in, p_out = self.price_per_mtok
         return (prompt_tokens * p_in + completion_tokens * p_out) / 1e6
@@ -145,7 +152,9 @@ class LLM:
                     retries += 1
                 try:
                     async with self.limiter:
-                        resp = await self._client.chat.completions.create(**kwargs)
+                        # plain JSON body: skips the SDK's per-call TypedDict transform of every message
+                        # (about 10 ms for a long conversation); the response is parsed as usual
+                        resp = await self._client.post("/chat/completions", body=kwargs, cast_to=ChatCompletion)
                 except openai.RateLimitError:
                     rate_limited += 1
                     await self.limiter.feedback(rate_limited=True)

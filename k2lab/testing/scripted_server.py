@@ -196,7 +196,8 @@ class ScriptedServer:
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        config = uvicorn.Config(app, log_level="error", access_log=False, lifespan="off",
+        # loop="asyncio": never let uvicorn install uvloop as the process-wide policy from this thread
+        config = uvicorn.Config(app, log_level="error", access_log=False, lifespan="off", loop="asyncio",
                                 timeout_keep_alive=30, backlog=4096)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]},
