@@ -48,3 +48,19 @@ def test_eval_toolcalls_cli_on_the_shipped_set(tmp_path, monkeypatch):
     expected_tool = sum(row["expect"] == "tool_calls" for row in rows)
     assert r["finish_reason"]["fn"] == expected_tool and r["finish_reason"]["tn"] == len(rows) - expected_tool
     assert r["finish_reason"]["recall"] == 0.0 and r["schema_accuracy"] is None
+
+
+def test_eval_coding_cli(tmp_path, monkeypatch):
+    from k2lab.evals import coding
+
+    row = next(r for r in coding.load_dataset(coding.SEED_DATASET).rows if r["id"] == "run-length")
+    dataset = write_jsonl(tmp_path / "p.jsonl", [row])
+    replies = iter([f"```python\n{row['solution']}\n```", "```python\ndef rle(s):\n    return []\n```"])
+    with ScriptedServer(lambda req: {"content": next(replies)}) as srv:
+        monkeypatch.setenv("K2LAB_API_KEY", "test")
+        out = CliRunner().invoke(app, ["eval", "coding", "--dataset", str(dataset), "--base-url", srv.base_url,
+                                       "--model", "m", "--n", "2", "--k", "1", "--k", "2", "--concurrency", "1",
+                                       "--run-dir", str(tmp_path / "run")])
+        assert out.exit_code == 0, out.output
+    r = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert r["per_problem"][0]["c"] == 1 and r["pass_at_k"] == {"1": 0.5, "2": 1.0}

@@ -198,4 +198,11 @@ def main(dataset: str | Path | None, model: str | None, judge_models: list[str],
     answerer = LLM(base_url=base_url, model=model, max_concurrency=concurrency)
     judges = [Judge(LLM(base_url=judge_base_url or base_url, api_key=judge_api_key, model=m,
                         max_concurrency=concurrency)) for m in judge_models or [answerer.model]]
-    return asyncio.run(run_calibration(dataset or SEED_DATASET, answerer, judges, run_dir, partial, resume, on_error))
+
+    async def go() -> dict:
+        try:
+            return await run_calibration(dataset or SEED_DATASET, answerer, judges, run_dir, partial, resume, on_error)
+        finally:
+            for llm in [answerer] + [j.llm for j in judges]:
+                await llm.aclose()
+    return asyncio.run(go())

@@ -133,5 +133,11 @@ def main(dataset: str | Path | None, model: str | None, base_url: str | None, ru
     from k2lab.agents.llm import LLM
 
     llm = LLM(base_url=base_url, model=model, max_concurrency=concurrency)
-    return asyncio.run(run_coding(dataset or SEED_DATASET, llm, run_dir, n, tuple(ks or [1]), temperature,
-                                  resume=resume, on_error=on_error))
+
+    async def go() -> dict:
+        try:
+            return await run_coding(dataset or SEED_DATASET, llm, run_dir, n, tuple(ks or [1]), temperature,
+                                    resume=resume, on_error=on_error)
+        finally:
+            await llm.aclose()
+    return asyncio.run(go())

@@ -183,4 +183,10 @@ def main(dataset: str | Path | None, model: str | None, base_url: str | None, ru
     from k2lab.agents.llm import LLM
 
     llm = LLM(base_url=base_url, model=model, max_concurrency=concurrency, max_retries=max_retries)
-    return asyncio.run(run_toolcalls(dataset or SEED_DATASET, llm, run_dir, reference, resume, on_error))
+
+    async def go() -> dict:
+        try:
+            return await run_toolcalls(dataset or SEED_DATASET, llm, run_dir, reference, resume, on_error)
+        finally:
+            await llm.aclose()
+    return asyncio.run(go())
