@@ -195,9 +195,11 @@ def main(dataset: str | Path | None, model: str | None, judge_models: list[str],
     """`k2lab eval calibration`: endpoints and keys default to K2LAB_* / OPENAI_* (see agents/llm.py)."""
     from k2lab.agents.llm import LLM
 
+    if not judge_models:
+        raise ValueError("calibration needs at least one --judge-model")
     answerer = LLM(base_url=base_url, model=model, max_concurrency=concurrency)
     judges = [Judge(LLM(base_url=judge_base_url or base_url, api_key=judge_api_key, model=m,
-                        max_concurrency=concurrency)) for m in judge_models or [answerer.model]]
+                        max_concurrency=concurrency)) for m in judge_models]
 
     async def go() -> dict:
         try:

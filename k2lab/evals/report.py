@@ -65,7 +65,7 @@ def bar_plot(path: Path, labels: list[str], series: dict[str, list[float]], titl
 
 def calibration_report(run_dir: Path, r: dict) -> None:
     cols = ["total", "correct", "incorrect", "partial_answer", "not_attempted", "omniscience_index",
-            "omniscience_index_ci95", "accuracy", "hallucination_rate", "hallucination_rate_ci95"]
+            "omniscience_index_ci95", "accuracy", "accuracy_ci95", "hallucination_rate", "hallucination_rate_ci95"]
     rows = [["**all**"] + [r["overall"][c] for c in cols]]
     rows += [[d] + [m[c] for c in cols] for d, m in r["domains"].items()]
     rows += [[f"kind: {k}"] + [m[c] for c in cols] for k, m in r["kinds"].items()]
