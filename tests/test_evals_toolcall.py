@@ -44,8 +44,8 @@ def handler(replies=REPLIES, fail=frozenset()):
 
 
 def run(srv, dataset, run_dir, **kw):
-    llm = LLM(base_url=srv.base_url, api_key="test", model="m", max_retries=kw.pop("max_retries", 0),
-              backoff=(0.01, 0.05))
+    llm = LLM(base_url=srv.base_url, api_key="test", model=kw.pop("model", "m"),
+              max_retries=kw.pop("max_retries", 0), backoff=(0.01, 0.05))
     return asyncio.run(toolcall.run_toolcalls(dataset, llm, run_dir, **kw))
 
 
@@ -88,6 +88,8 @@ def test_incremental_mode_re_sends_only_failures(dataset, tmp_path):
     with ScriptedServer(handler()) as srv:
         run(srv, dataset, tmp_path / "run", resume=True)
         assert srv.stats.requests == 0
+        with pytest.raises(ValueError, match="holds a run of model 'm'; cannot resume it with 'other'"):
+            run(srv, dataset, tmp_path / "run", resume=True, model="other")
 
 
 def test_retries_and_bounded_concurrency(dataset, tmp_path):

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from k2lab.evals import report
 from k2lab.evals.judge import GRADES, Judge, vote
 from k2lab.evals.stats import bootstrap_ci
-from k2lab.evals.store import Dataset, append_jsonl, read_dataset, read_jsonl, require, snapshot, write_json
+from k2lab.evals.store import (Dataset, append_jsonl, open_run, read_dataset, read_jsonl, require, snapshot,
+                               write_json)
 
 PARTIAL_CONVENTIONS = ("incorrect", "abstain")
 SEED_DATASET = Path(__file__).parent / "data" / "calibration.jsonl"
@@ -62,9 +63,7 @@ async def run_calibration(dataset: str | Path, model, judges: list[Judge], run_d
     if not judges:
         raise ValueError("run_calibration: need at least one judge")
     run_dir = Path(run_dir)
-    if (run_dir / "answers.jsonl").exists() and not resume:
-        raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or pick a new run dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    open_run(run_dir, "answers.jsonl", resume, model.model)
     data = load_dataset(dataset, on_error)
     snapshot(run_dir, data.rows)
     write_json(run_dir / "config.json", {"eval": "calibration", "dataset": str(dataset), "model": model.model,

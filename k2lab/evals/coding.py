@@ -22,7 +22,8 @@ from tqdm import tqdm
 from k2lab.agents.sandbox import Limits, Sandbox
 from k2lab.evals import report
 from k2lab.evals.stats import pass_at_k
-from k2lab.evals.store import Dataset, append_jsonl, read_dataset, read_jsonl, require, snapshot, write_json
+from k2lab.evals.store import (Dataset, append_jsonl, open_run, read_dataset, read_jsonl, require, snapshot,
+                               write_json)
 
 SEED_DATASET = Path(__file__).parent / "data" / "coding.jsonl"
 
@@ -70,9 +71,7 @@ async def run_coding(dataset: str | Path, model, run_dir: str | Path, n: int = 1
         raise ValueError(f"need n >= 1 and every k in 1..n, got n={n}, ks={ks}")
     run_dir = Path(run_dir)
     log = run_dir / "samples.jsonl"
-    if log.exists() and not resume:
-        raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or pick a new run dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    open_run(run_dir, log.name, resume, model.model)
     data = load_dataset(dataset, on_error)
     snapshot(run_dir, data.rows)
     write_json(run_dir / "config.json", {"eval": "coding", "dataset": str(dataset), "model": model.model, "n": n,

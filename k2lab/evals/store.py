@@ -142,6 +142,17 @@ def write_atomic(path: str | Path, text: str) -> None:
         raise
 
 
+def open_run(run_dir: Path, log: str, resume: bool, model: str) -> None:
+    """Create run_dir for a new run, or check that a resumed run is the same model's."""
+    if (run_dir / log).exists():
+        if not resume:
+            raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or pick a new run dir")
+        config = json.loads((run_dir / "config.json").read_text())
+        if config["model"] != model:
+            raise ValueError(f"{run_dir} holds a run of model {config['model']!r}; cannot resume it with {model!r}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
 def snapshot(run_dir: Path, rows: list[dict]) -> None:
     """Keep the rows a run uses in run_dir/dataset.jsonl, so reports and review do not need the original file."""
     write_atomic(run_dir / "dataset.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -22,7 +22,7 @@ from jsonschema.exceptions import SchemaError
 from tqdm import tqdm
 
 from k2lab.evals import report
-from k2lab.evals.store import Dataset, append_jsonl, read_dataset, read_jsonl, snapshot, write_json
+from k2lab.evals.store import Dataset, append_jsonl, open_run, read_dataset, read_jsonl, snapshot, write_json
 
 SEED_DATASET = Path(__file__).parent / "data" / "toolcalls.jsonl"
 NOT_SENT = ("id", "expect", "model", "stream", "stream_options")  # our keys, and what the client sets itself
@@ -65,9 +65,7 @@ async def run_toolcalls(dataset: str | Path, model, run_dir: str | Path, referen
     """Send every request with `model` (an LLM); write responses.jsonl, results.json and report.md."""
     run_dir = Path(run_dir)
     log = run_dir / "responses.jsonl"
-    if log.exists() and not resume:
-        raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or pick a new run dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    open_run(run_dir, log.name, resume, model.model)
     data = load_dataset(dataset, on_error)
     snapshot(run_dir, data.rows)
     write_json(run_dir / "config.json", {"eval": "toolcalls", "dataset": str(dataset), "model": model.model,
