@@ -38,6 +38,7 @@ def test_metrics_equal_hand_computed_partial_as_incorrect(tmp_path):
     report = (run_dir / "report.md").read_text()
     assert "Omniscience" in report or "omniscience_index" in report
     assert (run_dir / "plots" / "domains.png").stat().st_size > 1000
+    assert (run_dir / "plots" / "omniscience.png").stat().st_size > 1000
 
 
 def test_partial_as_abstain(tmp_path):

@@ -76,11 +76,16 @@ def calibration_report(run_dir: Path, r: dict) -> None:
              f"{r['model']}: per-domain calibration", "fraction",
              {"accuracy": [tuple(r["domains"][d]["accuracy_ci95"]) for d in domains],
               "hallucination rate": [tuple(r["domains"][d]["hallucination_rate_ci95"]) for d in domains]})
+    bar_plot(run_dir / "plots" / "omniscience.png", domains,
+             {"Omniscience Index": [r["domains"][d]["omniscience_index"] for d in domains]},
+             f"{r['model']}: Omniscience Index per domain", "index (-100..100)",
+             {"Omniscience Index": [tuple(r["domains"][d]["omniscience_index_ci95"]) for d in domains]})
     ag = r["agreement"]
     parts = [f"# Calibration: {r['model']}", "",
              f"Judges: {', '.join(r['judges'])}. PARTIAL counted as `{r['partial']}`. "
              f"Reviewed by a person: {r['reviewed']}, overruled: {r['overruled']}. 95% bootstrap CIs.", "",
-             md_table(["domain"] + cols, rows), "", "![per-domain](plots/domains.png)", "",
+             md_table(["domain"] + cols, rows), "",
+             "![per-domain](plots/domains.png) ![omniscience](plots/omniscience.png)", "",
              "## Judge vs human", "", f"Cohen's kappa: {fmt(ag.get('cohen_kappa'))} over "
              f"{ag['reviewed_with_judge_grade']} reviewed items."]
     if "krippendorff_alpha" in ag:
