@@ -129,3 +129,34 @@ def test_terminal_ui_screenshot(tmp_path):
     if shots := os.environ.get("K2LAB_SCREENSHOTS"):  # K2LAB_SCREENSHOTS=docs/img pytest tests/test_review*.py
         Path(shots).mkdir(parents=True, exist_ok=True)
         console.save_svg(str(Path(shots) / "review_tui.svg"), title="k2lab review runs/demo")
+
+
+def test_web_page_over_http(run_dir):
+    """The page's HTTP interface without a browser (the browser test is tests/test_review_web.py)."""
+    import threading
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from k2lab.evals.review import make_server
+
+    server = make_server(ReviewSession(run_dir))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        body = urllib.parse.urlencode({"id": "q2", "action": "overrule", "grade": "A", "reason": "ok"}).encode()
+        with urllib.request.urlopen(url + "/review", data=body) as resp:  # follows the 303 back to the page
+            assert 'id="item-q2"' in resp.read().decode()
+        with urllib.request.urlopen(url + "/?pending=1") as resp:
+            page = resp.read().decode()
+        assert 'id="item-q1"' in page and 'id="item-q2"' not in page
+        bad = urllib.parse.urlencode({"id": "q1", "action": "delete"}).encode()
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(url + "/review", data=bad)
+        assert err.value.code == 400 and "unknown action" in err.value.read().decode()
+        with urllib.request.urlopen(url + "/results.json") as resp:
+            assert json.loads(resp.read())["overruled"] == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [r["id"] for r in read_jsonl(run_dir / "reviews.jsonl")] == ["q2"]

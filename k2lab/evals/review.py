@@ -153,7 +153,7 @@ def review_tui(session: ReviewSession, ask: Callable[[str], str] | None = None, 
 
 # ---- web page ----------------------------------------------------------------------------------------------
 
-def render_page(session: ReviewSession, message: str = "") -> str:
+def render_page(session: ReviewSession, message: str = "", pending_only: bool = False) -> str:
     items, esc = session.items(), html.escape
     if not (session.run_dir / "results.json").exists():
         calibration.finalize(session.run_dir)
@@ -161,6 +161,8 @@ def render_page(session: ReviewSession, message: str = "") -> str:
     o, ag = results["overall"], results["agreement"]
     cards = []
     for i in items:
+        if pending_only and i["reviews"]:
+            continue
         latest = i["reviews"][-1] if i["reviews"] else None
         status = (f"{PAST[latest['action']]}: {GRADES[latest['grade']]} ({esc(latest['reason'])})" if latest
                   else "not reviewed")
@@ -187,7 +189,7 @@ def render_page(session: ReviewSession, message: str = "") -> str:
 body{{font-family:sans-serif;max-width:60em;margin:1em auto;color:#222}} .item{{border:1px solid #ccd;
 border-radius:6px;padding:.2em 1em;margin:1em 0}} small{{color:#888}} .msg{{color:#a00}} ul{{margin:.2em 0}}
 </style></head><body><h1>k2lab review: {esc(str(session.run_dir.name))}</h1>
-<p class="msg">{esc(message)}</p>
+<p class="msg">{esc(message)}</p><p><a href="/">all items</a> &middot; <a href="/?pending=1">not reviewed</a></p>
 <p id="metrics">Omniscience Index <b>{_fmt(o['omniscience_index'])}</b> &middot; accuracy
 <b>{_fmt(o['accuracy'])}</b> &middot; hallucination rate <b>{_fmt(o['hallucination_rate'])}</b> &middot;
 reviewed {results['reviewed']}/{len(items)}, overruled {results['overruled']} &middot; Cohen's kappa
@@ -216,8 +218,9 @@ def make_server(session: ReviewSession, host: str = "127.0.0.1", port: int = 0) 
             self.wfile.write(data)
 
         def do_GET(self) -> None:
-            if self.path.split("?")[0] == "/":
-                self._send(200, render_page(session))
+            path, _, query = self.path.partition("?")
+            if path == "/":
+                self._send(200, render_page(session, pending_only="pending=1" in query))
             elif self.path == "/results.json":
                 self._send(200, (session.run_dir / "results.json").read_text(), "application/json")
             else:
