@@ -40,6 +40,12 @@ def serve(latency: float, agents: int, tool_calls: int) -> None:
         sys.stdin.read()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_server(args) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, __file__, "--serve", "--latency", str(args.latency), "--agents",
                              str(args.agents), "--tool-calls", str(args.tool_calls)],
@@ -123,21 +129,24 @@ def main() -> None:
             for name in runs:
                 coro = (run_k2lab(base_url, args.agents, args.tool_calls) if name == "k2lab"
                         else run_openai_agents(base_url, args.agents))
+                s0 = cpu_seconds(proc.pid)
                 r = asyncio.run(coro)
+                r["server_cpu_s"] = cpu_seconds(proc.pid) - s0
                 if r["output"] != want:
                     raise SystemExit(f"{name} gave {r['output']!r}, expected {want!r}")
                 r["overhead_ms_per_tool_call"] = 1e3 * (r["wall_s"] - bound) / r["tool_calls"]
                 r["cpu_ms_per_tool_call"] = 1e3 * r["cpu_s"] / r["tool_calls"]
                 runs[name].append(r)
                 print(f"[{rep + 1}/{args.repeats}] {name:14s} wall {r['wall_s']:.2f}s  cpu {r['cpu_s']:.2f}s  "
-                      f"tool calls {r['tool_calls']}  model calls {r['model_calls']}", flush=True)
+                      f"server cpu {r['server_cpu_s']:.2f}s  tool calls {r['tool_calls']}  "
+                      f"model calls {r['model_calls']}", flush=True)
     finally:
         proc.stdin.close()
         proc.wait(timeout=30)
 
     def med(name: str, key: str) -> float:
         return statistics.median(r[key] for r in runs[name])
-    summary = {name: {k: med(name, k) for k in ("wall_s", "cpu_s", "overhead_ms_per_tool_call",
+    summary = {name: {k: med(name, k) for k in ("wall_s", "cpu_s", "server_cpu_s", "overhead_ms_per_tool_call",
                                                 "cpu_ms_per_tool_call")} | {"wall_over_bound": med(name, "wall_s") / bound}
                for name in runs}
     out = {"workload": {"subagents": args.agents, "tool_calls": args.tool_calls, "latency_s": args.latency,
@@ -146,10 +155,11 @@ def main() -> None:
            "targets": {"wall_over_bound_max": 1.3, "overhead_ms_per_tool_call_max": 2.0},
            "runs": runs, "machine": f"{os.cpu_count()} CPUs, shared; server in its own process"}
     print(f"\ncritical steps {critical} x latency {args.latency}s = bound {bound:.2f}s  (medians of {args.repeats})")
-    print(f"{'':16s}{'wall s':>9s}{'/bound':>8s}{'overhead ms/tool call':>23s}{'cpu ms/tool call':>18s}")
+    print(f"{'':16s}{'wall s':>9s}{'/bound':>8s}{'overhead ms/tool call':>23s}{'cpu ms/tool call':>18s}"
+          f"{'server cpu s':>14s}")
     for name, s in summary.items():
         print(f"{name:16s}{s['wall_s']:>9.2f}{s['wall_over_bound']:>8.2f}{s['overhead_ms_per_tool_call']:>23.3f}"
-              f"{s['cpu_ms_per_tool_call']:>18.3f}")
+              f"{s['cpu_ms_per_tool_call']:>18.3f}{s['server_cpu_s']:>14.2f}")
     print(f"k2lab wall / openai-agents wall: {out['k2lab_vs_openai_agents_wall']:.2f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     tmp = RESULTS.with_suffix(".tmp")

@@ -79,16 +79,15 @@ def test_parallel_tool_calls_run_concurrently(tmp_path):
     calls = [{"name": "slow", "arguments": {"i": i}} for i in range(8)]
     with ScriptedServer(scripted([{"tool_calls": calls}, {"content": "done"}])) as srv:
         tracer = Tracer(tmp_path / "trace.jsonl")
-        t0 = time.perf_counter()
         res = asyncio.run(make_agent(srv, [slow], tracer=tracer).run("go"))
-        wall = time.perf_counter() - t0
         tracer.close()
     assert res.outcome == "completed" and res.output == "done" and res.tool_calls == 8
-    assert peak == 8 and wall < 0.3 * 8 / 2, f"8 x 0.3 s tools took {wall:.2f}s, peak concurrency {peak}"
     assert [m["content"] for m in res.messages if m["role"] == "tool"] == [str(i * 10) for i in range(8)]
     spans = read_spans(tmp_path)
     tool_spans = [s for s in spans if s["kind"] == "tool"]
-    assert len(tool_spans) == 8 and max(s["start"] for s in tool_spans) - min(s["start"] for s in tool_spans) < 0.2
+    window = max(s["start"] + s["dur_s"] for s in tool_spans) - min(s["start"] for s in tool_spans)
+    assert len(tool_spans) == 8 and all(s["dur_s"] >= 0.3 for s in tool_spans)
+    assert peak == 8 and window < 0.3 * 2, f"8 x 0.3 s tools spanned {window:.2f}s, peak concurrency {peak}"
     agent_span = next(s for s in spans if s["kind"] == "agent")
     assert all(s["parent"] == agent_span["id"] for s in tool_spans)
 

@@ -5,7 +5,8 @@ Endpoint, key and model come from the arguments, else `K2LAB_BASE_URL` / `K2LAB_
 connections are retried with exponential backoff and full jitter (tenacity). A client-side concurrency limit
 ramps back up after rate limiting: it halves on every 429 and grows by one per success up to
 `max_concurrency` (additive increase, multiplicative decrease). Token usage and cost are accounted per instance;
-agents keep their own totals from each `ChatResult.usage`.
+agents keep their own totals from each `ChatResult.usage`. Close with `await llm.aclose()` or use
+`async with LLM(...) as llm:`; the HTTP client belongs to the event loop of the first call.
 """
 
 from __future__ import annotations
@@ -122,8 +123,11 @@ class LLM:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._loop = loop
+            # aiohttp transport: about half the client CPU per call of the default httpx2 one under many
+            # concurrent calls (openai's recommendation for concurrency)
             self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key or "none",
-                                              timeout=self.timeout, max_retries=0)
+                                              timeout=self.timeout, max_retries=0,
+                                              http_client=openai.DefaultAioHttpClient(timeout=self.timeout))
             self.limiter = AdaptiveLimit(self.max_concurrency, self.initial_concurrency)
 
     async def aclose(self) -> None:
@@ -131,6 +135,12 @@ class LLM:
         if self._loop is not None:
             await self._client.close()
             self._loop = None
+
+    async def __aenter__(self) -> "LLM":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         p_in, p_out = self.price_per_mtok

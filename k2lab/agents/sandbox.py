@@ -149,6 +149,9 @@ class Sandbox:
                 *init, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(status_w,), env=cfg["env"],
                 start_new_session=True)
+        except BaseException:
+            os.close(status_r)
+            raise
         finally:
             os.close(status_w)
         over = asyncio.Event()
