@@ -58,10 +58,21 @@ class CalibrationScript:
         return {"content": reply}
 
 
+def run_closing(coro, *llms: LLM):
+    """asyncio.run(coro), closing the clients' connections in the same event loop afterwards."""
+    async def go():
+        try:
+            return await coro
+        finally:
+            for llm in llms:
+                await llm.aclose()
+    return asyncio.run(go())
+
+
 def run_calibration(srv: ScriptedServer, dataset: Path, run_dir: Path, judges: list[str], **kw) -> dict:
     model = LLM(base_url=srv.base_url, api_key="test", model="answerer", max_retries=0)
     js = [Judge(LLM(base_url=srv.base_url, api_key="test", model=j, max_retries=0)) for j in judges]
-    return asyncio.run(calibration.run_calibration(dataset, model, js, run_dir, **kw))
+    return run_closing(calibration.run_calibration(dataset, model, js, run_dir, **kw), model, *[j.llm for j in js])
 
 
 def graded_run(tmp_path: Path, letters: dict[str, str], judges: dict[str, dict[str, str]] | None = None,

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from evals_helpers import write_jsonl
+from evals_helpers import run_closing, write_jsonl
 from k2lab.agents.llm import LLM
 from k2lab.agents.sandbox import Limits, Sandbox
 from k2lab.evals import coding
@@ -42,7 +42,7 @@ class Script:
 
 def run(srv, dataset, run_dir, **kw):
     llm = LLM(base_url=srv.base_url, api_key="test", model="coder", max_retries=0)
-    return asyncio.run(coding.run_coding(dataset, llm, run_dir, limits=FAST, **kw))
+    return run_closing(coding.run_coding(dataset, llm, run_dir, limits=FAST, **kw), llm)
 
 
 def test_pass_at_k_from_sandboxed_samples(tmp_path):

@@ -5,12 +5,11 @@ calls: a test double for the model. Under test: sending, retries, resume, schema
 which must equal the hand-computed values.
 """
 
-import asyncio
 import json
 
 import pytest
 
-from evals_helpers import write_jsonl
+from evals_helpers import run_closing, write_jsonl
 from k2lab.agents.llm import LLM
 from k2lab.evals import toolcall
 from k2lab.evals.store import DatasetError
@@ -46,7 +45,7 @@ def handler(replies=REPLIES, fail=frozenset()):
 def run(srv, dataset, run_dir, **kw):
     llm = LLM(base_url=srv.base_url, api_key="test", model=kw.pop("model", "m"),
               max_retries=kw.pop("max_retries", 0), backoff=(0.01, 0.05))
-    return asyncio.run(toolcall.run_toolcalls(dataset, llm, run_dir, **kw))
+    return run_closing(toolcall.run_toolcalls(dataset, llm, run_dir, **kw), llm)
 
 
 @pytest.fixture
@@ -97,7 +96,7 @@ def test_retries_and_bounded_concurrency(dataset, tmp_path):
     with ScriptedServer(handler(), latency=0.05, faults=faults) as srv:
         llm = LLM(base_url=srv.base_url, api_key="test", model="m", max_retries=8, backoff=(0.01, 0.05),
                   max_concurrency=2)
-        r = asyncio.run(toolcall.run_toolcalls(dataset, llm, tmp_path / "run"))
+        r = run_closing(toolcall.run_toolcalls(dataset, llm, tmp_path / "run"), llm)
         assert srv.stats.max_inflight <= 2
         assert sum(srv.stats.faults.values()) > 0
     check_hand_computed(r)
