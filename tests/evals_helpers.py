@@ -13,7 +13,7 @@ from pathlib import Path
 
 from k2lab.agents.llm import LLM
 from k2lab.evals import calibration
-from k2lab.evals.judge import Judge
+from k2lab.evals.judge import RETRY_NOTE, Judge
 from k2lab.testing.scripted_server import ScriptedRequest, ScriptedServer
 
 _QUESTION = re.compile(r"^Question: (.*)$", re.MULTILINE)
@@ -32,7 +32,7 @@ def rows_for(grades: dict[str, str], domain_of=lambda q: "d1") -> list[dict]:
 class CalibrationScript:
     """Answers 'answer to <q>' (or `answers[q]`); judge `model` replies from `replies[model][q]`.
 
-    A reply entry is a string, or a list of strings played one per attempt (retries see the later ones).
+    A reply entry is a string, or a list of strings played one per attempt of that judge on that question.
     `asked` counts answer requests per question; `fail` makes the answer request for those questions fail (400).
     """
 
@@ -51,10 +51,12 @@ class CalibrationScript:
             return {"content": self.answers.get(q, f"answer to {q}")}
         q = _QUESTION.search(req.user).group(1)
         model = req.body["model"]
-        self.judged[(model, q)] = self.judged.get((model, q), 0) + 1
+        attempt = self.judged.get((model, q), 0)
+        self.judged[(model, q)] = attempt + 1
+        assert (RETRY_NOTE in req.user) == (attempt > 0)  # retries, and only retries, carry the note
         reply = self.replies[model][q]
         if isinstance(reply, list):
-            reply = reply[min(req.step, len(reply) - 1)]
+            reply = reply[min(attempt, len(reply) - 1)]
         return {"content": reply}
 
 

@@ -46,8 +46,8 @@ Answer to grade: {answer}
 Reply with one short sentence explaining the grade, then a last line holding only the letter A, B, C or D.
 """
 
-RETRY_NOTE = ("Your reply did not end with a line holding only one letter. "
-              "Reply again: one sentence, then A, B, C or D alone.")
+RETRY_NOTE = ("Note: an earlier reply to this did not end with a line holding only one letter. "
+              "Reply with one sentence, then A, B, C or D alone on the last line.")
 
 _LETTER_LINE = re.compile(r"^[\s*_`\"'(\[]*(?:grade\s*[:=]?\s*)?([ABCD])[\s*_`\"')\].:]*$", re.IGNORECASE)
 _LABEL_LINE = re.compile(r"^[\s*_`\"'(\[]*(CORRECT|INCORRECT|PARTIAL_ANSWER|PARTIAL|NOT_ATTEMPTED)[\s*_`\"')\].:]*$")
@@ -87,18 +87,19 @@ class Judge:
 
     async def grade(self, question: str, gold: str, answer: str) -> dict:
         """One grade record: judge, grade (letter or None), label, explanation, attempts, replies."""
-        messages = [{"role": "user", "content": self.prompt.format(question=question, gold=gold, answer=answer)}]
+        prompt = self.prompt.format(question=question, gold=gold, answer=answer)
         replies: list[str] = []
         for attempt in range(1, self.max_attempts + 1):
-            result = await self.llm.chat(messages, temperature=0.0)
-            content = result.message.get("content") or ""
-            replies.append(content)
-            letter, explanation = parse_grade(content)
+            # a retry re-asks with a note, without the bad reply: the context stays as short as the first ask
+            ask = prompt if attempt == 1 else f"{prompt}\n{RETRY_NOTE}"
+            result = await self.llm.chat([{"role": "user", "content": ask}], temperature=0.0)
+            reply = result.message.get("content") or ""
+            replies.append(reply)
+            letter, explanation = parse_grade(reply)
             if letter:
                 reasoning = result.message.get("reasoning_content") or ""
                 return {"judge": self.name, "grade": letter, "label": GRADES[letter], "attempts": attempt,
                         "explanation": "\n".join(x for x in (reasoning, explanation) if x), "replies": replies}
-            messages = messages + [{"role": "assistant", "content": content}, {"role": "user", "content": RETRY_NOTE}]
         return {"judge": self.name, "grade": None, "label": "UNGRADED", "attempts": self.max_attempts,
                 "explanation": f"no grade named in {self.max_attempts} replies", "replies": replies}
 
