@@ -69,10 +69,11 @@ async def run_openai_agents(base_url: str, agents: int) -> dict:
     """The same workload as agents-as-tools in the OpenAI Agents SDK: assign_task runs a sub-agent with
     Runner.run; the SDK runs the tool calls of one message concurrently (asyncio tasks, gathered)."""
     from agents import Agent, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
-    from openai import AsyncOpenAI
+    from openai import AsyncOpenAI, DefaultAioHttpClient
 
     set_tracing_disabled(True)
-    client = AsyncOpenAI(base_url=base_url, api_key="bench")
+    # the same HTTP transport as k2lab's LLM, so the comparison is about orchestration
+    client = AsyncOpenAI(base_url=base_url, api_key="bench", http_client=DefaultAioHttpClient())
     model = OpenAIChatCompletionsModel("scripted", client)
     subagents: dict[str, Agent] = {}
     counts = {"tool_calls": 0, "model_calls": 0}
