@@ -7,7 +7,7 @@ charged to the client) plays back the same decisions to both frameworks. The cri
 critical steps x latency: no orchestrator can be faster without overlapping dependent model calls.
 
     python bench/swarm.py                       # 300 sub-agents, 4,000 tool calls, 1 s latency
-    python bench/swarm.py --latency 0.5 --agents 100 --tool-calls 1000
+    python bench/swarm.py --latency 3 --out bench/results/swarm_latency3.json
 
 Timings on a shared 2-core machine are noisy; the two frameworks run back to back against the same server.
 """
@@ -69,10 +69,11 @@ async def run_openai_agents(base_url: str, agents: int) -> dict:
     """The same workload as agents-as-tools in the OpenAI Agents SDK: assign_task runs a sub-agent with
     Runner.run; the SDK runs the tool calls of one message concurrently (asyncio tasks, gathered)."""
     from agents import Agent, OpenAIChatCompletionsModel, Runner, function_tool, set_tracing_disabled
-    from openai import AsyncOpenAI
+    from openai import AsyncOpenAI, DefaultAioHttpClient
 
     set_tracing_disabled(True)
-    client = AsyncOpenAI(base_url=base_url, api_key="bench")
+    # the same HTTP transport as k2lab's LLM, so the comparison is about orchestration
+    client = AsyncOpenAI(base_url=base_url, api_key="bench", http_client=DefaultAioHttpClient())
     model = OpenAIChatCompletionsModel("scripted", client)
     subagents: dict[str, Agent] = {}
     counts = {"tool_calls": 0, "model_calls": 0}
@@ -114,6 +115,7 @@ def main() -> None:
     ap.add_argument("--tool-calls", type=int, default=4000)
     ap.add_argument("--latency", type=float, default=1.0, help="seconds the server waits before each answer")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="where the JSON results go")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -161,11 +163,11 @@ def main() -> None:
         print(f"{name:16s}{s['wall_s']:>9.2f}{s['wall_over_bound']:>8.2f}{s['overhead_ms_per_tool_call']:>23.3f}"
               f"{s['cpu_ms_per_tool_call']:>18.3f}{s['server_cpu_s']:>14.2f}")
     print(f"k2lab wall / openai-agents wall: {out['k2lab_vs_openai_agents_wall']:.2f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".tmp")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=2))
-    os.replace(tmp, RESULTS)
-    print(f"saved {RESULTS}")
+    os.replace(tmp, args.out)
+    print(f"saved {args.out}")
 
 
 if __name__ == "__main__":

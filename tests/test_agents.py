@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from k2lab.agents.agent import Agent, AgentLimits, fit_context
+from k2lab.agents.agent import Agent, AgentLimits, estimate_tokens, fit_context
 from k2lab.agents.llm import LLM
 from k2lab.agents.sandbox import Limits, Sandbox
 from k2lab.agents.tools import tool, workspace_tools
@@ -153,7 +153,7 @@ def test_context_budget_truncates_oldest_tool_results_and_says_so():
     tool_texts = [m["content"] for m in messages if m["role"] == "tool"]
     assert n >= 3 and all(t.startswith("[k2lab: truncated 4000 chars") for t in tool_texts[:n])
     assert tool_texts[-1] == "5" * 4000  # the newest result is kept
-    assert sum(len(json.dumps(m)) for m in messages) // 4 <= 3000
+    assert estimate_tokens(messages) <= 3000
 
 
 def test_endpoint_failure_fails_the_agent_not_the_process():

@@ -90,16 +90,17 @@ def test_gives_up_after_max_retries():
 
 
 def test_rate_limits_shrink_concurrency_then_ramp_up():
-    with ScriptedServer(echo, faults=Faults(rate=0.5, kinds=("429",))) as srv:
-        llm = LLM(base_url=srv.base_url, api_key="k", model="m", max_concurrency=32, backoff=(0.01, 0.02),
-                  max_retries=20)
+    with ScriptedServer(echo, faults=Faults(rate=1.0, kinds=("429",))) as srv:
+        llm = LLM(base_url=srv.base_url, api_key="k", model="m", max_concurrency=32, max_retries=0)
 
         async def go():
-            await asyncio.gather(*[llm.chat([{"role": "user", "content": "x"}]) for _ in range(64)])
+            failed = await asyncio.gather(*[llm.chat([{"role": "user", "content": "x"}]) for _ in range(8)],
+                                          return_exceptions=True)
             low = llm.limiter.limit
             srv.faults.rate = 0.0
             await asyncio.gather(*[llm.chat([{"role": "user", "content": "x"}]) for _ in range(64)])
-            return low, llm.limiter.limit
-        low, high = asyncio.run(go())
-    assert low < 32 and high == 32
-    assert srv.stats.max_inflight <= 32
+            return failed, low, llm.limiter.limit
+        failed, low, high = asyncio.run(go())
+    assert all(isinstance(e, openai.RateLimitError) for e in failed)
+    assert low == 1.0  # halved on each of the 8 rate limits, floored at 1
+    assert high == 32  # one more per success, capped

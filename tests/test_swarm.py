@@ -8,9 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 
 from k2lab.agents.agent import AgentLimits
 from k2lab.agents.llm import LLM

@@ -66,7 +66,13 @@ class ToolBudget:
 
 
 def estimate_tokens(messages: list[dict]) -> int:
-    return sum(len(json.dumps(m)) for m in messages) // 4
+    """About 4 characters per token, counting text and tool-call arguments (cheap: runs before every call)."""
+    chars = 0
+    for m in messages:
+        chars += len(m.get("content") or "") + len(m.get("reasoning_content") or "") + 16
+        for c in m.get("tool_calls") or []:
+            chars += len(c["function"]["name"]) + len(c["function"].get("arguments") or "") + 32
+    return chars // 4
 
 
 def fit_context(messages: list[dict], budget: int, keep_last: int = 2) -> int:
@@ -144,7 +150,7 @@ class Agent:
             self.step = res.steps - 1
             outputs = await asyncio.gather(*(self._tool(c) for c in calls))
             stop = None
-            for call, out in zip(calls, outputs):
+            for call, out in zip(calls, outputs, strict=True):
                 key = call["function"]["name"] + call["function"].get("arguments", "")
                 seen[key] = n = seen.get(key, 0) + 1
                 if n > lim.max_repeats:

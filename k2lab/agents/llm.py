@@ -12,12 +12,12 @@ agents keep their own totals from each `ChatResult.usage`. Close with `await llm
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 from dataclasses import dataclass, field
 
 import openai
-from openai.types.chat import ChatCompletion
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
@@ -162,21 +162,23 @@ class LLM:
                     retries += 1
                 try:
                     async with self.limiter:
-                        # plain JSON body: skips the SDK's per-call TypedDict transform of every message
-                        # (about 10 ms for a long conversation); the response is parsed as usual
-                        resp = await self._client.post("/chat/completions", body=kwargs, cast_to=ChatCompletion)
+                        # plain JSON in and out: skips the SDK's per-call TypedDict transform of every message
+                        # (about 10 ms for a long conversation) and its pydantic model of the response
+                        raw = await self._client.post("/chat/completions", body=kwargs, cast_to=bytes)
                 except openai.RateLimitError:
                     rate_limited += 1
                     await self.limiter.feedback(rate_limited=True)
                     raise
         await self.limiter.feedback(rate_limited=False)
-        choice = resp.choices[0]
-        message = choice.message.model_dump(exclude_none=True)
-        message.setdefault("content", None)
-        u = resp.usage
-        p, c = (u.prompt_tokens, u.completion_tokens) if u else (0, 0)
+        resp = json.loads(raw)
+        if not resp.get("choices"):
+            raise ValueError(f"endpoint answered without choices: {raw[:300]!r}")
+        choice = resp["choices"][0]
+        message = {"role": "assistant", "content": None} | {k: v for k, v in choice["message"].items() if v is not None}
+        u = resp.get("usage") or {}
+        p, c = u.get("prompt_tokens", 0), u.get("completion_tokens", 0)
         cost = self.cost(p, c)
         self.usage.add(p, c, retries, cost)
-        return ChatResult(message=message, finish_reason=choice.finish_reason or "stop",
+        return ChatResult(message=message, finish_reason=choice.get("finish_reason") or "stop",
                           usage={"prompt_tokens": p, "completion_tokens": c, "cost_usd": cost},
                           retries=retries, latency_s=time.perf_counter() - t0, rate_limited=rate_limited)
