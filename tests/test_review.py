@@ -80,7 +80,7 @@ def test_ungraded_items_can_only_be_overruled(tmp_path):
     r = json.loads((run_dir / "results.json").read_text())
     assert r["overall"]["correct"] == 1 and r["ungraded"] == []
     assert r["agreement"]["krippendorff_alpha"] is not None  # j1, j2 and the human: three raters
-    assert r["agreement"]["alpha_raters"] == ["j1", "j2", "human"]
+    assert r["agreement"]["alpha_raters"] == ["j1", "j2", "reviewer:human"]
 
 
 def test_krippendorff_alpha_over_judges_and_human(tmp_path):
@@ -92,6 +92,14 @@ def test_krippendorff_alpha_over_judges_and_human(tmp_path):
     r = json.loads((run_dir / "results.json").read_text())
     assert r["agreement"]["krippendorff_alpha"] == pytest.approx(1.0)
     assert r["agreement"]["cohen_kappa"] == pytest.approx(1.0)
+    # a second reviewer disagrees on q2: each reviewer is a rater of their own; the final grade is the latest
+    ReviewSession(run_dir, reviewer="bo").overrule("q2", "A", "the spelling is tolerated")
+    ag = json.loads((run_dir / "results.json").read_text())["agreement"]
+    assert ag["alpha_raters"] == ["j1", "j2", "reviewer:bo", "reviewer:human"]
+    # bo rated only q2. q1, q3, q4: 3 equal values each (o_AA = 3 + 3, o_DD = 3); q2: B B A B gives o_BB = 2,
+    # o_AB = o_BA = 1. n_A = 7, n_B = 3, n_D = 3, n = 13; D_o = 2/13; D_e = 2 (7*3 + 7*3 + 3*3) / (13*12);
+    # alpha = 1 - D_o / D_e = 1 - 24/102 = 13/17
+    assert ag["krippendorff_alpha"] == pytest.approx(13 / 17)
 
 
 def test_terminal_ui_through_its_programmatic_interface(run_dir):

@@ -26,7 +26,8 @@ PAST = {"accept": "accepted", "overrule": "overruled"}
 
 
 def agreement(items: list[dict]) -> dict:
-    """Judge (vote) vs human on reviewed items; alpha over every judge plus the human when > 2 raters."""
+    """Judge vote vs the latest review on reviewed items (kappa, confusion, disagreements); Krippendorff's alpha
+    over every judge and every reviewer (each one's latest review of an item) when there are more than two."""
     pairs = [(i["judge_grade"], i["reviews"][-1]["grade"]) for i in items if i["reviews"] and i["judge_grade"]]
     out: dict = {"reviewed_with_judge_grade": len(pairs), "labels": list(GRADES)}
     if pairs:
@@ -38,13 +39,15 @@ def agreement(items: list[dict]) -> dict:
                              "human": i["reviews"][-1]["grade"], "reason": i["reviews"][-1]["reason"]}
                             for i in items if i["reviews"] and i["reviews"][-1]["grade"] != i["judge_grade"]]
     judges = sorted({g["judge"] for i in items for g in i["grades"]})
-    if len(judges) + 1 > 2:
+    reviewers = sorted({r["reviewer"] for i in items for r in i["reviews"]})
+    if len(judges) + len(reviewers) > 2:
         ratings = [[next((g["grade"] for g in i["grades"] if g["judge"] == j), None) for i in items]
                    for j in judges]
-        ratings.append([i["reviews"][-1]["grade"] if i["reviews"] else None for i in items])
+        ratings += [[next((r["grade"] for r in reversed(i["reviews"]) if r["reviewer"] == name), None) for i in items]
+                    for name in reviewers]
         alpha = krippendorff_alpha(ratings)
         out["krippendorff_alpha"] = None if alpha != alpha else alpha
-        out["alpha_raters"] = judges + ["human"]
+        out["alpha_raters"] = judges + [f"reviewer:{name}" for name in reviewers]
     return out
 
 
