@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from evals_helpers import CalibrationScript, graded_run, rows_for, run_calibration, write_jsonl
+from tests.evals_helpers import CalibrationScript, graded_run, rows_for, run_calibration, write_jsonl
 from k2lab.evals import calibration
 from k2lab.evals.store import DatasetError
 from k2lab.testing.scripted_server import ScriptedServer

@@ -5,7 +5,7 @@ import json
 
 from typer.testing import CliRunner
 
-from evals_helpers import CalibrationScript, rows_for, write_jsonl
+from tests.evals_helpers import CalibrationScript, rows_for, write_jsonl
 from k2lab.cli import app
 from k2lab.evals import toolcall
 from k2lab.testing.scripted_server import ScriptedServer

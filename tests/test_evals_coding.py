@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from evals_helpers import run_closing, write_jsonl
+from tests.evals_helpers import run_closing, write_jsonl
 from k2lab.agents.llm import LLM
 from k2lab.agents.sandbox import Limits, Sandbox
 from k2lab.evals import coding

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from evals_helpers import run_closing, write_jsonl
+from tests.evals_helpers import run_closing, write_jsonl
 from k2lab.agents.llm import LLM
 from k2lab.evals import toolcall
 from k2lab.evals.store import DatasetError

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from evals_helpers import demo_run, graded_run
+from tests.evals_helpers import demo_run, graded_run
 from k2lab.evals.review import ReviewSession, render_item, review_tui
 from k2lab.evals.store import read_jsonl
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from evals_helpers import demo_run
+from tests.evals_helpers import demo_run
 from k2lab.evals.review import ReviewSession, make_server
 from k2lab.evals.store import read_jsonl
 
