@@ -49,6 +49,8 @@ def test_chat_tool_calls_usage_and_cost():
     assert r2.message == {"role": "assistant", "content": "echo:hi"} and r2.finish_reason == "stop"
     assert r2.usage["prompt_tokens"] == 10 and r2.usage["cost_usd"] == pytest.approx((10 * 1 + 3 * 2) / 1e6)
     assert llm.usage.calls == 2 and llm.usage.retries == 0
+    with pytest.raises(ValueError, match="stream"):
+        asyncio.run(llm.chat([{"role": "user", "content": "hi"}], stream=True))
 
 
 def test_streaming_sse_is_well_formed():
