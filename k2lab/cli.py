@@ -7,6 +7,7 @@ from typing import Optional
 
 
 
+
 import typer
 
 app = typer.Typer(help="k2lab: the Kimi K2.6 system at laptop scale.", no_args_is_help=True,
@@ -89,6 +90,8 @@ def parse_tool_calls_cmd() -> None:
     typer.echo(json.dumps(dataclasses.asdict(parse(sys.stdin.read())), ensure_ascii=False, indent=2))
 
 
+# ---- agents and the agent swarm (issue 7) ----
+@app.command()
 def agent(task: str, mcp: list[str] = typer.Option([], help="MCP server: a URL or a command line (repeatable)"),
           workspace: Path = typer.Option(Path("workspace"), help="the agent's working directory"),
           run_dir: Path = typer.Option(None, help="where trace.jsonl and result.json go"),
@@ -192,6 +195,8 @@ def review(
     from k2lab.evals import review as review_mod
 
     review_mod.main(run_dir, web, host, port, reviewer)
+
+
 
 
 def main() -> None:

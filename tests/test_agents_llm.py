@@ -49,6 +49,8 @@ def test_chat_tool_calls_usage_and_cost():
     assert r2.message == {"role": "assistant", "content": "echo:hi"} and r2.finish_reason == "stop"
     assert r2.usage["prompt_tokens"] == 10 and r2.usage["cost_usd"] == pytest.approx((10 * 1 + 3 * 2) / 1e6)
     assert llm.usage.calls == 2 and llm.usage.retries == 0
+    with pytest.raises(ValueError, match="stream"):
+        asyncio.run(llm.chat([{"role": "user", "content": "hi"}], stream=True))
 
 
 def test_streaming_sse_is_well_formed():
@@ -68,9 +70,9 @@ def test_streaming_sse_is_well_formed():
 
 
 def test_retries_through_injected_faults():
-    faults = Faults(rate=0.2, hang_s=1.0, seed=1)
+    faults = Faults(rate=0.2, hang_s=3.0, seed=1)  # hangs outlast the client timeout by far
     with ScriptedServer(echo, faults=faults) as srv:
-        llm = LLM(base_url=srv.base_url, api_key="k", model="m", timeout=0.3, backoff=(0.01, 0.05), max_retries=10)
+        llm = LLM(base_url=srv.base_url, api_key="k", model="m", timeout=1.0, backoff=(0.01, 0.05), max_retries=10)
 
         async def go():
             return await asyncio.gather(*[llm.chat([{"role": "user", "content": str(i)}]) for i in range(100)])

@@ -148,6 +148,8 @@ class LLM:
 
     async def chat(self, messages: list[dict], tools: list[dict] | None = None, **sampling) -> ChatResult:
         """One chat completion, retried on transient errors; raises the last error when retries run out."""
+        if sampling.get("stream"):
+            raise ValueError("LLM.chat returns whole messages; stream=True is not supported")
         self._bind()
         kwargs = {"model": self.model, "messages": messages, **sampling}
         if tools:

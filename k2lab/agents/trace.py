@@ -88,7 +88,9 @@ def per_agent(spans: list[dict]) -> dict[str, dict]:
     out: dict[str, dict] = defaultdict(lambda: {"model_calls": 0, "tool_calls": 0, "prompt_tokens": 0,
                                                 "completion_tokens": 0, "retries": 0, "cost_usd": 0.0})
     for s in spans:
-        row = out[s.get("agent") or "-"]
+        if not s.get("agent"):
+            continue
+        row = out[s["agent"]]
         if s["kind"] == "model":
             row["model_calls"] += 1
             for k in ("prompt_tokens", "completion_tokens", "retries", "cost_usd"):
@@ -128,7 +130,9 @@ def render_tree(run_dir: Path, max_children: int = 20) -> str:
         show(root, 0)
     lines.append("")
     lines.append(f"{'agent':<28}{'model':>7}{'tools':>7}{'prompt':>10}{'compl':>9}{'retries':>8}{'cost $':>10}")
-    for name, a in sorted(stats.items()):
+    total = {k: sum(a[k] for a in stats.values()) for k in ("model_calls", "tool_calls", "prompt_tokens",
+                                                             "completion_tokens", "retries", "cost_usd")}
+    for name, a in sorted(stats.items()) + [("total", total)]:
         lines.append(f"{name[:27]:<28}{a['model_calls']:>7}{a['tool_calls']:>7}{a['prompt_tokens']:>10}"
                      f"{a['completion_tokens']:>9}{a['retries']:>8}{a['cost_usd']:>10.4f}")
     return "\n".join(lines)
