@@ -174,3 +174,18 @@ def render_sft(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | N
             pending, pending_trained = pending + text, trained
     flush()
     return ids, mask
+
+
+def load_conversation(messages_path: str, tools_path: str | None = None) -> tuple[list[dict], list[dict] | None]:
+    """Read a conversation file: a JSON list of messages, or an object with `messages` (and `tools`)."""
+    with open(messages_path, encoding="utf-8") as f:
+        data = json.load(f)
+    messages, tools = (data, None) if isinstance(data, list) else (data.get("messages"), data.get("tools"))
+    if not isinstance(messages, list):
+        raise ValueError(f"{messages_path}: expected a list of messages or an object with a 'messages' list")
+    if tools_path is not None:
+        with open(tools_path, encoding="utf-8") as f:
+            tools = json.load(f)
+        if not isinstance(tools, list):
+            raise ValueError(f"{tools_path}: expected a JSON list of tool declarations")
+    return messages, tools
