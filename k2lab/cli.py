@@ -57,6 +57,23 @@ def parse_tool_calls_cmd() -> None:
     typer.echo(json.dumps(dataclasses.asdict(parse(sys.stdin.read())), ensure_ascii=False, indent=2))
 
 
+@app.command("serve")
+def serve_cmd(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="checkpoint directory (weights + tokenizer files)"),
+    host: str = typer.Option("127.0.0.1", help="interface to bind"),
+    port: int = typer.Option(8000, help="TCP port"),
+    api_key: str = typer.Option(None, "--api-key", envvar="K2LAB_API_KEY", help="require `Authorization: Bearer KEY`"),
+    max_len: int = typer.Option(4096, help="tokens per request (prompt + output)"),
+    cache_mb: int = typer.Option(512, help="latent-cache budget in MiB (slots = budget / (max_len x bytes per token))"),
+    max_slots: int = typer.Option(64, help="most concurrent requests"),
+    model_name: str = typer.Option(None, help="served model id (default: the checkpoint directory name)"),
+) -> None:
+    """Serve a checkpoint with an OpenAI-compatible API (chat, completions, tools, streaming)."""
+    from k2lab.serve.server import build_server, run
+
+    run(build_server(checkpoint, api_key, max_len, cache_mb, max_slots, model_name), host, port)
+
+
 def main() -> None:
     app()
 
