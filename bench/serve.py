@@ -64,8 +64,8 @@ def serve_clients(server: Server, clients: int, rounds: int, max_tokens: int) ->
             ttfts.append(first)
 
     async def run():
-        c = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        await asyncio.gather(*(client(c) for _ in range(clients)))
+        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0) as c:
+            await asyncio.gather(*(client(c) for _ in range(clients)))
 
     start = time.perf_counter()
     asyncio.run(run())
@@ -115,7 +115,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="fewer rounds and repeats")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (on a loaded shared 2-core machine, 2 OpenMP threads ran ~20x "
+                         "slower than 1 from barrier waits)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = ModelConfig.preset(args.preset)
     tok = train_tokenizer(config.vocab_size)

@@ -24,6 +24,8 @@ from k2lab.tokenizer.chat import render
 from tests.conftest import tiny_config
 
 VOCAB = 1024
+# On the shared, loaded 2-core test machine two OpenMP threads wait on each other (decode ran ~20x slower).
+torch.set_num_threads(1)
 CONVERSATIONS = [
     ([{"role": "user", "content": "What is the weather in Paris?"}],
      {"role": "assistant", "content": "", "tool_calls": [

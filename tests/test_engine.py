@@ -14,6 +14,7 @@ from k2lab.serve.sampling import SamplingParams, choose
 from tests.conftest import random_model, tiny_config
 
 EOS = 257
+torch.set_num_threads(1)  # on the shared, loaded 2-core machine two OpenMP threads wait on each other
 
 
 def token_bytes(t: int) -> bytes:

@@ -2,7 +2,7 @@
 
 The cache is [layers, slots, max_len, kv_lora_rank + rope] (k2lab.model.mla.LatentCache); a memory budget
 fixes slots x max_len. Each step (1) admits waiting requests into free slots, (2) runs prefill chunks of
-at most `prefill_chunk` tokens in total (one forward per request: rows of one forward share T), and (3) runs
+at most `prefill_chunk` tokens in total (one forward per chunk length: rows of one forward share T), and (3) runs
 one decode forward for every request that is generating, each row at its own position of its own slot.
 Requests join between steps and leave (freeing their slot) when they finish or are cancelled. Written by hand
 because serving engines (vLLM, SGLang) are not a CPU/laptop-scale library; it follows gpt-fast in size.
@@ -189,23 +189,28 @@ class Engine:
         return True
 
     def _prefill(self) -> int:
-        budget, produced = self.prefill_chunk, 0
+        """Next prompt chunks of the prefilling requests, `prefill_chunk` tokens in all; chunks of equal length
+        share one forward (rows of a forward share T; each row has its own positions and slot)."""
+        budget, groups = self.prefill_chunk, {}
         for req in [r for r in self.running if r.prefilled < len(r.prompt)]:
             if budget <= 0:
                 break
-            start = req.prefilled
-            chunk = req.prompt[start:start + budget]
-            ids = torch.tensor([chunk], device=self.device)
-            positions = torch.arange(start, start + len(chunk), device=self.device)[None]
-            logits = self.model(ids, positions=positions, cache=self.cache,
-                                rows=torch.tensor([req.slot], device=self.device))
-            req.prefilled += len(chunk)
-            budget -= len(chunk)
-            self.prompt_tokens += len(chunk)
-            if req.prefilled == len(req.prompt):
-                req.first_token_time = time.perf_counter()
-                self._emit(req, logits[0, -1].float())
-                produced += 1
+            n = min(budget, len(req.prompt) - req.prefilled)
+            groups.setdefault(n, []).append(req)
+            budget -= n
+        produced = 0
+        for n, reqs in groups.items():
+            ids = torch.tensor([r.prompt[r.prefilled:r.prefilled + n] for r in reqs], device=self.device)
+            positions = torch.stack([torch.arange(r.prefilled, r.prefilled + n, device=self.device) for r in reqs])
+            slots = torch.tensor([r.slot for r in reqs], device=self.device)
+            logits = self.model(ids, positions=positions, cache=self.cache, rows=slots)[:, -1].float()
+            self.prompt_tokens += n * len(reqs)
+            for i, req in enumerate(reqs):
+                req.prefilled += n
+                if req.prefilled == len(req.prompt):
+                    req.first_token_time = time.perf_counter()
+                    self._emit(req, logits[i])
+                    produced += 1
         return produced
 
     def _decode(self) -> int:
