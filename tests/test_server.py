@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from k2lab.serve.engine import Engine
+from k2lab.serve.sampling import SamplingParams
 from k2lab.serve.server import Server
 from tests.serve_helpers import checkpoint_server, make_checkpoint, scripted_server, serving
 
@@ -91,6 +91,11 @@ def test_completions_and_logprobs(url, server):
     lp = whole.choices[0].logprobs
     assert len(lp.token_logprobs) == whole.usage.completion_tokens
     assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) == 2 for t in lp.top_logprobs)
+    # vLLM's stop_token_ids extension: stop at the id the model produces second
+    out = server.engine.generate(server.tokenizer.encode("def main():"),
+                                 SamplingParams(max_tokens=8, temperature=0.0)).output
+    cut = c.completions.create(**kw, extra_body={"stop_token_ids": [out[1]]})
+    assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens == out.index(out[1]) + 1
     chat = c.chat.completions.create(model=server.model_name, messages=MSG, max_tokens=5, logprobs=True,
                                      top_logprobs=3, seed=1)
     assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens

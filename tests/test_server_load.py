@@ -69,10 +69,5 @@ def load(parts, clients: int, distinct: int, repeats: int, max_tokens: int = 6):
     assert mismatched == []
 
 
-def test_load_small(parts):
-    load(parts, clients=16, distinct=16, repeats=3)
-
-
-@pytest.mark.slow
 def test_load_64_clients_320_requests(parts):
     load(parts, clients=64, distinct=64, repeats=5)

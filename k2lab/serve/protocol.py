@@ -1,7 +1,8 @@
 """The OpenAI request bodies the server accepts (pydantic), and OpenAI's error JSON.
 
-Fields follow the OpenAI API reference; `top_k` is the vLLM extension. Unknown fields are ignored (as vLLM
-does), so clients that send newer parameters still work; values out of range are a 400 naming the field.
+Fields follow the OpenAI API reference; `top_k` and `stop_token_ids` are vLLM's extensions. Unknown fields are
+ignored (as vLLM does), so clients that send newer parameters still work; values out of range are a 400 naming
+the field.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ class Sampling(Body):
     top_k: Annotated[int, Field(ge=0)] = 0
     seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
     stop: Stop = None
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None
     n: Annotated[int, Field(ge=1, le=1, description="only 1 is supported")] = 1
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0

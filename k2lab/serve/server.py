@@ -68,6 +68,7 @@ class Server:
             return SamplingParams(
                 max_tokens=max_tokens or limit - prompt_len, temperature=body.temperature, top_p=body.top_p,
                 top_k=body.top_k, seed=None if body.seed is None else body.seed % 2**63, stop=stop,
+                stop_token_ids=tuple(body.stop_token_ids or ()),
                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty, logprobs=logprobs)
         except ValueError as e:
             raise APIError(400, str(e)) from None
