@@ -46,7 +46,7 @@ def test_clipped_heads_reach_tau_others_unchanged():
     c_q, x = torch.randn(9, 12), torch.randn(9, 16)
     logits, v = mla(c_q, x)
     tau = float(logits.detach().flatten(1).amax(1)[[1, 3]].max()) + 1.0  # between the cool and the hot heads
-    before = logits.flatten(1).amax(1)
+    before = logits.detach().flatten(1).amax(1)
     assert (before[[0, 2]] > tau).all() and (before[[1, 3]] < tau).all()
     kv_a = mla.kv_a_proj_with_mqa.weight.clone()
 
