@@ -1,0 +1,69 @@
+"""YaRN rotary embedding on the interleaved (adjacent-pair) layout of the released K2 weights (REFERENCE §3)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from k2lab.config import ModelConfig
+
+
+def _mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [rope_dim/2] and the cos/sin scale (1.0 for Kimi, whose mscale == mscale_all_dim)."""
+    d, base = config.qk_rope_head_dim, config.rope_theta
+    inv_extra = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    rs = config.rope_scaling
+    if not rs:
+        return inv_extra, 1.0
+    factor, l0 = rs["factor"], rs["original_max_position_embeddings"]
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def corr(rotations: float) -> float:  # the dimension whose wavelength makes `rotations` turns over l0
+        return d * math.log(l0 / (2 * math.pi * rotations)) / (2 * math.log(base))
+
+    low, high = max(math.floor(corr(beta_fast)), 0), min(math.ceil(corr(beta_slow)), d - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    inv_freq = (inv_extra / factor) * ramp + inv_extra * (1 - ramp)
+    m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+    scale = rs.get("attention_factor") or (_mscale(factor, m) / _mscale(factor, m_all) if m and m_all
+                                           else _mscale(factor, 1))
+    return inv_freq, scale
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin [.., rope_dim/2] for given positions; computed on the fly (no max-length table to allocate)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        inv_freq, self.scale = yarn_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.config = config
+
+    def reset(self, device: torch.device | str) -> None:
+        """Recompute the buffer (after building on the meta device and loading weights)."""
+        self.inv_freq = yarn_inv_freq(self.config)[0].to(device)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [..., T, d/2]
+        return angles.cos() * self.scale, angles.sin() * self.scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x0, x1), (x2, x3), ... of x [B, T, (H,) d]; cos/sin [B or 1, T, d/2].
+
+    The result is laid out de-interleaved (all first elements, then all second ones): q.k scores are the same
+    as with the interleaved layout as long as q and k agree, and it saves a copy.
+    """
+    if x.dim() == 4:  # [B, T, H, d]: broadcast over heads
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)

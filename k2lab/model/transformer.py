@@ -1,0 +1,152 @@
+"""Blocks, K2Model and K2ForCausalLM: pre-norm MLA + (dense | MoE) FFN, final norm, untied head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from k2lab.config import ModelConfig
+from k2lab.model.mla import MLA, CacheBatch, LatentCache
+from k2lab.model.moe import MLP, MoE
+from k2lab.model.norm import RMSNorm
+from k2lab.model.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                batch: CacheBatch | None = None) -> torch.Tensor:
+        device = self.input_layernorm.weight.device  # layers may live on different devices (device_map)
+        x, cos, sin = x.to(device), cos.to(device), sin.to(device)
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, self.layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class K2Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: LatentCache | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        bsz, t = x.shape[:2]
+        if positions is None:
+            if cache is not None:
+                raise ValueError("positions are required when a cache is given")
+            positions = torch.arange(t, device=x.device)[None].expand(bsz, t)
+        batch = CacheBatch.build(cache, positions, rows) if cache is not None else None
+        cos, sin = self.rotary_emb(positions)
+        for block in self.layers:
+            x = block(x, cos, sin, batch)
+        return self.norm(x)
+
+
+class K2ForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = K2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, initializer_range) for matrices, ones for norms, zeros for biases (as transformers does)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if p.dim() == 1:
+                p.fill_(1.0 if name.endswith("norm.weight") else 0.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        for module in self.modules():
+            if hasattr(module, "e_score_correction_bias") and not module.e_score_correction_bias.is_meta:
+                module.e_score_correction_bias.zero_()
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, cache: LatentCache | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab]. Without a cache: causal attention over the given tokens. With a cache: the
+        tokens sit at `positions` [B, T] of cache slots `rows` [B] (default 0..B-1) and attend to what is
+        cached there, absorbed (latent-only) for short inputs."""
+        h = self.model(input_ids, inputs_embeds, positions, cache, rows)
+        return self.lm_head(h.to(self.lm_head.weight.device))
+
+    def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
+        param = self.lm_head.weight
+        return LatentCache(self.config, slots, max_len, dtype or param.dtype, param.device)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, eos_token_id: int | None = None) -> torch.Tensor:
+        """Prompt [B, T] plus up to max_new_tokens sampled tokens (greedy at temperature 0); rows that emit
+        eos_token_id keep emitting it so the batch stays rectangular."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        bsz, t = input_ids.shape
+        if t + max_new_tokens > self.config.max_position_embeddings:
+            raise ValueError(f"prompt {t} + {max_new_tokens} new tokens exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        device = self.lm_head.weight.device
+        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        cache = self.new_cache(bsz, t + max_new_tokens)
+        tokens = input_ids.to(device)
+        positions = torch.arange(t, device=device)[None].expand(bsz, t)
+        logits = self(tokens, positions=positions, cache=cache)[:, -1]
+        done = torch.zeros(bsz, dtype=torch.bool, device=device)
+        out = [tokens]
+        for step in range(max_new_tokens):
+            nxt = sample(logits.float(), temperature, top_p, gen)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            out.append(nxt[:, None])
+            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+                break
+            positions = torch.full((bsz, 1), t + step, device=device)
+            logits = self(nxt[:, None], positions=positions, cache=cache)[:, -1]
+        return torch.cat(out, dim=1)
+
+
+def parameter_counts(model: K2ForCausalLM) -> dict[str, int]:
+    """Stored tensor sizes (parameters + routing biases) and those active per token: all but the routed
+    experts not chosen (k of E per MoE layer). Works on a model built on the meta device."""
+    total = sum(t.numel() for t in model.state_dict().values())
+    inactive = 0
+    for block in model.model.layers:
+        if isinstance(block.mlp, MoE):
+            experts = block.mlp.experts
+            routed = sum(p.numel() for p in experts.parameters())
+            inactive += routed - routed * model.config.num_experts_per_tok // experts.n_experts
+    return {"total": total, "active": total - inactive,
+            "embedding": model.model.embed_tokens.weight.numel(), "lm_head": model.lm_head.weight.numel()}
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of logits [B, V]: argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = (logits / temperature).softmax(dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

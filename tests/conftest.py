@@ -1,0 +1,46 @@
+import dataclasses
+
+import pytest
+import torch
+
+from k2lab.config import ModelConfig
+from k2lab.model import K2ForCausalLM
+
+torch.set_num_threads(2)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A K2-shaped model small enough for exact parity tests: YaRN on with K2.6-style values scaled down
+    (beta_fast 32, beta_slow 1, mscale 1) and an original context short enough that the ramp matters."""
+    base = dict(
+        vocab_size=512, hidden_size=64, intermediate_size=160, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
+        max_position_embeddings=1024, rope_theta=50000.0, rms_norm_eps=1e-5,
+        rope_scaling=dict(type="yarn", factor=8.0, original_max_position_embeddings=128, beta_fast=32.0,
+                          beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+        bos_token_id=256, eos_token_id=257, pad_token_id=511,
+    )
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def random_model(config: ModelConfig, seed: int = 0) -> K2ForCausalLM:
+    """Random weights with non-trivial norms and routing biases so every tensor matters."""
+    torch.manual_seed(seed)
+    model = K2ForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif p.dim() >= 2:
+                p.normal_(0, 0.08)
+        for module in model.modules():
+            if hasattr(module, "e_score_correction_bias"):
+                module.e_score_correction_bias.normal_(0, 0.05)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny():
+    return tiny_config()
