@@ -20,7 +20,7 @@ import math
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -50,7 +50,14 @@ def zeropower_via_newtonschulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-
 
 
 def _orthogonalize(update: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(update, DTensor):  # FSDP2 shard: orthogonalize the whole matrix, keep this rank's rows
+    if isinstance(update, DTensor):
+        local = update.to_local()
+        if update.ndim == 3 and update.placements == (Shard(0),) and \
+                local.shape[0] * update.device_mesh.size() == update.shape[0]:
+            # Sharded by the expert axis: this rank holds whole experts, orthogonalize them where they are.
+            o = zeropower_via_newtonschulz(local, steps, dtype=dtype).to(update.dtype)
+            return DTensor.from_local(o, update.device_mesh, update.placements, run_check=False)
+        # A row shard of a matrix: orthogonalize the whole matrix, keep this rank's rows.
         full = zeropower_via_newtonschulz(update.full_tensor(), steps, dtype=dtype).to(update.dtype)
         return distribute_tensor(full, update.device_mesh, update.placements, src_data_rank=None)
     return zeropower_via_newtonschulz(update, steps, dtype=dtype)
@@ -109,7 +116,10 @@ class CombinedOptimizer:
 
     def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
         self.optimizers = [o for o in optimizers if o.param_groups]
-        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def param_groups(self) -> list[dict]:  # read each time: load_state_dict replaces the group dicts
+        return [g for o in self.optimizers for g in o.param_groups]
 
     def step(self) -> None:
         for o in self.optimizers:
