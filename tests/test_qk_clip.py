@@ -77,3 +77,36 @@ def test_missing_record_is_a_clear_error():
     import pytest
     with pytest.raises(RuntimeError, match="recorded no max_logits"):
         qk_clip_(HandMLA(), tau=1.0)
+
+
+def test_real_mla_clipped_head_max_logit_equals_tau():
+    """End to end on the model's MLA (k2lab.model): record S_max in the forward, clip, forward again."""
+    from k2lab.model import K2ForCausalLM
+    from k2lab.optim.qk_clip import mla_layers, track_max_logits
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = K2ForCausalLM(tiny_config()).train()
+    attn = mla_layers(model)[1]
+    H, nope, rope = attn.n_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim
+    with torch.no_grad():  # heads 0 and 3 of layer 1 produce large logits
+        attn.q_b_proj.weight.view(H, nope + rope, -1)[[0, 3]] *= 30
+    track_max_logits(model)
+    ids = torch.randint(0, 500, (2, 24))
+    model(ids)
+    before = [m.max_logits.clone() for m in mla_layers(model)]
+    tau = float(before[1][[1, 2]].max()) * 2
+    assert (before[1][[0, 3]] > tau).all() and all((b <= tau).all() for i, b in enumerate(before) if i != 1)
+    v_rows = attn.kv_b_proj.weight.view(H, -1, attn.kv_b_proj.in_features)[:, nope:].clone()
+    k_rope = attn.kv_a_proj_with_mqa.weight.clone()
+
+    stats = qk_clip_(model, tau=tau)
+    assert [s["heads_clipped"] for s in stats] == [0, 2, 0]
+    model(ids)
+    after = [m.max_logits for m in mla_layers(model)]
+    # Layer 1's input is unchanged (layer 0 untouched), so its clipped heads now peak exactly at tau.
+    torch.testing.assert_close(after[1][[0, 3]], torch.full((2,), tau), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after[1][[1, 2]], before[1][[1, 2]], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after[0], before[0], rtol=0, atol=0)
+    assert torch.equal(attn.kv_b_proj.weight.view(H, -1, attn.kv_b_proj.in_features)[:, nope:], v_rows)
+    assert torch.equal(attn.kv_a_proj_with_mqa.weight, k_rope)

@@ -81,8 +81,10 @@ def gather_for_save(model: nn.Module, opt, config):
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
+    if hasattr(model, "reshard"):  # FSDP2 keeps the root unsharded after a forward without backward (eval)
+        model.reshard()
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    optim_state = get_optimizer_state_dict(model, opt.optimizers, options=options)
+    optim_state = {type(o).__name__: get_optimizer_state_dict(model, o, options=options) for o in opt.optimizers}
     if not is_distributed():
         return model, optim_state
     state = get_model_state_dict(model, options=options)
@@ -99,5 +101,9 @@ def gather_for_save(model: nn.Module, opt, config):
 def load_optimizer_state(model: nn.Module, opt, state: dict) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, opt.optimizers, optim_state_dict=state,
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+    names = sorted(type(o).__name__ for o in opt.optimizers)
+    if sorted(state) != names:
+        raise ValueError(f"checkpoint has optimizer state for {sorted(state)}, this run uses {names}")
+    for o in opt.optimizers:
+        set_optimizer_state_dict(model, o, optim_state_dict=state[type(o).__name__],
+                                 options=StateDictOptions(full_state_dict=True))
