@@ -24,6 +24,12 @@ def embedded_corpus() -> list[Path]:
     return files
 
 
+def check_readable(paths: list[Path]) -> None:
+    for p in paths:
+        if not p.is_file() or not os.access(p, os.R_OK):
+            raise ValueError(f"cannot read corpus file {p}")
+
+
 def read_document(path: Path) -> list[str]:
     """One text file is one document; a .jsonl file holds one document per line in its "text" field."""
     try:
@@ -50,9 +56,7 @@ def build_dataset(paths: list[Path], encode, eos_id: int, seq_len: int, train_ro
     Held-out rows come from their own documents (the first ones in the shuffled order), never from a
     document that also feeds training. Only as many documents are tokenized as the run needs.
     """
-    for p in paths:
-        if not p.is_file() or not os.access(p, os.R_OK):
-            raise ValueError(f"cannot read corpus file {p}")
+    check_readable(paths)
     order = list(paths)
     random.Random(seed).shuffle(order)
     width = seq_len + 1  # inputs are row[:-1], labels row[1:]
