@@ -1,8 +1,5 @@
-"""Shared by the server tests: a tiny trained checkpoint, a server on a free loopback port, a scripted model.
-
-`k2lab pretrain` (branch muon) has not landed here yet, so `tiny_checkpoint` trains the tiny model itself for a
-few AdamW steps (15: the shared test CPU is slow) on chat-formatted text with the real tokenizer, then saves it as a checkpoint directory.
-"""
+"""Shared by the server tests: a tiny checkpoint trained briefly with `k2lab pretrain`, a server on a free
+loopback port, and a scripted model (a test double for the network)."""
 
 from __future__ import annotations
 
@@ -15,25 +12,15 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from k2lab import save_model
 from k2lab.model import K2ForCausalLM
 from k2lab.serve.engine import Engine
 from k2lab.serve.server import Server, build_server, create_app
-from k2lab.tokenizer import Tokenizer, train_tokenizer
-from k2lab.tokenizer.chat import render
+from k2lab.tokenizer import Tokenizer
 from tests.conftest import tiny_config
 
 VOCAB = 1024
 # On the shared, loaded 2-core test machine two OpenMP threads wait on each other (decode ran ~20x slower).
 torch.set_num_threads(1)
-CONVERSATIONS = [
-    ([{"role": "user", "content": "What is the weather in Paris?"}],
-     {"role": "assistant", "content": "", "tool_calls": [
-         {"id": "functions.get_weather:0", "type": "function",
-          "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}),
-    ([{"role": "user", "content": "Say hello."}], {"role": "assistant", "content": "Hello! How can I help you?"}),
-    ([{"role": "user", "content": "Count to five."}], {"role": "assistant", "content": "one two three four five"}),
-]
 
 
 def tiny_model_config(tok: Tokenizer, **kw):
@@ -41,25 +28,15 @@ def tiny_model_config(tok: Tokenizer, **kw):
                        pad_token_id=tok.pad_id, max_position_embeddings=1024, **kw)
 
 
-def make_checkpoint(path: Path, steps: int = 15, seed: int = 0) -> Path:
-    """Train tokenizer + tiny model briefly (AdamW) on chat text and save both to `path`."""
-    torch.manual_seed(seed)
-    tok = train_tokenizer(VOCAB, max_bytes=300_000)
-    model = K2ForCausalLM(tiny_model_config(tok))
-    texts = [render(msgs + [reply]) for msgs, reply in CONVERSATIONS]
-    data = [tok.encode(t, allow_special=True) for t in texts]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for step in range(steps):
-        ids = torch.tensor(data[step % len(data)])[None]
-        loss = torch.nn.functional.cross_entropy(model(ids)[0, :-1], ids[0, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    save_model(model, path)
-    tok.save(path)
-    return path
+def make_checkpoint(run_dir: Path, steps: int = 8) -> Path:
+    """`k2lab pretrain` (the function the command calls) on the tiny preset for a few AdamW steps on the
+    embedded corpus; returns its checkpoint directory (weights + tokenizer files)."""
+    from k2lab.train.pretrain import PretrainSettings, pretrain
+    from k2lab.train.checkpoint import checkpoint_dirs
+
+    pretrain(PretrainSettings(preset="tiny", optimizer="adamw", max_steps=steps, seq_len=64, batch_size=4,
+                              warmup_steps=2, eval_every=1000, val_rows=4, run_dir=str(run_dir)))
+    return checkpoint_dirs(run_dir)[-1]
 
 
 def free_port() -> int:

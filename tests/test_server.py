@@ -1,5 +1,5 @@
 """The OpenAI-compatible server with the official `openai` client (sync and async, stream and not) against a
-server on a free loopback port, serving a tiny checkpoint trained briefly (see tests/serve_helpers.py)."""
+server on a free loopback port, serving a tiny checkpoint trained briefly with `k2lab pretrain`."""
 
 import asyncio
 import json
