@@ -58,6 +58,7 @@ def test_released_layout_and_config(int4_ckpt):
     assert qc["ignore"] == ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
                             r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"]
     n_quantized = sum(k.endswith("weight_packed") for k in tensors)
+    assert json.loads((path / "generation_config.json").read_text())["eos_token_id"][0] == cfg.eos_token_id
     assert n_quantized == 3 * cfg.n_routed_experts * sum(map(cfg.is_moe_layer, range(cfg.num_hidden_layers)))
 
 

@@ -124,12 +124,21 @@ def save_model(model: nn.Module, path: str | Path, max_shard_size: int | str = "
             total += t.numel() * t.element_size()
     config_json = json.dumps(model.config.to_dict(), indent=2)
     _atomic_write(path / "config.json", lambda p: p.write_text(config_json))
+    generation = json.dumps(generation_config(model.config), indent=2)
+    _atomic_write(path / "generation_config.json", lambda p: p.write_text(generation))
     index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     _atomic_write(path / INDEX, lambda p: p.write_text(index))
     for stale in path.glob("model*.safetensors"):  # shards of an earlier save with another shard count
         if stale.name not in set(weight_map.values()):
             stale.unlink()
     return path
+
+
+def generation_config(config: ModelConfig) -> dict:
+    """Stop at [EOS] and at <|im_end|> (the end of a chat turn, vocab_size - 254 in the K2 special-token layout),
+    so transformers' and vLLM's generate end assistant turns."""
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": [config.eos_token_id, config.vocab_size - 254],
+            "pad_token_id": config.pad_token_id}
 
 
 def _read_weight_map(path: Path) -> dict[str, str]:

@@ -131,6 +131,8 @@ class MLA(nn.Module):
         s = latent.shape[1]
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, T, qk]
         k = torch.cat([k_nope, k_rope[:, :, None, :].expand(bsz, s, self.n_heads, -1)], dim=-1).transpose(1, 2)
+        if self.v_head_dim < self.qk_head_dim:  # equal head dims let SDPA use its fused (flash) CPU kernel
+            v = F.pad(v, (0, self.qk_head_dim - self.v_head_dim))
         v = v.transpose(1, 2)
         if batch is None:
             if self.track_max_logits:
@@ -138,6 +140,7 @@ class MLA(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, scale=self.softmax_scale)
+        out = out[..., : self.v_head_dim]
         return self.o_proj(out.transpose(1, 2).reshape(bsz, t, -1))
 
     def _absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, ctx: torch.Tensor,

@@ -85,13 +85,12 @@ class Experts(nn.Module):
             h = F.silu(F.grouped_mm(xs, gate.transpose(1, 2), offs=offs)) * F.grouped_mm(
                 xs, up.transpose(1, 2), offs=offs)
             return F.grouped_mm(h, down.transpose(1, 2), offs=offs)
-        outs, start = [], 0
-        for e, n in enumerate(counts.tolist()):  # one matmul per active expert
-            if n:
-                xe = xs[start:start + n]
-                outs.append(F.linear(F.silu(F.linear(xe, gate[e])) * F.linear(xe, up[e]), down[e]))
-                start += n
-        return torch.cat(outs) if outs else xs.new_zeros(0, down.shape[1])
+        # unbind/split once: indexing per expert would make backward zero-fill the whole tensor per expert
+        gate, up, down = gate.unbind(0), up.unbind(0), down.unbind(0)
+        sizes = counts.tolist()
+        outs = [F.linear(F.silu(F.linear(xe, gate[e])) * F.linear(xe, up[e]), down[e])
+                for e, xe in enumerate(xs.split(sizes)) if sizes[e]]  # one matmul per active expert
+        return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
 
 
 class MoE(nn.Module):

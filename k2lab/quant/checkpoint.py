@@ -94,6 +94,8 @@ def save_int4_model(model: K2ForCausalLM, path: str | Path, max_shard_size: int 
             total += t.numel() * t.element_size()
     config = {**model.config.to_dict(), "quantization_config": ct.quantization_config()}
     hf._atomic_write(path / "config.json", lambda p: p.write_text(json.dumps(config, indent=2)))
+    generation = json.dumps(hf.generation_config(model.config), indent=2)
+    hf._atomic_write(path / "generation_config.json", lambda p: p.write_text(generation))
     index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     hf._atomic_write(path / hf.INDEX, lambda p: p.write_text(index))
     for stale in path.glob("model*.safetensors"):

@@ -1,0 +1,143 @@
+"""k2lab vs transformers on the same config and weights, on this machine: training step, prefill and decode
+throughput, and cache bytes per token. Runs alternate between the two implementations and report medians.
+
+    python bench/model.py [--preset tiny] [--repeats 5] [--quick]
+
+Writes bench/results/model.json and bench/results/model.md (the table the README shows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import k2lab
+from k2lab.config import ModelConfig
+from k2lab.model import K2ForCausalLM
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of fn() over repeats (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def train_step(forward, params, ids):
+    def step():
+        for p in params:
+            p.grad = None
+        logits = forward(ids[:, :-1])
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
+    return step
+
+
+def k2_decode(model, batch, context, steps):
+    ids = torch.randint(0, model.config.vocab_size, (batch, context))
+
+    def run():
+        cache = model.new_cache(batch, context + steps)
+        pos = torch.arange(context)[None].expand(batch, -1)
+        with torch.no_grad():
+            model(ids, positions=pos, cache=cache)
+            tok = ids[:, -1:]
+            start = time.perf_counter()
+            for i in range(steps):
+                logits = model(tok, positions=torch.full((batch, 1), context + i), cache=cache)
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+        return time.perf_counter() - start
+    return run
+
+
+def hf_decode(hf, batch, context, steps, vocab):
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, vocab, (batch, context))
+
+    def run():
+        cache = DynamicCache(config=hf.config)
+        with torch.no_grad():
+            out = hf(ids, past_key_values=cache, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = hf(tok, past_key_values=cache, use_cache=True)
+                tok = out.logits[:, -1:].argmax(-1)
+        return time.perf_counter() - start
+    return run
+
+
+def median_of(run, repeats):
+    run()
+    return statistics.median(run() for _ in range(repeats))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke run")
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = ModelConfig.preset(args.preset)
+    model = K2ForCausalLM(config)
+    with tempfile.TemporaryDirectory() as tmp:
+        k2lab.save_model(model, tmp)
+        hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    batch, seq = (2, 128) if args.quick else (8, 512)
+    steps = 16 if args.quick else 64
+    contexts = [128, 512] if args.quick else [128, 2048]
+    rows = []
+
+    def row(name, ours, theirs, unit="tokens/s"):
+        rows.append({"metric": name, "k2lab": ours, "transformers": theirs, "ratio": ours / theirs, "unit": unit})
+        print(f"{name:<34} k2lab {ours:>10.1f}  transformers {theirs:>10.1f}  ratio {ours / theirs:5.2f}x",
+              flush=True)
+
+    ids = torch.randint(0, config.vocab_size, (batch, seq + 1))
+    model.train(), hf.train()
+    t_ours = timed(train_step(model, list(model.parameters()), ids), args.repeats)
+    t_hf = timed(train_step(lambda x: hf(x).logits, list(hf.parameters()), ids), args.repeats)
+    row(f"train step fwd+bwd ({batch}x{seq})", batch * seq / t_ours, batch * seq / t_hf)
+    model.eval(), hf.eval()
+    with torch.no_grad():
+        t_ours = timed(lambda: model(ids[:, :seq]), args.repeats)
+        t_hf = timed(lambda: hf(ids[:, :seq]), args.repeats)
+    row(f"prefill ({batch}x{seq})", batch * seq / t_ours, batch * seq / t_hf)
+    for context in contexts:
+        for b in (1, 8):
+            t_ours = median_of(k2_decode(model, b, context, steps), args.repeats)
+            t_hf = median_of(hf_decode(hf, b, context, steps, config.vocab_size), args.repeats)
+            row(f"decode batch {b} @ context {context}", b * steps / t_ours, b * steps / t_hf)
+    # transformers caches per-head keys and values (qk_head_dim + v_head_dim per head) for every layer.
+    hf_bytes = config.num_hidden_layers * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * 2
+    row("cache bytes per token (bf16)", config.cache_bytes_per_token(2), hf_bytes, unit="bytes")
+    result = {"preset": args.preset, "quick": args.quick, "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "model.json").write_text(json.dumps(result, indent=2))
+    table = ["| metric | k2lab | transformers | ratio |", "|---|---:|---:|---:|"]
+    table += [f"| {r['metric']} | {r['k2lab']:,.0f} {r['unit']} | {r['transformers']:,.0f} | {r['ratio']:.2f}x |"
+              for r in rows]
+    (RESULTS / "model.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()

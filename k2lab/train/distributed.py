@@ -1,0 +1,109 @@
+"""torch.distributed for pre-training: process group from torchrun's environment (gloo on CPU, NCCL on CUDA,
+no code change between them) and FSDP2 (`fully_shard`) over the data-parallel ranks.
+
+Placement. `fully_shard` is applied to every Block and then to the root. Each parameter is sharded on dim 0:
+2-D weights by rows, and the 3-D routed-expert stacks gate/up/down_proj [E, out, in] by the expert axis, so
+with E divisible by the world size rank r stores, and optimizes, whole experts r*E/W .. (r+1)*E/W - 1. In the
+forward FSDP all-gathers a layer's experts just before use and frees them after, as for any other weight; the
+router's tokens never leave their rank. Router biases are buffers, replicated; their updates use loads summed
+over ranks, so they stay identical everywhere.
+
+Muon on shards (k2lab/optim/muon.py): a row-sharded matrix is gathered whole (DTensor.full_tensor), orthogonalized,
+and each rank keeps its rows; an expert stack sharded by the expert axis holds whole expert matrices on each
+rank, so each rank orthogonalizes its own experts with no communication. QK-Clip scales rows of the sharded
+q_b/kv_b weights in place with the same per-row factors on every rank (max logits are max-reduced first).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def setup() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group when launched by torchrun with WORLD_SIZE > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1 and not is_distributed():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), dist.get_world_size(), device) if is_distributed() else (0, 1, device)
+
+
+def teardown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def shard(model: nn.Module, world: int) -> nn.Module:
+    """FSDP2 over all ranks: one FSDP unit per Block plus the root (embeddings, final norm, lm_head)."""
+    if world == 1:
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def mean_over_ranks(x: torch.Tensor) -> float:
+    x = x.detach().clone().float()
+    if is_distributed():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return float(x)
+
+
+def gather_for_save(model: nn.Module, opt, config):
+    """(a plain model holding the full weights on rank 0, else None; the full optimizer state keyed by name).
+
+    The optimizer state is keyed by parameter name, so a checkpoint resumes under any world size.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    if hasattr(model, "reshard"):  # FSDP2 keeps the root unsharded after a forward without backward (eval)
+        model.reshard()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optim_state = {type(o).__name__: get_optimizer_state_dict(model, o, options=options) for o in opt.optimizers}
+    if not is_distributed():
+        return model, optim_state
+    state = get_model_state_dict(model, options=options)
+    if rank() != 0:
+        return None, optim_state
+    from k2lab.model import K2ForCausalLM
+
+    with torch.device("meta"):
+        plain = K2ForCausalLM(config)
+    plain.load_state_dict(state, assign=True)
+    return plain, optim_state
+
+
+def load_optimizer_state(model: nn.Module, opt, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = sorted(type(o).__name__ for o in opt.optimizers)
+    if sorted(state) != names:
+        raise ValueError(f"checkpoint has optimizer state for {sorted(state)}, this run uses {names}")
+    for o in opt.optimizers:
+        set_optimizer_state_dict(model, o, optim_state_dict=state[type(o).__name__],
+                                 options=StateDictOptions(full_state_dict=True))

@@ -1,0 +1,88 @@
+"""Run observability: metrics.jsonl (one JSON object per step or evaluation), TensorBoard events, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends records to run_dir/metrics.jsonl and TensorBoard; on resume drops records after the checkpoint."""
+
+    def __init__(self, run_dir: Path, resume_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        if self.path.exists():  # records written after the checkpoint belong to steps that will be redone
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        self.file = open(self.path, "a")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        step = record["step"]
+        for key, value in record.items():
+            if key == "step":
+                continue
+            if isinstance(value, list):
+                for i, v in enumerate(value):
+                    self.tb.add_scalar(f"{key}/layer{i}", v, step)
+            elif isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """plots/{loss,max_logit,heads_clipped,expert_load}.png from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    out_dir = Path(run_dir) / "plots"
+    out_dir.mkdir(exist_ok=True)
+    written = []
+
+    def per_layer(key: str, title: str, name: str) -> None:
+        rows = [r for r in train if r.get(key)]
+        if not rows:
+            return
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i in range(len(rows[0][key])):
+            ax.plot([r["step"] for r in rows], [r[key][i] for r in rows], label=f"layer {i}")
+        ax.set(xlabel="step", title=title)
+        ax.legend(fontsize=7)
+        fig.savefig(out_dir / name, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        written.append(out_dir / name)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="held-out")
+    ax.set(xlabel="step", ylabel="cross-entropy", title="loss")
+    ax.legend()
+    fig.savefig(out_dir / "loss.png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    written.append(out_dir / "loss.png")
+    per_layer("max_logit", "max attention logit per layer", "max_logit.png")
+    per_layer("heads_clipped", "heads clipped by QK-Clip", "heads_clipped.png")
+    per_layer("imbalance", "expert load imbalance (max/mean) per MoE layer", "expert_load.png")
+    return written
