@@ -3,8 +3,8 @@
 Claim under test (K2-Thinking): weight-only QAT recovers nearly all of what post-training quantization loses,
 and long generations are where PTQ fails.
 
-1. Train `tiny` in full precision (FP) with AdamW on byte-level Python stdlib source (k2lab's trainer and data
-   stage are not on main yet; vocab cut to 512 because the data are bytes).
+1. Train `tiny` in full precision (FP) with AdamW (k2lab.quant.qat.train, the loop `k2lab qat` runs) on random
+   byte windows of the Python stdlib's top-level source files (vocab cut to 512: the data are bytes).
 2. From FP: (a) PTQ -> INT4; (b) QAT for a short budget -> INT4; (c) the same budget without fake quantization
    (FP+, a control for "QAT just trained longer"), and its PTQ.
 3. Every INT4 model goes through the released format (save -> k2lab.load_model) and decodes with the packed
@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -35,9 +36,39 @@ import k2lab  # noqa: E402
 from k2lab.config import ModelConfig  # noqa: E402
 from k2lab.model import K2ForCausalLM  # noqa: E402
 from k2lab.quant.checkpoint import quantize_experts_  # noqa: E402
-from k2lab.quant.qat import enable_qat_, lm_loss, sample_batch, stdlib_corpus, train, val_loss  # noqa: E402
+from k2lab.quant.qat import enable_qat_, lm_loss, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def stdlib_corpus(split: str, max_bytes: int = 4_000_000) -> torch.Tensor:
+    """Bytes of the stdlib's top-level .py files, every 10th file held out for validation: ids [N]."""
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    chosen = [f for i, f in enumerate(files) if (i % 10 == 0) == (split == "val")]
+    data, size = [], 0
+    for f in chosen:
+        data.append(f.read_bytes())
+        size += len(data[-1])
+        if size >= max_bytes:
+            break
+    return torch.frombuffer(bytearray(b"".join(data)[:max_bytes]), dtype=torch.uint8).long()
+
+
+def sample_batch(data: torch.Tensor, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    start = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=gen)
+    return torch.stack([data[s:s + seq_len + 1] for s in start.tolist()])
+
+
+def windows(data: torch.Tensor, args, seed: int):
+    """Random training windows, a fixed sequence per seed: step -> tokens [B, T+1]."""
+    gen = torch.Generator().manual_seed(seed)
+    return lambda step: sample_batch(data, args.batch, args.seq_len, gen)
+
+
+@torch.no_grad()
+def val_loss(model, data: torch.Tensor, batches: int = 8, batch: int = 8, seq_len: int = 256) -> float:
+    gen = torch.Generator().manual_seed(1234)  # the same held-out windows for every model
+    return sum(lm_loss(model, sample_batch(data, batch, seq_len, gen)).item() for _ in range(batches)) / batches
 
 
 def tiny_bytes() -> ModelConfig:
@@ -103,8 +134,7 @@ def main() -> None:
         curves[name] = []
         return lambda step, loss: curves[name].append((step, loss))
 
-    train(fp, args.base_steps, args.lr, args.batch, args.seq_len, seed=0, data=train_data, log=logger("fp"),
-          desc="fp", cosine=True)
+    train(fp, args.base_steps, args.lr, windows(train_data, args, 0), log=logger("fp"), desc="fp", cosine=True)
     fp.requires_grad_(False)
 
     def distill(student, tokens):  # KL(FP teacher || student) over next-byte distributions
@@ -117,8 +147,8 @@ def main() -> None:
     for name, qat_on, loss_fn in [("qat", True, lm_loss), ("qat-kd", True, distill), ("fp+", False, lm_loss)]:
         model = copy.deepcopy(fp).requires_grad_(True)
         model = enable_qat_(model) if qat_on else model
-        train(model, args.qat_steps, args.qat_lr, args.batch, args.seq_len, seed=1, data=train_data,
-              log=logger(name), desc=name, loss_fn=loss_fn)
+        train(model, args.qat_steps, args.qat_lr, windows(train_data, args, 1), log=logger(name), desc=name,
+              loss_fn=loss_fn)
         continued[name] = model
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
