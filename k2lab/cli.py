@@ -243,6 +243,7 @@ def serve_cmd(
     run(build_server(checkpoint, api_key, max_len, cache_mb, max_slots, model_name), host, port)
 
 
+# ---- INT4 (issue 5) ----
 @app.command()
 def qat(checkpoint: str = typer.Option(..., help="full-precision checkpoint directory"),
         run_dir: str = typer.Option(..., help="run directory (metrics, resumable state, INT4 export)"),
