@@ -1,5 +1,5 @@
 """k2lab vs transformers on the same config and weights, on this machine: training step, prefill and decode
-throughput, and cache bytes per token. Runs alternate between the two implementations and report medians.
+throughput, and cache bytes per token. Runs alternate between the two implementations (so load from elsewhere hits both alike) and report medians.
 
     python bench/model.py [--preset tiny] [--repeats 5] [--quick]
 
@@ -26,15 +26,23 @@ from k2lab.model import K2ForCausalLM
 RESULTS = Path(__file__).parent / "results"
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of fn() over repeats (after one warm-up call)."""
-    fn()
-    times = []
+def paired(ours, theirs, repeats: int) -> tuple[float, float]:
+    """Median seconds of each run function (a call returns its own seconds), alternating the two so that
+    load from elsewhere on the machine hits both alike; one warm-up call each."""
+    ours(), theirs()
+    a, b = [], []
     for _ in range(repeats):
+        a.append(ours())
+        b.append(theirs())
+    return statistics.median(a), statistics.median(b)
+
+
+def clock(fn):
+    def run():
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+    return run
 
 
 def train_step(forward, params, ids):
@@ -81,11 +89,6 @@ def hf_decode(hf, batch, context, steps, vocab):
     return run
 
 
-def median_of(run, repeats):
-    run()
-    return statistics.median(run() for _ in range(repeats))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
@@ -112,18 +115,17 @@ def main() -> None:
 
     ids = torch.randint(0, config.vocab_size, (batch, seq + 1))
     model.train(), hf.train()
-    t_ours = timed(train_step(model, list(model.parameters()), ids), args.repeats)
-    t_hf = timed(train_step(lambda x: hf(x).logits, list(hf.parameters()), ids), args.repeats)
+    t_ours, t_hf = paired(clock(train_step(model, list(model.parameters()), ids)),
+                          clock(train_step(lambda x: hf(x).logits, list(hf.parameters()), ids)), args.repeats)
     row(f"train step fwd+bwd ({batch}x{seq})", batch * seq / t_ours, batch * seq / t_hf)
     model.eval(), hf.eval()
     with torch.no_grad():
-        t_ours = timed(lambda: model(ids[:, :seq]), args.repeats)
-        t_hf = timed(lambda: hf(ids[:, :seq]), args.repeats)
+        t_ours, t_hf = paired(clock(lambda: model(ids[:, :seq])), clock(lambda: hf(ids[:, :seq])), args.repeats)
     row(f"prefill ({batch}x{seq})", batch * seq / t_ours, batch * seq / t_hf)
     for context in contexts:
         for b in (1, 8):
-            t_ours = median_of(k2_decode(model, b, context, steps), args.repeats)
-            t_hf = median_of(hf_decode(hf, b, context, steps, config.vocab_size), args.repeats)
+            t_ours, t_hf = paired(k2_decode(model, b, context, steps),
+                                  hf_decode(hf, b, context, steps, config.vocab_size), args.repeats)
             row(f"decode batch {b} @ context {context}", b * steps / t_ours, b * steps / t_hf)
     # transformers caches per-head keys and values (qk_head_dim + v_head_dim per head) for every layer.
     hf_bytes = config.num_hidden_layers * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * 2
