@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+
+
+
 import typer
 
 app = typer.Typer(help="k2lab: the Kimi K2.6 system at laptop scale.", no_args_is_help=True,
@@ -38,6 +41,163 @@ def generate(checkpoint: Path = typer.Option(..., help="checkpoint directory"),
     typer.echo(generate_text(checkpoint, prompt, prompt_ids, max_new_tokens, temperature, top_p, seed))
 
 
+# ---- tokenizer, chat format, tool calls (issue 3) ----
+tokenizer_app = typer.Typer(help="Train tokenizers.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    vocab_size: int = typer.Option(..., "--vocab-size", help="total vocabulary, 256 special ids included"),
+    out: str = typer.Option(..., "--out", help="directory for tiktoken.model + tokenizer_config.json"),
+    paths: list[str] = typer.Argument(None, help="text files to train on (default: the embedded corpus)"),
+    max_bytes: int = typer.Option(None, "--max-bytes",
+                                  help="bytes of training text (default 256 per vocab entry; 0: all)"),
+) -> None:
+    """Train a BPE vocabulary with the K2 split pattern and special tokens."""
+    import time
+
+    from k2lab.tokenizer import train_tokenizer
+
+    t0 = time.perf_counter()
+    tok = train_tokenizer(vocab_size, paths or None, out_dir=out, max_bytes=max_bytes, show_progress=True)
+    typer.echo(f"vocab {tok.vocab_size} ({tok.vocab_size - 256} BPE ranks + 256 special) in "
+               f"{time.perf_counter() - t0:.1f}s -> {out}")
+
+
+@app.command("render")
+def render_cmd(
+    messages: str = typer.Option(..., "--messages", help="JSON list of messages, or {messages, tools}"),
+    tools: str = typer.Option(None, "--tools", help="JSON list of tool declarations"),
+    generation_prompt: bool = typer.Option(False, "--generation-prompt", help="end with the assistant header"),
+) -> None:
+    """Print a conversation in the K2 chat format."""
+    from k2lab.tokenizer.chat import load_conversation, render
+
+    msgs, tls = load_conversation(messages, tools)
+    typer.echo(render(msgs, tls, add_generation_prompt=generation_prompt), nl=False)
+
+
+@app.command("parse-tool-calls")
+def parse_tool_calls_cmd() -> None:
+    """Read K2 assistant output on stdin; print content, reasoning, tool calls and errors as JSON."""
+    import dataclasses
+    import json
+    import sys
+
+    from k2lab.tokenizer.toolcalls import parse
+
+    typer.echo(json.dumps(dataclasses.asdict(parse(sys.stdin.read())), ensure_ascii=False, indent=2))
+
+
+# ---- agents and the agent swarm (issue 7) ----
+@app.command()
+def agent(task: str, mcp: list[str] = typer.Option([], help="MCP server: a URL or a command line (repeatable)"),
+          workspace: Path = typer.Option(Path("workspace"), help="the agent's working directory"),
+          run_dir: Path = typer.Option(None, help="where trace.jsonl and result.json go"),
+          max_steps: int = typer.Option(50)) -> None:
+    """Run one agent on TASK against K2LAB_BASE_URL / K2LAB_MODEL."""
+    from k2lab.agents.agent import run_agent
+    res = run_agent(task, workspace, mcp, run_dir, max_steps)
+    typer.echo(f"\n{res.output}\n\noutcome: {res.outcome} {res.reason}".rstrip())
+
+
+@app.command()
+def swarm(task: str = typer.Argument(None), resume: Path = typer.Option(None, help="continue this run dir"),
+          run_dir: Path = typer.Option(None), max_subagents: int = typer.Option(300),
+          max_tool_calls: int = typer.Option(4000), max_concurrency: int = typer.Option(300),
+          mcp: list[str] = typer.Option([], help="MCP server for the sub-agents: URL or command line")) -> None:
+    """Run an agent swarm on TASK (or --resume RUN_DIR); prints the answer and the run directory."""
+    from k2lab.agents.swarm import run_swarm
+    res = run_swarm(task, resume or run_dir, resume is not None, max_subagents, max_tool_calls,
+                    max_concurrency, mcp)
+    typer.echo(f"\n{res.output}\n\noutcome: {res.outcome} {res.reason}\n{res.metrics}\nrun dir: {res.run_dir}")
+
+
+@app.command()
+def trace(run_dir: Path) -> None:
+    """Print the span tree of a run with per-agent cost."""
+    from k2lab.agents.trace import render_tree
+    typer.echo(render_tree(run_dir))
+
+
+# ---- evals (issue 8) ----------------------------------------------------------------------------------------
+eval_app = typer.Typer(help="Evaluations: calibration, tool calls, coding.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+_ON_ERROR = typer.Option("stop", help="bad dataset row: 'stop' the run or 'skip' it (reported with its line)")
+
+
+@eval_app.command("calibration")
+def eval_calibration(
+    dataset: str = typer.Option(None, help="JSONL/CSV of domain, topic, question, answer (default: shipped seed)"),
+    model: str = typer.Option(None, help="model to evaluate (default K2LAB_MODEL / OPENAI_MODEL)"),
+    judge_model: list[str] = typer.Option(None, help="judge model; repeat for several judges that vote"),
+    base_url: str = typer.Option(None, help="endpoint of the model (default K2LAB_BASE_URL / OPENAI_BASE_URL)"),
+    judge_base_url: str = typer.Option(None, help="endpoint of the judges (default: --base-url)"),
+    judge_api_key: str = typer.Option(None, envvar="K2LAB_JUDGE_API_KEY", help="key for the judge endpoint"),
+    run_dir: str = typer.Option("runs/eval-calibration"),
+    partial: str = typer.Option("incorrect", help="count PARTIAL_ANSWER as 'incorrect' or 'abstain'"),
+    resume: bool = typer.Option(False, help="continue a run without re-asking answered items"),
+    on_error: str = _ON_ERROR,
+    concurrency: int = typer.Option(8),
+) -> None:
+    """AA-Omniscience-style calibration: Omniscience Index, accuracy, hallucination rate per domain."""
+    from k2lab.evals import calibration
+
+    r = calibration.main(dataset, model, judge_model, base_url, judge_base_url, judge_api_key, run_dir, partial,
+                         resume, on_error, concurrency)
+    typer.echo(f"Omniscience Index {r['overall']['omniscience_index']}  accuracy {r['overall']['accuracy']}  "
+               f"hallucination rate {r['overall']['hallucination_rate']}  -> {run_dir}/report.md")
+
+
+@eval_app.command("toolcalls")
+def eval_toolcalls(
+    dataset: str = typer.Option(None, help="JSONL of chat-completion request bodies (default: shipped set)"),
+    model: str = typer.Option(None), base_url: str = typer.Option(None),
+    run_dir: str = typer.Option("runs/eval-toolcalls"),
+    reference: str = typer.Option(None, help="run dir of a reference run for finish_reason precision/recall"),
+    resume: bool = typer.Option(False, help="re-send only failed or unsent requests"),
+    on_error: str = _ON_ERROR,
+    concurrency: int = typer.Option(8), max_retries: int = typer.Option(6),
+) -> None:
+    """K2-Vendor-Verifier-style tool-call accuracy: schema_accuracy and finish_reason F1."""
+    from k2lab.evals import toolcall
+
+    r = toolcall.main(dataset, model, base_url, run_dir, reference, resume, on_error, concurrency, max_retries)
+    typer.echo(f"schema_accuracy {r['schema_accuracy']}  finish_reason F1 {(r.get('finish_reason') or {}).get('f1')}"
+               f"  -> {run_dir}/report.md")
+
+
+@eval_app.command("coding")
+def eval_coding(
+    dataset: str = typer.Option(None, help="JSONL of id, prompt, tests (default: shipped set)"),
+    model: str = typer.Option(None), base_url: str = typer.Option(None),
+    run_dir: str = typer.Option("runs/eval-coding"),
+    n: int = typer.Option(1, help="samples per problem"), k: list[int] = typer.Option(None, help="pass@k; repeat"),
+    temperature: float = typer.Option(0.0),
+    resume: bool = typer.Option(False), on_error: str = _ON_ERROR, concurrency: int = typer.Option(8),
+) -> None:
+    """Sampled solutions run against unit tests in the sandbox; unbiased pass@k."""
+    from k2lab.evals import coding
+
+    r = coding.main(dataset, model, base_url, run_dir, n, k, temperature, resume, on_error, concurrency)
+    typer.echo(f"pass@k {r['pass_at_k']}  -> {run_dir}/report.md")
+
+
+@app.command("review")
+def review(
+    run_dir: str = typer.Argument(..., help="a calibration run directory"),
+    web: bool = typer.Option(False, help="serve the local review page instead of the terminal UI"),
+    host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8765),
+    reviewer: str = typer.Option("human", help="name stored with each review"),
+) -> None:
+    """Accept or overrule judge grades; metrics and judge-human agreement are recomputed."""
+    from k2lab.evals import review as review_mod
+
+    review_mod.main(run_dir, web, host, port, reviewer)
+
+
+# ---- pre-training with MuonClip (issue 4) ----
 @app.command()
 def pretrain(run_dir: Path = typer.Option(Path("runs/pretrain"), help="run directory; resumes from its checkpoint"),
              preset: str = typer.Option("tiny"),

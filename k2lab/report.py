@@ -11,6 +11,7 @@ from k2lab.config import ModelConfig
 
 def model_info(preset: str | None = None, checkpoint: str | Path | None = None) -> str:
     from k2lab.model import K2ForCausalLM, parameter_counts
+    from k2lab.model.vision import vision_param_counts
 
     config = ModelConfig.preset(preset) if preset else ModelConfig.load(checkpoint)
     with torch.device("meta"):
@@ -28,6 +29,10 @@ def model_info(preset: str | None = None, checkpoint: str | Path | None = None) 
         ("KV cache bytes per token (bf16)", f"{config.cache_bytes_per_token(2):,}"),
         ("context", f"{config.max_position_embeddings:,}"),
     ]
+    vision = vision_param_counts(preset if preset else config)
+    if vision:
+        rows += [("vision encoder (MoonViT) parameters", f"{vision['vision_encoder']:,}"),
+                 ("vision projector parameters", f"{vision['projector']:,}")]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

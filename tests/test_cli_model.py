@@ -15,6 +15,7 @@ def test_info_kimi_k26_matches_published_counts():
     assert "1,026,408,232,448" in result.output
     assert "32,861,500,928" in result.output
     assert "70,272" in result.output
+    assert "416,866,032" in result.output and "54,277,888" in result.output  # MoonViT + projector
 
 
 def test_info_needs_exactly_one_source():

@@ -1,0 +1,1 @@
+"""Data: the embedded corpus, packing, synthetic task families with verifiers, image preprocessing."""

@@ -1,0 +1,162 @@
+"""Run-directory files: datasets read with line numbers, append-only JSONL logs, atomic writes.
+
+Answers, grades and reviews are appended one JSON line per item as soon as they exist, with a single
+`write` on an O_APPEND descriptor followed by fsync, so an interrupted run loses at most the line being
+written; readers drop a torn last line. That is what lets `--resume` skip every item already answered.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+ON_ERROR = ("skip", "stop")
+
+
+class DatasetError(ValueError):
+    """A malformed dataset row; the message names the file and line."""
+
+
+@dataclass
+class Dataset:
+    rows: list[dict]
+    skipped: list[str] = field(default_factory=list)  # "file:line: reason" for each row left out
+
+
+def read_dataset(path: str | Path, check: Callable[[dict], None], on_error: str = "stop") -> Dataset:
+    """Rows of a .jsonl or .csv file; `check(row)` raises ValueError on a bad row.
+
+    on_error="stop" raises DatasetError at the first bad row; "skip" leaves it out and records why.
+    """
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such dataset file")
+    out = Dataset(rows=[])
+    for line_no, parse in _raw_rows(path):
+        try:
+            row = parse()
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+            check(row)
+        except (ValueError, KeyError, TypeError) as e:
+            msg = f"{path}:{line_no}: {e}"
+            if on_error == "stop":
+                raise DatasetError(msg) from None
+            out.skipped.append(msg)
+            continue
+        out.rows.append(row)
+    return out
+
+
+def _raw_rows(path: Path) -> Iterable[tuple[int, Callable[[], object]]]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        for row in reader:
+            if None in row:
+                extra = row.pop(None)
+                yield reader.line_num, lambda extra=extra: _raise(f"{len(extra)} more fields than the header")
+            else:
+                yield reader.line_num, lambda row=row: row
+        return
+    if path.suffix != ".jsonl":
+        raise DatasetError(f"{path}: dataset must be .jsonl or .csv")
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            yield i, lambda line=line: _loads(line)
+
+
+def _loads(line: str) -> object:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _raise(msg: str):
+    raise ValueError(msg)
+
+
+def require(row: dict, fields: dict[str, type]) -> None:
+    """Raise ValueError naming the first missing or mistyped field."""
+    for name, typ in fields.items():
+        if name not in row or row[name] in (None, ""):
+            raise ValueError(f"missing field {name!r}")
+        if not isinstance(row[name], typ):
+            raise ValueError(f"field {name!r} must be {typ.__name__}, got {type(row[name]).__name__}")
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one record as one line, durably; a torn last line left by a killed run is cut off first."""
+    data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            with open(path, "rb") as f:
+                tail = f.read()
+            os.ftruncate(fd, tail.rfind(b"\n") + 1)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """All complete records of an append log ([] if absent); a torn last line is dropped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    out = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # the last line has no newline: it was being written when the run died
+                break
+            raise ValueError(f"{path}:{i + 1}: corrupt record") from None
+    return out
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write via a temp file in the same directory + rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def open_run(run_dir: Path, log: str, resume: bool, model: str) -> None:
+    """Create run_dir for a new run, or check that a resumed run is the same model's."""
+    if (run_dir / log).exists():
+        if not resume:
+            raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or pick a new run dir")
+        config = json.loads((run_dir / "config.json").read_text())
+        if config["model"] != model:
+            raise ValueError(f"{run_dir} holds a run of model {config['model']!r}; cannot resume it with {model!r}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def snapshot(run_dir: Path, rows: list[dict]) -> None:
+    """Keep the rows a run uses in run_dir/dataset.jsonl, so reports and review do not need the original file."""
+    write_atomic(run_dir / "dataset.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,111 @@
+"""K2.5/K2.6 multimodal model: MoonViT features replace the `<|media_pad|>` placeholders of the prompt.
+
+Module names follow the released checkpoint (`language_model.*`, `vision_tower.*`, `mm_projector.*`). Images and
+video chunks go in one packed batch: `pixel_values` [N, 3, p, p] and `image_grid_thw` [n, 3] (t > 1 for a video
+chunk); image i fills the i-th run of `h_i*w_i/4` placeholders, counted over the batch in row-major order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from k2lab.config import ModelConfig
+from k2lab.model.transformer import K2ForCausalLM, sample
+from k2lab.model.vision import MediaInputError, MoonViT, Projector, VisionConfig, init_vision_weights
+
+MEDIA_PAD_OFFSET = 21  # <|media_pad|> 163605 = [BOS] 163584 + 21; small vocabs keep the offset
+
+
+def multimodal_config(text: ModelConfig, vision: VisionConfig) -> ModelConfig:
+    """A kimi_k25 wrapper config for `text` + `vision`, with the keys Moonshot's code and transformers read."""
+    vision = dataclasses.replace(vision, text_hidden_size=text.hidden_size)
+    config = text.as_wrapper(vision.to_dict())
+    pad = text.bos_token_id + MEDIA_PAD_OFFSET
+    config.wrapper.update(media_placeholder_token_id=pad, image_token_id=pad,
+                          projection_hidden_size=vision.hidden_size,
+                          projection_layer_norm_eps=vision.projector_ln_eps)
+    return config
+
+
+class K2VLForConditionalGeneration(nn.Module):
+    """Kimi K2.5/K2.6: `language_model` (K2ForCausalLM), `vision_tower` (MoonViT), `mm_projector`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.wrapper is None or "vision_config" not in config.wrapper:
+            raise ValueError("the multimodal model needs a kimi_k25 wrapper config with a vision_config "
+                             "(see multimodal_config)")
+        self.config = config
+        vision = VisionConfig.from_dict(config.wrapper["vision_config"])
+        if vision.text_hidden_size != config.hidden_size:
+            raise ValueError(f"vision_config.text_hidden_size {vision.text_hidden_size} != hidden_size "
+                             f"{config.hidden_size}")
+        self.media_pad_id = config.wrapper.get("media_placeholder_token_id",
+                                               config.wrapper.get("image_token_id", 163605))
+        self.language_model = K2ForCausalLM(config)
+        self.vision_tower = MoonViT(vision)
+        self.mm_projector = Projector(vision)
+        init_vision_weights(self.vision_tower)
+        init_vision_weights(self.mm_projector)
+
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """[M, hidden]: one row per merged patch, images in order."""
+        return self.mm_projector(self.vision_tower(pixel_values, image_grid_thw))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the placeholder positions replaced by image features."""
+        embeds = self.language_model.model.embed_tokens(input_ids)
+        mask = input_ids == self.media_pad_id
+        n_slots = int(mask.sum())
+        if pixel_values is None:
+            if n_slots:
+                raise MediaInputError(f"prompt has {n_slots} media placeholders but no images were given")
+            return embeds
+        if image_grid_thw is None:
+            raise MediaInputError("pixel_values given without image_grid_thw")
+        features = self.image_features(pixel_values, image_grid_thw)
+        if n_slots != features.shape[0]:
+            raise MediaInputError(f"prompt has {n_slots} media placeholders but the images give {features.shape[0]} "
+                                  f"features (grid_thw {image_grid_thw.tolist()}; each image needs h*w/4)")
+        return embeds.masked_scatter(mask[..., None], features.to(embeds.dtype))
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                image_grid_thw: torch.Tensor | None = None, **lm_kwargs) -> torch.Tensor:
+        """Logits [B, T, vocab]; lm_kwargs (positions, cache, ...) go to the language model unchanged."""
+        return self.language_model(inputs_embeds=self.embed(input_ids, pixel_values, image_grid_thw), **lm_kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 image_grid_thw: torch.Tensor | None = None, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, eos_token_id: int | None = None) -> torch.Tensor:
+        """Prompt [B, T] plus new tokens: the prompt (with images) is prefilled once, then decoding reads the
+        latent cache, exactly as the text model's generate."""
+        lm = self.language_model
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        bsz, t = input_ids.shape
+        if t + max_new_tokens > self.config.max_position_embeddings:
+            raise ValueError(f"prompt {t} + {max_new_tokens} new tokens exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        device = lm.lm_head.weight.device
+        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        cache = lm.new_cache(bsz, t + max_new_tokens)
+        tokens = input_ids.to(device)
+        positions = torch.arange(t, device=device)[None].expand(bsz, t)
+        logits = self(tokens, pixel_values, image_grid_thw, positions=positions, cache=cache)[:, -1]
+        done = torch.zeros(bsz, dtype=torch.bool, device=device)
+        out = [tokens]
+        for step in range(max_new_tokens):
+            nxt = sample(logits.float(), temperature, top_p, gen)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            out.append(nxt[:, None])
+            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+                break
+            logits = lm(nxt[:, None], positions=torch.full((bsz, 1), t + step, device=device), cache=cache)[:, -1]
+        return torch.cat(out, dim=1)

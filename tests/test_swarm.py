@@ -1,0 +1,168 @@
+"""Agent Swarm against the scripted server: a real OpenAI-compatible HTTP server on loopback that plays back the
+decisions of an orchestrator and its workers (tests/swarm_script.py; a test double for the model)."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+from k2lab.agents.agent import AgentLimits
+from k2lab.agents.llm import LLM
+from k2lab.agents.swarm import Swarm, SwarmLimits
+from k2lab.agents.tools import tool
+from k2lab.agents.trace import Journal, read_spans, render_tree
+from k2lab.testing.scripted_server import Faults, ScriptedServer
+from k2lab.testing.swarm_script import expected, handler, lookup, plan
+
+
+def run_swarm(srv, run_dir, tools, limits=SwarmLimits(), **llm_kw):
+    async def go():
+        async with LLM(base_url=srv.base_url, api_key="k", model="m", **llm_kw) as llm:
+            return await Swarm(llm, run_dir, lambda name: tools, limits).run("sum all entries")
+    return asyncio.run(go())
+
+
+def test_300_subagents_4000_tool_calls(tmp_path):
+    counts = plan(300, 4000)
+    total, critical = expected(counts)
+    with ScriptedServer(handler(counts)) as srv:
+        t0 = time.perf_counter()
+        res = run_swarm(srv, tmp_path, [lookup])
+        wall = time.perf_counter() - t0
+    m = res.metrics
+    assert res.outcome == "completed" and res.output == f"total={total} completed=300/300"
+    assert m["subagents"] == 300 and m["subagent_outcomes"] == {"completed": 300}
+    assert m["tool_calls"] == 4000 and m["critical_steps"] == critical == 7
+    assert m["model_calls"] == 3 + sum(1 + i % 3 + 1 for i in range(300)) == srv.stats.requests
+    assert wall < 60
+    spans = read_spans(tmp_path)
+    assert sum(s["kind"] == "tool" for s in spans) == 4000 and sum(s["kind"] == "agent" for s in spans) == 301
+    assert sum(s.get("prompt_tokens", 0) + s.get("completion_tokens", 0) for s in spans) == m["tokens"]
+    tree = render_tree(tmp_path)
+    assert "agent orchestrator" in tree and "w299" in tree and "more" in tree
+
+
+def test_critical_steps_follow_the_longest_subagent_of_each_stage(tmp_path):
+    counts = plan(6, 40)  # workers 0..5 take 2, 3, 4, 2, 3, 4 steps
+    with ScriptedServer(handler(counts)) as srv:
+        res = run_swarm(srv, tmp_path, [lookup])
+    assert res.metrics["critical_steps"] == 1 + (1 + 4) + 1
+    assert res.metrics["model_calls"] == 3 + 2 + 3 + 4 + 2 + 3 + 4
+
+
+def test_tool_call_limit_stops_the_swarm_cleanly(tmp_path):
+    counts = plan(300, 4000)
+    with ScriptedServer(handler(counts)) as srv:
+        res = run_swarm(srv, tmp_path, [lookup], SwarmLimits(max_tool_calls=1000))
+    m = res.metrics
+    assert m["tool_calls"] <= 1000 and res.outcome == "completed"
+    done = int(res.output.split("completed=")[1].split("/")[0])
+    assert 0 < done < 300 and m["subagent_outcomes"]["stopped"] == 300 - done
+    stopped = [e["summary"] for e in Journal.load(tmp_path / "journal.jsonl")
+               if e["event"] == "subagent_done" and e["summary"]["outcome"] == "stopped"]
+    assert all(s["reason"].startswith("tool call limit reached") for s in stopped)
+    assert m["subagents"] == 300
+
+
+def test_subagent_limit_is_reported_to_the_orchestrator(tmp_path):
+    counts = plan(12, 100)
+    with ScriptedServer(handler(counts)) as srv:
+        res = run_swarm(srv, tmp_path, [lookup], SwarmLimits(max_subagents=10))
+    assert res.metrics["subagents"] == 10 and res.outcome == "completed"
+    assert res.output.endswith("completed=10/10")
+
+
+def test_twenty_percent_faults_still_complete_and_retries_are_traced(tmp_path):
+    counts = plan(40, 300)
+    total, _ = expected(counts)
+    faults = Faults(rate=0.2, hang_s=1.0, seed=3)
+    with ScriptedServer(handler(counts), faults=faults) as srv:
+        res = run_swarm(srv, tmp_path, [lookup], timeout=0.4, backoff=(0.02, 0.2), max_retries=12)
+        injected = srv.stats.faults
+    assert res.output == f"total={total} completed=40/40"
+    assert all(injected[k] > 0 for k in ("429", "500", "timeout"))
+    traced = sum(s.get("retries", 0) for s in read_spans(tmp_path) if s["kind"] == "model")
+    assert traced == res.metrics["retries"] == sum(injected.values())
+
+
+def test_a_subagent_that_raises_or_hangs_fails_alone(tmp_path):
+    counts = plan(8, 60)
+    base = handler(counts)
+
+    @tool
+    async def hang() -> str:
+        await asyncio.sleep(3600)
+        return "never"
+
+    def reply(req):
+        if req.system == "worker 3":
+            raise RuntimeError("scripted crash")  # the server answers 400: the sub-agent's model call fails
+        if req.system == "worker 5":
+            return {"tool_calls": [{"name": "hang", "arguments": {}}]}
+        return base(req)
+    limits = SwarmLimits(subagent=AgentLimits(max_wall_s=1.0))
+    with ScriptedServer(reply) as srv:
+        t0 = time.perf_counter()
+        res = run_swarm(srv, tmp_path, [lookup, hang], limits)
+    assert time.perf_counter() - t0 < 10
+    assert res.metrics["subagent_outcomes"] == {"completed": 6, "failed": 1, "timed_out": 1}
+    assert res.output.endswith("completed=6/8")
+
+
+KILL_WORKERS = 30
+
+
+def file_worker_handler(seen: list):
+    """Orchestrator as in swarm_script; worker i writes i*i to a file, reads it back and answers it."""
+    orchestrator = handler([1] * KILL_WORKERS)
+
+    def reply(req):
+        if not req.system.startswith("worker"):
+            return orchestrator(req)
+        seen.append(req.system)
+        i = int(req.system.split()[1])
+        if req.step == 0:
+            return {"tool_calls": [{"name": "write_file", "arguments": {"path": "n.txt", "content": str(i * i)}}]}
+        if req.step == 1:
+            return {"tool_calls": [{"name": "read_file", "arguments": {"path": "n.txt"}}]}
+        return {"content": req.tool_results[0]["content"]}
+    return reply
+
+
+def test_kill_9_then_resume_skips_completed_subagents(tmp_path):
+    seen: list[str] = []
+    reply = file_worker_handler(seen)
+    run_dir = tmp_path / "run"
+    expect = f"total={sum(i * i for i in range(KILL_WORKERS))} completed={KILL_WORKERS}/{KILL_WORKERS}"
+    with ScriptedServer(reply, latency=0.05) as srv:
+        env = {**os.environ, "K2LAB_BASE_URL": srv.base_url, "K2LAB_API_KEY": "k", "K2LAB_MODEL": "m"}
+        cmd = [sys.executable, "-m", "k2lab.cli", "swarm"]
+        proc = subprocess.Popen(cmd + ["sum", "--run-dir", str(run_dir), "--max-concurrency", "3"], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        journal = run_dir / "journal.jsonl"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if journal.exists() and journal.read_text().count('"subagent_done"') >= 8:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        done_before = {e["summary"]["agent"] for e in Journal.load(journal) if e["event"] == "subagent_done"}
+        assert 8 <= len(done_before) < KILL_WORKERS
+        seen.clear()
+        out = subprocess.run(cmd + ["--resume", str(run_dir), "--max-concurrency", "3"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rerun = {s.replace("worker ", "w") for s in seen}
+    assert not rerun & done_before, f"completed sub-agents ran again: {sorted(rerun & done_before)}"
+    assert rerun | done_before == {f"w{i}" for i in range(KILL_WORKERS)}
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["output"] == expect and expect in out.stdout
+    assert result["metrics"]["reused_from_journal"] == len(done_before)
+    assert result["metrics"]["tool_calls"] == 2 * KILL_WORKERS + 2 * KILL_WORKERS
+    tree = subprocess.run(cmd[:-1] + ["trace", str(run_dir)], capture_output=True, text=True, timeout=60)
+    assert tree.returncode == 0 and "agent orchestrator" in tree.stdout and "w29" in tree.stdout
