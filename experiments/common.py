@@ -7,23 +7,18 @@ import shutil
 from pathlib import Path
 
 from k2lab.config import ModelConfig
-from k2lab.train.data import build_dataset, embedded_corpus
+from k2lab.data.corpus import corpus_files
+from k2lab.train.data import build_dataset
 
 
 def encoder(work: Path, vocab_size: int):
-    """(encoder, name): the project tokenizer (k2lab.tokenizer) trained on the embedded corpus when that stage
-    is installed; otherwise UTF-8 bytes, and the results say so."""
-    try:
-        from k2lab.tokenizer import Tokenizer, train_tokenizer
-    except ImportError:
-        class Bytes:
-            def encode(self, text):
-                return list(text.encode())
-        return Bytes(), "utf-8 bytes (k2lab.tokenizer not installed)"
+    """(tokenizer, description): the project's BPE tokenizer trained once on the embedded corpus."""
+    from k2lab.tokenizer import Tokenizer, train_tokenizer
+
     out = work / "tokenizer"
     if not out.is_dir():
         train_tokenizer(vocab_size, paths=None, out_dir=out)
-    return Tokenizer.load(out), f"k2lab.tokenizer BPE, vocab {vocab_size}"
+    return Tokenizer.load(out), f"k2lab.tokenizer BPE, vocab {vocab_size}, trained on the embedded corpus"
 
 
 def prepare(work: Path, preset: str, seq_len: int, rows: int, val_rows: int, seed: int = 0) -> str:
@@ -31,7 +26,7 @@ def prepare(work: Path, preset: str, seq_len: int, rows: int, val_rows: int, see
     config = ModelConfig.preset(preset)
     enc, name = encoder(work, config.vocab_size)
     if not (work / "data" / "train.npy").exists():
-        build_dataset(embedded_corpus(), enc.encode, config.eos_token_id, seq_len, rows, val_rows, seed,
+        build_dataset(corpus_files(), enc.encode, config.eos_token_id, seq_len, rows, val_rows, seed,
                       work / "data")
     return name
 
