@@ -41,7 +41,7 @@ def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | No
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # on 2 shared cores, 2 threads contend with other jobs and run ~15x slower
     tokenizer = prepare(WORK, "tiny", SEQ, STEPS * BATCH, 16)
     curves: dict[str, dict[float, list[tuple[int, float]]]] = {"muon": {}, "adamw": {}}
     for kind in curves:

@@ -28,7 +28,7 @@ OUT = Path(__file__).parent / "results"
 
 
 def main() -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # on 2 shared cores, 2 threads contend with other jobs and run ~15x slower
     tokenizer = prepare(WORK, "tiny", SEQ, STEPS * BATCH, 16)
     runs = {}
     for kind in ("muon", "muonclip"):
