@@ -22,7 +22,7 @@ from k2lab.train.metrics import read_metrics  # noqa: E402
 from k2lab.train.pretrain import PretrainSettings, pretrain  # noqa: E402
 
 STEPS, SEQ, BATCH, EVAL_EVERY = 60, 64, 8, 10
-LRS = (3e-3, 1e-2, 3e-2)
+LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 WORK = Path("runs/exp_muon_vs_adamw")
 OUT = Path(__file__).parent / "results"
 
