@@ -41,6 +41,34 @@ def generate(checkpoint: Path = typer.Option(..., help="checkpoint directory"),
     typer.echo(generate_text(checkpoint, prompt, prompt_ids, max_new_tokens, temperature, top_p, seed))
 
 
+# ---- pre-training (issue 4) ----
+@app.command()
+def pretrain(run_dir: Path = typer.Option(Path("runs/pretrain"), help="run directory; resumes from its checkpoint"),
+             preset: str = typer.Option("tiny"),
+             data: Optional[list[Path]] = typer.Option(None, help="text or .jsonl files (default: the embedded corpus)"),
+             tokenizer: Optional[Path] = typer.Option(None, help="tokenizer directory (default: train one)"),
+             optimizer: str = typer.Option("muonclip", help="muonclip, muon or adamw"),
+             max_steps: int = typer.Option(200), save_every: int = typer.Option(0, help="0: only at the end"),
+             seq_len: int = typer.Option(128), batch_size: int = typer.Option(8, help="rows per optimizer step"),
+             grad_accum: int = typer.Option(1), lr: float = typer.Option(3e-3), weight_decay: float = typer.Option(0.1),
+             schedule: str = typer.Option("wsd", help="wsd or cosine"), warmup_steps: int = typer.Option(20),
+             qk_clip_tau: float = typer.Option(100.0), aux_loss_alpha: float = typer.Option(0.0),
+             bf16: bool = typer.Option(False, help="bf16 autocast"), seed: int = typer.Option(0),
+             eval_every: int = typer.Option(50), val_rows: int = typer.Option(32)):
+    """Pre-train with MuonClip (or Muon / AdamW); checkpoints, metrics.jsonl, TensorBoard and plots in --run-dir."""
+    import json
+
+    from k2lab.train.pretrain import PretrainSettings, pretrain as run
+
+    settings = PretrainSettings(
+        preset=preset, data=[str(p) for p in data or []], tokenizer=str(tokenizer) if tokenizer else None,
+        seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
+        warmup_steps=warmup_steps, schedule=schedule, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
+        qk_clip_tau=qk_clip_tau, aux_loss_alpha=aux_loss_alpha, bf16=bf16, seed=seed, val_rows=val_rows,
+        eval_every=eval_every, save_every=save_every, run_dir=str(run_dir))
+    typer.echo(json.dumps(run(settings)))
+
+
 # ---- tokenizer, chat format, tool calls (issue 3) ----
 tokenizer_app = typer.Typer(help="Train tokenizers.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
@@ -197,32 +225,45 @@ def review(
     review_mod.main(run_dir, web, host, port, reviewer)
 
 
-# ---- pre-training with MuonClip (issue 4) ----
+# ---- serving (issue 6) ----
+@app.command("serve")
+def serve_cmd(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="checkpoint directory (weights + tokenizer files)"),
+    host: str = typer.Option("127.0.0.1", help="interface to bind"),
+    port: int = typer.Option(8000, help="TCP port"),
+    api_key: str = typer.Option(None, "--api-key", envvar="K2LAB_API_KEY", help="require `Authorization: Bearer KEY`"),
+    max_len: int = typer.Option(4096, help="tokens per request (prompt + output)"),
+    cache_mb: int = typer.Option(512, help="latent-cache budget in MiB (slots = budget / (max_len x bytes per token))"),
+    max_slots: int = typer.Option(64, help="most concurrent requests"),
+    model_name: str = typer.Option(None, help="served model id (default: the checkpoint directory name)"),
+) -> None:
+    """Serve a checkpoint with an OpenAI-compatible API (chat, completions, tools, streaming)."""
+    from k2lab.serve.server import build_server, run
+
+    run(build_server(checkpoint, api_key, max_len, cache_mb, max_slots, model_name), host, port)
+
+
+# ---- INT4 (issue 5) ----
 @app.command()
-def pretrain(run_dir: Path = typer.Option(Path("runs/pretrain"), help="run directory; resumes from its checkpoint"),
-             preset: str = typer.Option("tiny"),
-             data: Optional[list[Path]] = typer.Option(None, help="text or .jsonl files (default: the embedded corpus)"),
-             tokenizer: Optional[Path] = typer.Option(None, help="tokenizer directory (default: train one)"),
-             optimizer: str = typer.Option("muonclip", help="muonclip, muon or adamw"),
-             max_steps: int = typer.Option(200), save_every: int = typer.Option(0, help="0: only at the end"),
-             seq_len: int = typer.Option(128), batch_size: int = typer.Option(8, help="rows per optimizer step"),
-             grad_accum: int = typer.Option(1), lr: float = typer.Option(3e-3), weight_decay: float = typer.Option(0.1),
-             schedule: str = typer.Option("wsd", help="wsd or cosine"), warmup_steps: int = typer.Option(20),
-             qk_clip_tau: float = typer.Option(100.0), aux_loss_alpha: float = typer.Option(0.0),
-             bf16: bool = typer.Option(False, help="bf16 autocast"), seed: int = typer.Option(0),
-             eval_every: int = typer.Option(50), val_rows: int = typer.Option(32)):
-    """Pre-train with MuonClip (or Muon / AdamW); checkpoints, metrics.jsonl, TensorBoard and plots in --run-dir."""
-    import json
+def qat(checkpoint: str = typer.Option(..., help="full-precision checkpoint directory"),
+        run_dir: str = typer.Option(..., help="run directory (metrics, resumable state, INT4 export)"),
+        max_steps: int = typer.Option(..., help="total QAT steps"),
+        lr: float = typer.Option(3e-4, help="peak learning rate"),
+        batch: int = typer.Option(8, help="sequences per step"),
+        seq_len: int = typer.Option(256, help="tokens per sequence")) -> None:
+    """INT4 quantization-aware training of the routed experts; writes RUN_DIR/checkpoint (compressed-tensors)."""
+    from k2lab.quant.qat import qat as run
 
-    from k2lab.train.pretrain import PretrainSettings, pretrain as run
+    typer.echo(run(checkpoint, run_dir, max_steps, lr, batch, seq_len))
 
-    settings = PretrainSettings(
-        preset=preset, data=[str(p) for p in data or []], tokenizer=str(tokenizer) if tokenizer else None,
-        seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
-        warmup_steps=warmup_steps, schedule=schedule, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
-        qk_clip_tau=qk_clip_tau, aux_loss_alpha=aux_loss_alpha, bf16=bf16, seed=seed, val_rows=val_rows,
-        eval_every=eval_every, save_every=save_every, run_dir=str(run_dir))
-    typer.echo(json.dumps(run(settings)))
+
+@app.command()
+def quantize(checkpoint: str = typer.Option(..., help="full-precision checkpoint directory"),
+             out: str = typer.Option(..., help="output directory for the INT4 checkpoint")) -> None:
+    """Post-training INT4 quantization of the routed experts (compressed-tensors pack-quantized)."""
+    from k2lab.quant.qat import quantize as run
+
+    typer.echo(run(checkpoint, out))
 
 
 def main() -> None:

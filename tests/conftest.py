@@ -6,7 +6,9 @@ import torch
 from k2lab.config import ModelConfig
 from k2lab.model import K2ForCausalLM
 
-torch.set_num_threads(2)
+# One thread: the tiny test models gain nothing from more, and tests that start server processes beside
+# pytest would otherwise oversubscribe the two cores.
+torch.set_num_threads(1)
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -143,3 +143,9 @@ def test_resave_with_fewer_shards_removes_stale_files(ckpt):
     assert [p.name for p in path.glob("model*.safetensors")] == ["model-00001-of-00001.safetensors"]
     assert not list(path.glob(".*.tmp"))
     k2lab.load_model(path)
+
+
+def test_generation_config_stops_at_eos_and_im_end(ckpt):
+    _, path = ckpt
+    generation = json.loads((path / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [257, 258]  # [EOS] and <|im_end|> of a 512-token vocabulary

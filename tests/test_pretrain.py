@@ -49,7 +49,6 @@ def settings(run_dir, **kw):
 
 RUN = """
 import sys, json, torch
-torch.set_num_threads(1)
 from k2lab.train.pretrain import PretrainSettings, pretrain
 class ByteTokenizer:
     def encode(self, text):

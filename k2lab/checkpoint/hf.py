@@ -97,6 +97,9 @@ def _atomic_write(path: Path, write) -> None:
 def save_model(model: nn.Module, path: str | Path, max_shard_size: int | str = "2GB",
                dtype: torch.dtype | None = None) -> Path:
     """Write config.json, model-XXXXX-of-YYYYY.safetensors and the index; each file atomically, index last."""
+    from k2lab.quant.checkpoint import has_int4_experts, save_int4_model
+    if has_int4_experts(model):  # compressed-tensors pack-quantized experts (k2lab.quant)
+        return save_int4_model(model, path, max_shard_size, dtype)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(max_shard_size)
@@ -121,12 +124,21 @@ def save_model(model: nn.Module, path: str | Path, max_shard_size: int | str = "
             total += t.numel() * t.element_size()
     config_json = json.dumps(model.config.to_dict(), indent=2)
     _atomic_write(path / "config.json", lambda p: p.write_text(config_json))
+    generation = json.dumps(generation_config(model.config), indent=2)
+    _atomic_write(path / "generation_config.json", lambda p: p.write_text(generation))
     index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
     _atomic_write(path / INDEX, lambda p: p.write_text(index))
     for stale in path.glob("model*.safetensors"):  # shards of an earlier save with another shard count
         if stale.name not in set(weight_map.values()):
             stale.unlink()
     return path
+
+
+def generation_config(config: ModelConfig) -> dict:
+    """Stop at [EOS] and at <|im_end|> (the end of a chat turn, vocab_size - 254 in the K2 special-token layout),
+    so transformers' and vLLM's generate end assistant turns."""
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": [config.eos_token_id, config.vocab_size - 254],
+            "pad_token_id": config.pad_token_id}
 
 
 def _read_weight_map(path: Path) -> dict[str, str]:
@@ -172,6 +184,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
+    from k2lab.quant.checkpoint import is_int4_checkpoint, load_int4_model
+    if is_int4_checkpoint(path):  # compressed-tensors pack-quantized experts (k2lab.quant)
+        return load_int4_model(path, device, dtype, device_map)
     config = ModelConfig.load(path)
     with torch.device("meta"):
         model = K2ForCausalLM(config)
