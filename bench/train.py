@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from k2lab.config import ModelConfig
 from k2lab.model import K2ForCausalLM
 from k2lab.optim.muon import build_optimizer
-from k2lab.data.corpus import corpus_files
-from k2lab.train.data import build_dataset
+from k2lab.train.data import build_dataset, embedded_corpus
 from k2lab.train.metrics import read_metrics
 
 OUT = Path(__file__).parent / "results" / "train.json"
@@ -70,7 +69,7 @@ def gloo_bench(steps: int = 8) -> dict:
             def encode(self, text):
                 return list(text.encode())
 
-        build_dataset(corpus_files()[:200], Bytes().encode, 8192 - 255, seq, steps * batch, 8, 0, base)
+        build_dataset(embedded_corpus()[:200], Bytes().encode, 8192 - 255, seq, steps * batch, 8, 0, base)
         for n in (1, 2):
             run_dir = Path(tmp) / f"n{n}"
             (run_dir / "data").mkdir(parents=True)

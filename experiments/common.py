@@ -7,8 +7,7 @@ import shutil
 from pathlib import Path
 
 from k2lab.config import ModelConfig
-from k2lab.data.corpus import corpus_files
-from k2lab.train.data import build_dataset
+from k2lab.train.data import build_dataset, embedded_corpus
 
 
 def encoder(work: Path, vocab_size: int):
@@ -26,7 +25,7 @@ def prepare(work: Path, preset: str, seq_len: int, rows: int, val_rows: int, see
     config = ModelConfig.preset(preset)
     enc, name = encoder(work, config.vocab_size)
     if not (work / "data" / "train.npy").exists():
-        build_dataset(corpus_files(), enc.encode, config.eos_token_id, seq_len, rows, val_rows, seed,
+        build_dataset(embedded_corpus(), enc.encode, config.eos_token_id, seq_len, rows, val_rows, seed,
                       work / "data")
     return name
 

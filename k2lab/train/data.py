@@ -13,6 +13,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from k2lab.data.corpus import corpus_files
+
+
+def embedded_corpus() -> list[Path]:
+    """The embedded corpus's files (k2lab.data.corpus): the standard library source, without test suites."""
+    return corpus_files()
+
 
 def check_readable(paths: list[Path]) -> None:
     for p in paths:

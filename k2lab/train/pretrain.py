@@ -28,8 +28,7 @@ from k2lab.optim.qk_clip import mla_layers, qk_clip_, track_max_logits
 from k2lab.optim.schedules import lr_factor
 from k2lab.train import distributed as dist_utils
 from k2lab.train.checkpoint import checkpoint_dirs, load_checkpoint, save_checkpoint, set_rng_state
-from k2lab.data.corpus import corpus_files
-from k2lab.train.data import PackedRows, build_dataset, check_readable
+from k2lab.train.data import PackedRows, build_dataset, check_readable, embedded_corpus
 from k2lab.train.metrics import MetricsLog, plot_run
 
 
@@ -163,7 +162,7 @@ def pretrain(s: PretrainSettings, tokenizer=None) -> dict:
 
     ckpts = checkpoint_dirs(run_dir)
     if rank == 0 and not (run_dir / "data" / "train.npy").exists():
-        paths = [Path(p) for p in s.data] or corpus_files()
+        paths = [Path(p) for p in s.data] or embedded_corpus()
         check_readable(paths)  # before a tokenizer is trained on them
         encoder = tokenizer if tokenizer is not None else _tokenizer(s, run_dir, config)
         build_dataset(paths, encoder.encode, config.eos_token_id, s.seq_len, s.max_steps * s.batch_size,
