@@ -53,7 +53,7 @@ class ExpertParallelExperts(nn.Module):
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts)
         send, recv = send_counts.tolist(), recv_counts.tolist()
-        local_ids = torch.empty(sum(recv), dtype=flat.dtype)
+        local_ids = torch.empty(sum(recv), dtype=flat.dtype, device=flat.device)
         dist.all_to_all_single(local_ids, (flat[order] % self.local_experts).contiguous(), recv, send)
         xs = dist_fn.all_to_all_single(x.new_empty(sum(recv), x.shape[1]), x[token].contiguous(), recv, send)
         ys = self._local_ffn(xs, local_ids)
