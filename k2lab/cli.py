@@ -69,6 +69,16 @@ def pretrain(run_dir: Path = typer.Option(Path("runs/pretrain"), help="run direc
     typer.echo(json.dumps(run(settings)))
 
 
+@app.command()
+def demo(run_dir: Path = typer.Option(Path("runs/demo"), help="run directory (reruns resume it)"),
+         steps: int = typer.Option(300, min=1, help="pre-training steps")):
+    """The end-to-end pipeline on the embedded corpus (what `make run` runs): tokenizer, MuonClip pre-training,
+    generation, INT4 PTQ, the INT4 checkpoint served over the OpenAI API, a tool-call eval and a chat."""
+    from k2lab.pipeline import run_demo
+
+    run_demo(run_dir, steps)
+
+
 # ---- tokenizer, chat format, tool calls (issue 3) ----
 tokenizer_app = typer.Typer(help="Train tokenizers.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")

@@ -4,22 +4,18 @@ loopback port, and a scripted model (a test double for the network)."""
 from __future__ import annotations
 
 import socket
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import uvicorn
 
 from k2lab.model import K2ForCausalLM
 from k2lab.serve.engine import Engine
-from k2lab.serve.server import Server, build_server, create_app
+from k2lab.serve.server import Server, build_server, serve_in_thread
 from k2lab.tokenizer import Tokenizer
 from tests.conftest import tiny_config
 
 VOCAB = 1024
-# On the shared, loaded 2-core test machine two OpenMP threads wait on each other (decode ran ~20x slower).
 
 
 def tiny_model_config(tok: Tokenizer, **kw):
@@ -38,29 +34,13 @@ def make_checkpoint(run_dir: Path, steps: int = 8) -> Path:
     return checkpoint_dirs(run_dir)[-1]
 
 
+serving = serve_in_thread
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextmanager
-def serving(server: Server):
-    """Run the app with uvicorn on a thread; yields the base URL (…/v1)."""
-    port = free_port()
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not uv.started:
-        if time.time() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        uv.should_exit = True
-        thread.join(30)
 
 
 def checkpoint_server(path: Path, **kw) -> Server:

@@ -157,6 +157,9 @@ def test_disconnect_frees_the_slot(server):
         with httpx.stream("POST", f"{base}/chat/completions", json=body) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
+            deadline = time.time() + 2  # the first chunk can precede the request's first engine step
+            while not scripted.engine.running and time.time() < deadline:
+                time.sleep(0.005)
             running = list(scripted.engine.running)
             assert running
         deadline = time.time() + 2

@@ -106,7 +106,10 @@ def _load_full_precision(checkpoint: str | Path) -> K2ForCausalLM:
 def quantize(checkpoint: str | Path, out: str | Path) -> Path:
     """PTQ: full-precision checkpoint -> compressed-tensors INT4 checkpoint (routed experts only)."""
     model = quantize_experts_(_load_full_precision(checkpoint))
-    return k2lab.save_model(model, out)
+    k2lab.save_model(model, out)
+    if (Path(checkpoint) / "tiktoken.model").exists():  # a checkpoint directory carries its tokenizer
+        Tokenizer.load(checkpoint).save(out)
+    return Path(out)
 
 
 def qat(checkpoint: str | Path, run_dir: str | Path, max_steps: int, lr: float = 3e-4, batch: int = 8,

@@ -12,9 +12,10 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
@@ -362,6 +363,32 @@ def build_server(checkpoint: str | Path, api_key: str | None = None, max_len: in
                     max_len=min(max_len, model.config.max_position_embeddings), cache_bytes=cache_mb << 20,
                     max_slots=max_slots)
     return Server(engine, tokenizer, model_name or checkpoint.resolve().name, api_key)
+
+
+@contextmanager
+def serve_in_thread(server: Server, host: str = "127.0.0.1", port: int = 0):
+    """Run the app with uvicorn on a background thread (port 0: a free one); yields the base URL (.../v1)."""
+    import socket
+
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}/v1"
+    finally:
+        uv.should_exit = True
+        thread.join(30)
 
 
 def run(server: Server, host: str = "127.0.0.1", port: int = 8000) -> None:
