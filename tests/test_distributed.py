@@ -26,7 +26,6 @@ def _torchrun(n, run_dir, *extra):
     return read_metrics(run_dir)
 
 
-@pytest.mark.slow  # ~90 s on 2 shared cores: two torchrun launches
 def test_two_gloo_processes_match_one(tmp_path):
     one = _torchrun(1, tmp_path / "one", "--grad-accum", "2")  # the same micro-batches of 2 rows
     two = _torchrun(2, tmp_path / "two")

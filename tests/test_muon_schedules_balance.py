@@ -57,3 +57,23 @@ def test_sequence_aux_loss_is_minimal_when_balanced():
     skewed_scores[..., :2] = 0.9
     assert sequence_aux_loss(skewed_scores, skewed, 1.0) > sequence_aux_loss(skewed_scores, balanced, 1.0)
     assert imbalance(torch.tensor([8, 0, 0, 0])) == 4.0
+
+
+def test_sequence_aux_loss_on_the_real_router_reaches_the_gate_weights():
+    from k2lab.model import K2ForCausalLM
+    from k2lab.train.pretrain import _RouterScores
+    from tests.conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = K2ForCausalLM(tiny_config()).train()
+    hooks = _RouterScores(model)
+    ids = torch.randint(0, 500, (2, 16))
+    model(ids)
+    aux = hooks.loss(bsz=2, alpha=0.01)
+    assert aux > 0 and len(hooks.moes) == 2
+    aux.backward()
+    assert all(m.gate.weight.grad is not None and m.gate.weight.grad.abs().sum() > 0 for m in hooks.moes)
+    # Each MoE layer recorded every token's k choices (what the bias update reads).
+    for m in hooks.moes:
+        load = m.last_load.float()
+        assert load.sum() == 2 * 16 * model.config.num_experts_per_tok

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from k2lab.checkpoint import CheckpointError
 from k2lab.train.checkpoint import checkpoint_dirs
@@ -29,6 +30,15 @@ class ByteTokenizer:
 
     def encode(self, text):
         return list(text.encode())
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two threads on the 2 shared cores contend with other jobs and run many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def settings(run_dir, **kw):

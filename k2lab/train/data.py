@@ -1,4 +1,4 @@
-"""Pre-training data: documents from the embedded corpus or given files, tokenized, packed into fixed-length
+"""Pre-training data: documents from the embedded corpus (k2lab.data.corpus) or given files, tokenized, packed into fixed-length
 rows with an eos between documents, split into train and held-out rows, and served as a pure function of
 the step (so a resumed run reads exactly the rows it would have read)."""
 
@@ -7,21 +7,18 @@ from __future__ import annotations
 import json
 import os
 import random
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from k2lab.data.corpus import corpus_files
+
 
 def embedded_corpus() -> list[Path]:
-    """The Python standard library of the running interpreter: real code present on every machine."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
-    if not files:
-        raise FileNotFoundError(f"no .py files under the standard library at {root}")
-    return files
+    """The embedded corpus's files (k2lab.data.corpus): the standard library source, without test suites."""
+    return corpus_files()
 
 
 def check_readable(paths: list[Path]) -> None:

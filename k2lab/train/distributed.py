@@ -1,17 +1,16 @@
 """torch.distributed for pre-training: process group from torchrun's environment (gloo on CPU, NCCL on CUDA,
-no code change between them) and FSDP2 (`fully_shard`) over the data-parallel ranks.
+no code change between them), expert parallelism for the routed experts and FSDP2 for everything else.
 
-Placement. `fully_shard` is applied to every Block and then to the root. Each parameter is sharded on dim 0:
-2-D weights by rows, and the 3-D routed-expert stacks gate/up/down_proj [E, out, in] by the expert axis, so
-with E divisible by the world size rank r stores, and optimizes, whole experts r*E/W .. (r+1)*E/W - 1. In the
-forward FSDP all-gathers a layer's experts just before use and frees them after, as for any other weight; the
-router's tokens never leave their rank. Router biases are buffers, replicated; their updates use loads summed
-over ranks, so they stay identical everywhere.
+Placement. The routed-expert stacks gate/up/down_proj [E, out, in] are split on the expert axis: rank r of W
+stores, computes and optimizes whole experts r*E/W .. (r+1)*E/W - 1, and tokens travel to them by all_to_all
+(k2lab/train/expert_parallel.py). All other parameters are sharded by rows with `fully_shard` (one unit per
+Block plus the root) and all-gathered for use. Router biases are buffers, replicated; their updates use loads
+summed over ranks, so they stay identical everywhere.
 
-Muon on shards (k2lab/optim/muon.py): a row-sharded matrix is gathered whole (DTensor.full_tensor), orthogonalized,
-and each rank keeps its rows; an expert stack sharded by the expert axis holds whole expert matrices on each
-rank, so each rank orthogonalizes its own experts with no communication. QK-Clip scales rows of the sharded
-q_b/kv_b weights in place with the same per-row factors on every rank (max logits are max-reduced first).
+Muon on shards (k2lab/optim/muon.py): a row-sharded matrix is gathered whole (DTensor.full_tensor),
+orthogonalized, and each rank keeps its rows; an expert stack holds whole expert matrices on each rank, so each
+rank orthogonalizes its own experts with no communication. QK-Clip scales rows of the sharded q_b/kv_b weights
+in place with the same per-row factors on every rank (max logits are max-reduced over ranks first).
 """
 
 from __future__ import annotations
@@ -54,14 +53,19 @@ def barrier() -> None:
 
 
 def shard(model: nn.Module, world: int) -> nn.Module:
-    """FSDP2 over all ranks: one FSDP unit per Block plus the root (embeddings, final norm, lm_head)."""
+    """Expert parallel for the routed experts, FSDP2 for the rest: one unit per Block plus the root."""
     if world == 1:
         return model
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from k2lab.train.expert_parallel import expert_parallel_
+
+    mesh = init_device_mesh(next(model.parameters()).device.type, (world,))
+    experts = expert_parallel_(model, mesh)
     for block in model.model.layers:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh, ignored_params=experts)
+    fully_shard(model, mesh=mesh, ignored_params=experts)
     return model
 
 

@@ -1,0 +1,39 @@
+"""Shared by the pre-training experiments: one packed dataset for every run, copied into each run directory,
+so all runs of an experiment see the same rows in the same order."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from k2lab.config import ModelConfig
+from k2lab.train.data import build_dataset, embedded_corpus
+
+
+def encoder(work: Path, vocab_size: int):
+    """(tokenizer, description): the project's BPE tokenizer trained once on the embedded corpus."""
+    from k2lab.tokenizer import Tokenizer, train_tokenizer
+
+    out = work / "tokenizer"
+    if not out.is_dir():
+        train_tokenizer(vocab_size, paths=None, out_dir=out)
+    return Tokenizer.load(out), f"k2lab.tokenizer BPE, vocab {vocab_size}, trained on the embedded corpus"
+
+
+def prepare(work: Path, preset: str, seq_len: int, rows: int, val_rows: int, seed: int = 0) -> str:
+    """Pack the embedded corpus once into work/data; returns the tokenizer's description."""
+    config = ModelConfig.preset(preset)
+    enc, name = encoder(work, config.vocab_size)
+    if not (work / "data" / "train.npy").exists():
+        build_dataset(embedded_corpus(), enc.encode, config.eos_token_id, seq_len, rows, val_rows, seed,
+                      work / "data")
+    return name
+
+
+def fresh_run_dir(work: Path, name: str) -> Path:
+    run_dir = work / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.copytree(work / "data", run_dir / "data")
+    if (work / "tokenizer").is_dir():
+        shutil.copytree(work / "tokenizer", run_dir / "tokenizer")
+    return run_dir
