@@ -46,3 +46,20 @@ def random_model(config: ModelConfig, seed: int = 0) -> K2ForCausalLM:
 @pytest.fixture
 def tiny():
     return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory):
+    """A tokenizer trained once per test session: 8192 ids on 1 MB of the embedded corpus."""
+    from k2lab.tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    train_tokenizer(8192, out_dir=d, max_bytes=1_000_000)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tok(tok_dir):
+    from k2lab.tokenizer import Tokenizer
+
+    return Tokenizer.load(tok_dir)

@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from k2lab.tokenizer import Tokenizer, train_tokenizer
 from k2lab.tokenizer.chat import render, render_assistant, render_sft
 
 transformers = pytest.importorskip("transformers")
@@ -55,18 +54,6 @@ def message(draw):
 PARAMS = {"type": "object", "properties": {"x": {"type": "string"}}}
 TOOLS = st.none() | st.lists(st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
     {"name": NAME, "description": TEXT, "parameters": st.just(PARAMS)})}), min_size=1, max_size=2)
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    train_tokenizer(8192, out_dir=d, max_bytes=1_000_000)
-    return d
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return Tokenizer.load(tok_dir)
 
 
 @pytest.fixture(scope="module")

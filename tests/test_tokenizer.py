@@ -23,18 +23,6 @@ K2_IDS = {"[BOS]": 163584, "[EOS]": 163585, "<|im_end|>": 163586, "<|im_user|>":
           "<|media_pad|>": 163605, "<think>": 163606, "</think>": 163607, "[UNK]": 163838, "[PAD]": 163839}
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    train_tokenizer(8192, out_dir=d, max_bytes=1_000_000)
-    return d
-
-
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return Tokenizer.load(tok_dir)
-
-
 def test_k2_special_ids():
     names = default_special_names(163584)
     assert {n: names[n] for n in K2_IDS} == K2_IDS

@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from k2lab.tokenizer import Tokenizer, train_tokenizer
 from k2lab.tokenizer.chat import render_assistant
 from k2lab.tokenizer.toolcalls import StreamingParser, collect, parse
 
@@ -56,13 +55,6 @@ def stream(pieces):
     p = StreamingParser()
     events = [e for piece in pieces for e in p.feed(piece)] + p.finish()
     return collect(events), events
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    train_tokenizer(8192, out_dir=d, max_bytes=1_000_000)
-    return Tokenizer.load(d)
 
 
 @settings(max_examples=300, deadline=None)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from k2lab.config import ModelConfig
-from k2lab.model.transformer import K2ForCausalLM, sample
+from k2lab.model.transformer import K2ForCausalLM
 from k2lab.model.vision import MediaInputError, MoonViT, Projector, VisionConfig, init_vision_weights
 
 MEDIA_PAD_OFFSET = 21  # <|media_pad|> 163605 = [BOS] 163584 + 21; small vocabs keep the offset
@@ -84,28 +84,8 @@ class K2VLForConditionalGeneration(nn.Module):
                  top_p: float = 1.0, seed: int | None = None, eos_token_id: int | None = None) -> torch.Tensor:
         """Prompt [B, T] plus new tokens: the prompt (with images) is prefilled once, then decoding reads the
         latent cache, exactly as the text model's generate."""
-        lm = self.language_model
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
-        bsz, t = input_ids.shape
-        if t + max_new_tokens > self.config.max_position_embeddings:
-            raise ValueError(f"prompt {t} + {max_new_tokens} new tokens exceeds max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
-        device = lm.lm_head.weight.device
-        gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        cache = lm.new_cache(bsz, t + max_new_tokens)
-        tokens = input_ids.to(device)
-        positions = torch.arange(t, device=device)[None].expand(bsz, t)
-        logits = self(tokens, pixel_values, image_grid_thw, positions=positions, cache=cache)[:, -1]
-        done = torch.zeros(bsz, dtype=torch.bool, device=device)
-        out = [tokens]
-        for step in range(max_new_tokens):
-            nxt = sample(logits.float(), temperature, top_p, gen)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
-            out.append(nxt[:, None])
-            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
-                break
-            logits = lm(nxt[:, None], positions=torch.full((bsz, 1), t + step, device=device), cache=cache)[:, -1]
-        return torch.cat(out, dim=1)
+        embeds = self.embed(input_ids, pixel_values, image_grid_thw)
+        return self.language_model.generate(input_ids, max_new_tokens, temperature, top_p, seed, eos_token_id,
+                                            inputs_embeds=embeds)

@@ -95,9 +95,11 @@ class K2ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, eos_token_id: int | None = None) -> torch.Tensor:
+                 seed: int | None = None, eos_token_id: int | None = None,
+                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Prompt [B, T] plus up to max_new_tokens sampled tokens (greedy at temperature 0); rows that emit
-        eos_token_id keep emitting it so the batch stays rectangular."""
+        eos_token_id keep emitting it so the batch stays rectangular. inputs_embeds [B, T, D], when given,
+        replaces the prompt's embeddings in the prefill (the multimodal model puts image features there)."""
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         bsz, t = input_ids.shape
@@ -109,7 +111,10 @@ class K2ForCausalLM(nn.Module):
         cache = self.new_cache(bsz, t + max_new_tokens)
         tokens = input_ids.to(device)
         positions = torch.arange(t, device=device)[None].expand(bsz, t)
-        logits = self(tokens, positions=positions, cache=cache)[:, -1]
+        if inputs_embeds is not None:
+            logits = self(inputs_embeds=inputs_embeds.to(device), positions=positions, cache=cache)[:, -1]
+        else:
+            logits = self(tokens, positions=positions, cache=cache)[:, -1]
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
         out = [tokens]
         for step in range(max_new_tokens):
