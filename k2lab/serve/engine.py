@@ -70,6 +70,7 @@ class Request:
     finish_reason: str | None = None
     slot: int | None = None
     prefilled: int = 0  # prompt tokens already in the cache
+    embeds: torch.Tensor | None = None  # [T, D] prompt embeddings (image features placed in them), else ids
     arrival: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
     cancelled: bool = False
@@ -127,8 +128,9 @@ class Engine:
 
     # ---- intake ---------------------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, on_event: Callable[[Event], None] = lambda e: None,
-               constraint: Constraint | None = None) -> Request:
-        """Queue a request; raises EngineError (400 context too long, 429 queue full, 503 shutting down)."""
+               constraint: Constraint | None = None, embeds: torch.Tensor | None = None) -> Request:
+        """Queue a request; raises EngineError (400 context too long, 429 queue full, 503 shutting down).
+        embeds [len(prompt), D], when given, are what the prefill feeds instead of the prompt's embeddings."""
         if not prompt:
             raise EngineError("the prompt is empty")
         if any(not 0 <= t < self.vocab for t in prompt):
@@ -137,7 +139,9 @@ class Engine:
             raise EngineError(f"This model's maximum context length is {self.max_len} tokens; the request has "
                               f"{len(prompt)} prompt tokens and max_tokens {params.max_tokens} "
                               f"({len(prompt) + params.max_tokens} in all).", code="context_length_exceeded")
-        req = Request(list(prompt), params, on_event, constraint)
+        if embeds is not None and embeds.shape[0] != len(prompt):
+            raise EngineError(f"embeds cover {embeds.shape[0]} positions, the prompt has {len(prompt)}")
+        req = Request(list(prompt), params, on_event, constraint, embeds=embeds)
         with self.lock:
             if not self.accepting:
                 raise EngineError("the server is shutting down", 503, "service_unavailable")
@@ -203,7 +207,15 @@ class Engine:
             ids = torch.tensor([r.prompt[r.prefilled:r.prefilled + n] for r in reqs], device=self.device)
             positions = torch.stack([torch.arange(r.prefilled, r.prefilled + n, device=self.device) for r in reqs])
             slots = torch.tensor([r.slot for r in reqs], device=self.device)
-            logits = self.model(ids, positions=positions, cache=self.cache, rows=slots)[:, -1].float()
+            if any(r.embeds is not None for r in reqs):  # image features sit in these prompts' embeddings
+                embeds = self.model.model.embed_tokens(ids)
+                for i, r in enumerate(reqs):
+                    if r.embeds is not None:
+                        embeds[i] = r.embeds[r.prefilled:r.prefilled + n]
+                logits = self.model(inputs_embeds=embeds, positions=positions, cache=self.cache, rows=slots)
+            else:
+                logits = self.model(ids, positions=positions, cache=self.cache, rows=slots)
+            logits = logits[:, -1].float()
             self.prompt_tokens += n * len(reqs)
             for i, req in enumerate(reqs):
                 req.prefilled += n

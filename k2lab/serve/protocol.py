@@ -23,6 +23,16 @@ class TextPart(Body):
     text: str
 
 
+class ImageURL(Body):
+    url: Annotated[str, Field(min_length=1)]  # a data: URL (the server fetches nothing from the network)
+    detail: str | None = None
+
+
+class ImagePart(Body):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class FunctionCall(Body):
     name: str
     arguments: str
@@ -36,7 +46,7 @@ class ToolCall(Body):
 
 class Message(Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^<>]+$")] | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None

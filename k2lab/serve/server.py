@@ -19,11 +19,14 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
+import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from k2lab.config import ModelConfig
+from k2lab.data.images import image_urls
 from k2lab.serve.engine import Engine, EngineError, Event
 from k2lab.serve.grammar import GrammarCompiler
 from k2lab.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, NamedToolChoice, Sampling
@@ -38,8 +41,11 @@ log = logging.getLogger(__name__)
 class Server:
     """Shared state of the app: the engine (running on its thread), tokenizer, grammars, served name, key."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None):
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
+                 vision=None):
+        """vision: the K2VLForConditionalGeneration whose language model the engine runs, for image input."""
         self.engine, self.tokenizer, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
+        self.vision = vision
         self.grammars = GrammarCompiler(tokenizer)
         self.draining = False
         self.created = int(time.time())
@@ -59,6 +65,24 @@ class Server:
             ids.extend([self.tokenizer.special_tokens[text]] if is_marker else self.tokenizer.encode(text))
         return ids
 
+    def media(self, messages: list[dict], ids: list[int]) -> tuple[list[int], torch.Tensor]:
+        """Images of a chat request -> the prompt with each <|media_pad|> expanded to its image's patch count,
+        and the prompt embeddings with the image features in those positions."""
+        from k2lab.data.images import ImageBudget, MediaInputError, prepare_chat_media
+        from k2lab.model.vision import VisionConfig
+
+        if self.vision is None:
+            raise APIError(400, f"`{self.model_name}` is a text-only model and does not accept images",
+                           param="messages")
+        budget = ImageBudget.for_vision(VisionConfig.from_dict(self.vision.config.wrapper["vision_config"]))
+        try:
+            ids, pixels, grid = prepare_chat_media(messages, ids, self.vision.media_pad_id, budget)
+            with torch.inference_mode():
+                embeds = self.vision.embed(torch.tensor([ids]), pixels, grid)[0]
+        except MediaInputError as e:
+            raise APIError(400, str(e), param="messages") from None
+        return ids, embeds
+
     def params(self, body: Sampling, prompt_len: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         limit = self.engine.max_len
         if prompt_len >= limit:
@@ -74,12 +98,12 @@ class Server:
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
-    def submit(self, ids: list[int], params: SamplingParams, constraint=None):
+    def submit(self, ids: list[int], params: SamplingParams, constraint=None, embeds: torch.Tensor | None = None):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         try:
             req = self.engine.submit(ids, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
-                                     constraint)
+                                     constraint, embeds)
         except EngineError as e:
             raise APIError(e.status, str(e), e.code) from None
         return req, events
@@ -217,10 +241,13 @@ def create_app(server: Server) -> FastAPI:
             ids = server.chat_ids(messages, tools)
         except (ValueError, KeyError) as e:
             raise APIError(400, str(e), param="messages") from None
+        embeds = None
+        if image_urls(messages):
+            ids, embeds = await asyncio.to_thread(server.media, messages, ids)
         n_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = server.params(body, len(ids), body.max_completion_tokens or body.max_tokens, n_logprobs)
         constraint = server.constraint(body, tools, choice)
-        req, events = server.submit(ids, params, constraint)
+        req, events = server.submit(ids, params, constraint, embeds)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "created": created, "model": server.model_name}
 
@@ -355,14 +382,21 @@ def build_server(checkpoint: str | Path, api_key: str | None = None, max_len: in
     from k2lab import load_model
 
     checkpoint = Path(checkpoint)
-    model = load_model(checkpoint)
+    vision = None
+    if (ModelConfig.load(checkpoint).wrapper or {}).get("vision_config"):  # K2.5/K2.6 with MoonViT
+        from k2lab.checkpoint.multimodal import load_multimodal
+
+        vision = load_multimodal(checkpoint).eval()
+        model = vision.language_model
+    else:
+        model = load_model(checkpoint)
     tokenizer = Tokenizer.load(checkpoint)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise ValueError(f"{checkpoint}: tokenizer has {tokenizer.vocab_size} ids, the model {model.config.vocab_size}")
     engine = Engine(model, tokenizer.id_to_bytes, (tokenizer.eos_id, tokenizer.im_end_id),
                     max_len=min(max_len, model.config.max_position_embeddings), cache_bytes=cache_mb << 20,
                     max_slots=max_slots)
-    return Server(engine, tokenizer, model_name or checkpoint.resolve().name, api_key)
+    return Server(engine, tokenizer, model_name or checkpoint.resolve().name, api_key, vision)
 
 
 @contextmanager
