@@ -40,8 +40,9 @@ def _quality(fp_dir: Path, int4_dir: Path, val_file: Path, new_tokens: int) -> d
     import k2lab
     from k2lab.quant.checkpoint import has_int4_experts
     from k2lab.quant.qat import evaluate
+    from k2lab.train.data import PackedRows
 
-    rows = torch.from_numpy(__import__("numpy").load(val_file)).long()[:16]
+    rows = PackedRows(val_file, seed=0).rows[:32]  # the held-out rows pre-training validates on
     fp, q = k2lab.load_model(fp_dir, dtype=torch.float32), k2lab.load_model(int4_dir)
     assert has_int4_experts(q)
     prompt = rows[:4, :16]
@@ -53,7 +54,7 @@ def _quality(fp_dir: Path, int4_dir: Path, val_file: Path, new_tokens: int) -> d
                    f".{n}" and "shared" not in n)
     q_bytes = sum(t.numel() * t.element_size() for b_ in q.model.layers if hasattr(b_.mlp, "experts")
                   for t in list(b_.mlp.experts.parameters()) + list(b_.mlp.experts.buffers()))
-    return {"val_loss_full_precision_16_rows": evaluate(fp, rows), "val_loss_int4_16_rows": evaluate(q, rows),
+    return {"val_loss_full_precision": evaluate(fp, rows), "val_loss_int4": evaluate(q, rows),
             "greedy_agreement": same.mean().item(), "tokens_until_first_difference": first_diff,
             "expert_bytes_int4_over_bf16": q_bytes / fp_bytes}
 
@@ -88,7 +89,8 @@ def run_demo(run_dir: str | Path = "runs/demo", steps: int = 300) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     timings: list[tuple[str, float]] = []
     settings = PretrainSettings(preset="tiny", optimizer="muonclip", max_steps=steps, seq_len=256, batch_size=8,
-                                warmup_steps=20, eval_every=50, save_every=100, run_dir=str(run_dir / "pretrain"))
+                                warmup_steps=min(20, steps // 10), eval_every=50, save_every=100,
+                                run_dir=str(run_dir / "pretrain"))
     last = _stage("pre-train tiny with MuonClip (tokenizer trained first)", timings, lambda: pretrain(settings))
     checkpoint = checkpoint_dirs(run_dir / "pretrain")[-1]
     text, _ = _stage("generate from the checkpoint", timings, lambda: _generate(checkpoint, 64))

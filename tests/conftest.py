@@ -43,6 +43,32 @@ def random_model(config: ModelConfig, seed: int = 0) -> K2ForCausalLM:
     return model.eval()
 
 
+def randomize_(module: torch.nn.Module, seed: int) -> None:
+    """All parameters random (norm weights around 1), routing biases too, so nothing hides behind a 0 or a 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.05 * noise)
+        for name, b in module.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.01 * torch.randn(b.shape, generator=g))
+
+
+def read_checkpoint_tensors(path) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded safetensors checkpoint directory, by name."""
+    import json
+
+    from safetensors import safe_open
+
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    out = {}
+    for fname in set(index.values()):
+        with safe_open(str(path / fname), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
 @pytest.fixture
 def tiny():
     return tiny_config()

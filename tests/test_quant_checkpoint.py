@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import k2lab
@@ -14,7 +13,7 @@ from k2lab.quant import format as ct
 from k2lab.quant import int4
 from k2lab.quant.checkpoint import quantize_experts_
 from k2lab.quant.experts import Int4Experts
-from tests.conftest import random_model, tiny_config
+from tests.conftest import random_model, read_checkpoint_tensors, tiny_config
 
 EXPERT = "model.layers.1.mlp.experts.3.down_proj"
 
@@ -27,19 +26,11 @@ def int4_ckpt(tmp_path_factory):
     return q, path
 
 
-def _tensors(path):
-    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-    out = {}
-    for fname in set(index.values()):
-        with safe_open(str(path / fname), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
 
 def test_released_layout_and_config(int4_ckpt):
     _, path = int4_ckpt
     cfg = tiny_config()
-    tensors = _tensors(path)
+    tensors = read_checkpoint_tensors(path)
     d, i = cfg.hidden_size, cfg.moe_intermediate_size
     assert tensors[f"{EXPERT}.weight_packed"].dtype == torch.int32
     assert tensors[f"{EXPERT}.weight_packed"].shape == (d, i // 8)
@@ -89,7 +80,7 @@ def test_load_keeps_experts_packed_and_reproduces_the_model(int4_ckpt):
 def test_resave_of_loaded_int4_is_bit_exact(int4_ckpt, tmp_path):
     _, path = int4_ckpt
     k2lab.save_model(k2lab.load_model(path), tmp_path)
-    a, b = _tensors(path), _tensors(tmp_path)
+    a, b = read_checkpoint_tensors(path), read_checkpoint_tensors(tmp_path)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -182,7 +173,7 @@ def test_kimi_k25_wrapper_round_trip(tmp_path):
     """K2.5/K2.6 checkpoints hold the text model under `language_model.`; the INT4 path keeps that prefix."""
     model = quantize_experts_(random_model(tiny_config().as_wrapper()))
     k2lab.save_model(model, tmp_path)
-    assert f"language_model.{EXPERT}.weight_packed" in _tensors(tmp_path)
+    assert f"language_model.{EXPERT}.weight_packed" in read_checkpoint_tensors(tmp_path)
     loaded = k2lab.load_model(tmp_path)
     ids = torch.randint(0, 500, (1, 9))
     with torch.no_grad():

@@ -8,7 +8,6 @@ from compressed_tensors.compressors.pack_quantized.base import PackedQuantizatio
 from compressed_tensors.quantization import QuantizationConfig
 from compressed_tensors.quantization.utils.helpers import calculate_qparams
 from compressed_tensors.utils.match import match_name
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 import k2lab
@@ -17,7 +16,7 @@ from k2lab.quant import format as ct
 from k2lab.quant import int4
 from k2lab.quant.checkpoint import quantize_experts_
 from k2lab.quant.experts import PROJS, Int4Experts
-from tests.conftest import random_model, tiny_config
+from tests.conftest import random_model, read_checkpoint_tensors, tiny_config
 
 
 def _scheme(qc: dict):
@@ -26,14 +25,6 @@ def _scheme(qc: dict):
     return config, config.config_groups["group_0"]
 
 
-def _read(path):
-    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
-    out = {}
-    for fname in set(index.values()):
-        with safe_open(str(path / fname), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
-
 
 def test_k2lab_checkpoint_decompresses_with_compressed_tensors(tmp_path):
     model = quantize_experts_(random_model(tiny_config()))
@@ -41,7 +32,7 @@ def test_k2lab_checkpoint_decompresses_with_compressed_tensors(tmp_path):
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     config, scheme = _scheme(qc)
     assert config.format == "pack-quantized" and config.quantization_status == "compressed"
-    tensors = _read(tmp_path)
+    tensors = read_checkpoint_tensors(tmp_path)
     linears = {k[: -len(".weight_packed")] for k in tensors if k.endswith(".weight_packed")}
     assert linears
     for name in linears:

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from k2lab.config import ModelConfig
 from k2lab.model.vision import (MediaInputError, MoonViT, Projector, VisionConfig, vision_param_counts)
+from tests.conftest import randomize_
 
 transformers = pytest.importorskip("transformers")
 from transformers import Kimi_K25ForConditionalGeneration  # noqa: E402
@@ -21,14 +22,6 @@ from transformers import Kimi_K25ForConditionalGeneration  # noqa: E402
 TINY = VisionConfig.preset("tiny")
 TEXT = ModelConfig.preset("tiny")
 
-
-def randomize_(module: torch.nn.Module, seed: int) -> None:
-    """Every parameter random (norm weights around 1), so no part of the math is hidden by a zero or a one."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.05 * noise)
 
 
 def hf_text_tensors(hf_model) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from k2lab.data.images import ImageBudget, expand_media_placeholders, images_fro
 from k2lab.model import K2ForCausalLM
 from k2lab.model.multimodal import K2VLForConditionalGeneration, multimodal_config
 from k2lab.model.vision import MediaInputError, VisionConfig
-from tests.conftest import tiny_config
+from tests.conftest import randomize_, tiny_config
 
 transformers = pytest.importorskip("transformers")
 from transformers import Kimi_K25ForConditionalGeneration  # noqa: E402
@@ -29,17 +29,6 @@ BEGIN, CONTENT, END = PAD - 3, PAD - 2, PAD - 1  # <|media_begin|>, <|media_cont
 IMAGE_WORD = 88  # stands for the token(s) of the text "image"
 TEXT_IDS = CONFIG.bos_token_id  # ordinary tokens are the ids below [BOS]
 
-
-def randomize_(module: torch.nn.Module, seed: int) -> None:
-    """All parameters random (norm weights around 1), routing biases too, so nothing hides behind a 0 or a 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.05 * noise)
-        for name, b in module.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.01 * torch.randn(b.shape, generator=g))
 
 
 @pytest.fixture(scope="module")
