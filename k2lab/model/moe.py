@@ -1,7 +1,8 @@
 """Mixture of experts: the noaux_tc sigmoid router, routed experts stored as 3-D tensors, and a shared expert.
 
-Tokens are sorted by expert and each active expert runs one batched matmul over its tokens, so cost follows the
-active experts; on CUDA one grouped GEMM (torch grouped_mm) covers all of them.
+Tokens are sorted by expert and each active expert runs one matmul over its tokens, so cost follows the active
+experts. (torch's grouped_mm was slower than this loop on CPU and its CPU backward failed; a fused grouped GEMM
+for GPUs is left for when it can be tested on one.)
 """
 
 from __future__ import annotations
@@ -80,11 +81,6 @@ class Experts(nn.Module):
     def grouped_ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs [M, D] sorted by expert with counts [E] rows each -> the experts' outputs [M, D]."""
         gate, up, down = self.weights()
-        if xs.is_cuda:
-            offs = counts.cumsum(0).to(torch.int32)
-            h = F.silu(F.grouped_mm(xs, gate.transpose(1, 2), offs=offs)) * F.grouped_mm(
-                xs, up.transpose(1, 2), offs=offs)
-            return F.grouped_mm(h, down.transpose(1, 2), offs=offs)
         # unbind/split once: indexing per expert would make backward zero-fill the whole tensor per expert
         gate, up, down = gate.unbind(0), up.unbind(0), down.unbind(0)
         sizes = counts.tolist()
