@@ -71,7 +71,8 @@ def _serve_and_evaluate(int4_dir: Path, run_dir: Path) -> dict:
         async def go() -> dict:
             llm = LLM(base_url=base_url, api_key="none", model="k2lab-tiny-int4", max_concurrency=8)
             try:
-                results = await run_toolcalls(SEED_DATASET, llm, run_dir / "eval_toolcalls", on_error="skip")
+                eval_dir = run_dir / "eval_toolcalls"  # a rerun resumes it: only failed requests are re-sent
+                results = await run_toolcalls(SEED_DATASET, llm, eval_dir, resume=eval_dir.exists(), on_error="skip")
                 chat = await llm.chat([{"role": "user", "content": "Write a Python function that adds two numbers."}],
                                       max_tokens=48, temperature=0.0)
                 return {"toolcalls": results, "chat_reply": chat.message.get("content"), "usage": vars(llm.usage)}
