@@ -194,13 +194,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
     weight_map = _read_weight_map(path)
     stored = {k: v for k, v in weight_map.items() if not k.startswith(_OTHER_COMPONENTS)
               and not _is_mtp(k, config)}
-    missing = sorted(set(targets) - set(stored))
-    unexpected = sorted(set(stored) - set(targets))
-    if missing:
-        raise CheckpointError(f"{len(missing)} tensors missing from {path}, e.g. {missing[:3]}")
-    if unexpected:
-        raise CheckpointError(f"{len(unexpected)} unexpected tensors in {path} (config/weights mismatch?), "
-                              f"e.g. {unexpected[:3]}")
+    check_names(targets, stored, path, "config/weights mismatch?")
     by_file: dict[str, list[str]] = defaultdict(list)
     for name, fname in stored.items():
         by_file[fname].append(name)
@@ -222,6 +216,16 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", dtype: torc
                 _place(slot, t.to(device=dev, dtype=target_dtype))
     model.model.rotary_emb.reset(_resolve_device("model.layers.0", device, device_map))
     return model.eval()
+
+
+def check_names(expected, stored, path: Path, why_unexpected: str) -> None:
+    """Every expected tensor name is stored and nothing else is; the error shows the first few of each."""
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing:
+        raise CheckpointError(f"{len(missing)} tensors missing from {path}, e.g. {missing[:3]}")
+    if unexpected:
+        raise CheckpointError(f"{len(unexpected)} unexpected tensors in {path} ({why_unexpected}), "
+                              f"e.g. {unexpected[:3]}")
 
 
 def _is_mtp(name: str, config: ModelConfig) -> bool:

@@ -149,12 +149,7 @@ def load_int4_model(path: str | Path, device: torch.device | str = "cpu", dtype:
         raise CheckpointError(f"pack-quantized tensors outside the routed experts (k2lab quantizes experts only), "
                               f"e.g. {stray[:3]}")
     targets = hf._targets(model)
-    missing, unexpected = sorted(set(targets) - set(plain)), sorted(set(plain) - set(targets))
-    if missing:
-        raise CheckpointError(f"{len(missing)} tensors missing from {path}, e.g. {missing[:3]}")
-    if unexpected:
-        raise CheckpointError(f"{len(unexpected)} unexpected tensors in {path} (routed experts must be "
-                              f"pack-quantized), e.g. {unexpected[:3]}")
+    hf.check_names(targets, plain, path, "routed experts must be pack-quantized")
     by_file: dict[str, list[str]] = defaultdict(list)
     for name in weight_map:
         by_file[weight_map[name]].append(name)
