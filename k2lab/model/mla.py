@@ -98,17 +98,17 @@ class MLA(nn.Module):
         self.track_max_logits = False
         self.max_logits: torch.Tensor | None = None
 
-    def _query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _query(self, x: torch.Tensor, rotation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bsz, t, _ = x.shape
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q_nope, q_rope = q.view(bsz, t, self.n_heads, self.qk_head_dim).split(
             [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        return q_nope, apply_rope(q_rope, cos, sin)
+        return q_nope, apply_rope(q_rope, rotation)
 
-    def _latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _latent(self, x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
         """[normalized c_kv | rotated k_rope] per token: [B, T, r + rope], exactly what the cache holds."""
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        return torch.cat([self.kv_a_layernorm(c_kv), apply_rope(k_rope, cos, sin)], dim=-1)
+        return torch.cat([self.kv_a_layernorm(c_kv), apply_rope(k_rope, rotation)], dim=-1)
 
     def _expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-head k_nope, v [B, S, H, .] and the shared k_rope [B, S, rope] from latents [B, S, r + rope]."""
@@ -118,11 +118,12 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         return k_nope, v, k_rope
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                batch: CacheBatch | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor, batch: CacheBatch | None = None,
+                layer: int = 0) -> torch.Tensor:
+        """x [B, T, D]; rotation [B or 1, T, rope/2] (complex, from RotaryEmbedding) -> [B, T, D]."""
         bsz, t, _ = x.shape
-        q_nope, q_rope = self._query(x, cos, sin)
-        latent = self._latent(x, cos, sin)
+        q_nope, q_rope = self._query(x, rotation)
+        latent = self._latent(x, rotation)
         if batch is not None:
             latent = batch.write_and_read(layer, latent)
             if t < self.absorb_below:

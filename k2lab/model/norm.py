@@ -1,6 +1,7 @@
 """RMSNorm, computed in float32 like the reference implementations."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -11,10 +12,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # normalize in float32, cast back, then scale: the order transformers uses (it matters in bf16)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

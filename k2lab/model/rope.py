@@ -39,7 +39,8 @@ def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin [.., rope_dim/2] for given positions; computed on the fly (no max-length table to allocate)."""
+    """Rotations e^{i * position * inv_freq} for given positions, as complex numbers [.., T, rope_dim/2];
+    computed on the fly (no max-length table to allocate)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -51,19 +52,16 @@ class RotaryEmbedding(nn.Module):
         """Recompute the buffer (after building on the meta device and loading weights)."""
         self.inv_freq = yarn_inv_freq(self.config)[0].to(device)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
         angles = positions.to(torch.float32)[..., None] * self.inv_freq  # [..., T, d/2]
-        return angles.cos() * self.scale, angles.sin() * self.scale
+        return torch.polar(torch.full_like(angles, self.scale), angles)  # scale * (cos + i sin)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs (x0, x1), (x2, x3), ... of x [B, T, (H,) d]; cos/sin [B or 1, T, d/2].
-
-    The result is laid out de-interleaved (all first elements, then all second ones): q.k scores are the same
-    as with the interleaved layout as long as q and k agree, and it saves a copy.
-    """
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate the adjacent pairs (x0, x1), (x2, x3), ... of x [B, T, (H,) d] by rotation [B or 1, T, d/2]:
+    each pair is one complex number, multiplied by its rotation (the DeepSeek-V3 layout of the released
+    weights; one complex multiply instead of a dozen real ops)."""
     if x.dim() == 4:  # [B, T, H, d]: broadcast over heads
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.to(x.dtype)
+        rotation = rotation.unsqueeze(2)
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)

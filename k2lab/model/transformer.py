@@ -21,11 +21,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                batch: CacheBatch | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor, batch: CacheBatch | None = None) -> torch.Tensor:
         device = self.input_layernorm.weight.device  # layers may live on different devices (device_map)
-        x, cos, sin = x.to(device), cos.to(device), sin.to(device)
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, self.layer)
+        x, rotation = x.to(device), rotation.to(device)
+        h = x + self.self_attn(self.input_layernorm(x), rotation, batch, self.layer)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -50,9 +49,9 @@ class K2Model(nn.Module):
                 raise ValueError("positions are required when a cache is given")
             positions = torch.arange(t, device=x.device)[None].expand(bsz, t)
         batch = CacheBatch.build(cache, positions, rows) if cache is not None else None
-        cos, sin = self.rotary_emb(positions)
+        rotation = self.rotary_emb(positions)
         for block in self.layers:
-            x = block(x, cos, sin, batch)
+            x = block(x, rotation, batch)
         return self.norm(x)
 
 
