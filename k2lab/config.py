@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention scale for a context extended `factor` times: 0.1 * mscale * ln(factor) + 1."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 163840
@@ -76,9 +81,8 @@ class ModelConfig:
         """(qk_nope + qk_rope)^-0.5, times mscale^2 under YaRN (REFERENCE §3)."""
         scale = self.qk_head_dim**-0.5
         rs = self.rope_scaling
-        if rs and rs.get("mscale_all_dim") and rs["factor"] > 1:
-            m = 0.1 * rs["mscale_all_dim"] * math.log(rs["factor"]) + 1.0
-            scale *= m * m
+        if rs and rs.get("mscale_all_dim"):
+            scale *= yarn_mscale(rs["factor"], rs["mscale_all_dim"]) ** 2
         return scale
 
     def is_moe_layer(self, layer: int) -> bool:

@@ -26,37 +26,32 @@ def _stage(name: str, log: list, fn):
     return out
 
 
-def _generate(checkpoint: Path, new_tokens: int) -> tuple[str, list[int]]:
-    import k2lab
-    from k2lab.tokenizer import Tokenizer
-
-    model, tok = k2lab.load_model(checkpoint, dtype=torch.float32), Tokenizer.load(checkpoint)
-    ids = model.generate(torch.tensor([tok.encode(PROMPT)]), new_tokens)[0].tolist()
-    return tok.decode(ids), ids
-
-
 def _quality(fp_dir: Path, int4_dir: Path, val_file: Path, new_tokens: int) -> dict:
     """Validation loss of both checkpoints and how long their greedy generations agree."""
     import k2lab
+    from k2lab.model import MoE
     from k2lab.quant.checkpoint import has_int4_experts
     from k2lab.quant.qat import evaluate
     from k2lab.train.data import PackedRows
 
     rows = PackedRows(val_file, seed=0).rows[:32]  # the held-out rows pre-training validates on
     fp, q = k2lab.load_model(fp_dir, dtype=torch.float32), k2lab.load_model(int4_dir)
-    assert has_int4_experts(q)
+    if not has_int4_experts(q):
+        raise ValueError(f"{int4_dir} holds no INT4 experts")
     prompt = rows[:4, :16]
     with torch.no_grad():
         a, b = fp.generate(prompt, new_tokens)[:, 16:], q.generate(prompt, new_tokens)[:, 16:]
     same = (a == b).float()
-    first_diff = [int((~(a[i] == b[i])).nonzero()[0]) if not bool(same[i].all()) else new_tokens for i in range(4)]
-    fp_bytes = sum(p.numel() * 2 for b_ in fp.model.layers for n, p in b_.named_parameters() if ".experts." in
-                   f".{n}" and "shared" not in n)
-    q_bytes = sum(t.numel() * t.element_size() for b_ in q.model.layers if hasattr(b_.mlp, "experts")
-                  for t in list(b_.mlp.experts.parameters()) + list(b_.mlp.experts.buffers()))
+    first_diff = [int((a[i] != b[i]).nonzero()[0]) if not bool(same[i].all()) else new_tokens for i in range(4)]
+
+    def expert_bytes(model, bytes_per_value=None) -> int:  # bytes_per_value 2: as if stored in bf16
+        tensors = [t for block in model.model.layers if isinstance(block.mlp, MoE)
+                   for t in [*block.mlp.experts.parameters(), *block.mlp.experts.buffers()]]
+        return sum(t.numel() * (bytes_per_value or t.element_size()) for t in tensors)
+
     return {"val_loss_full_precision": evaluate(fp, rows), "val_loss_int4": evaluate(q, rows),
             "greedy_agreement": same.mean().item(), "tokens_until_first_difference": first_diff,
-            "expert_bytes_int4_over_bf16": q_bytes / fp_bytes}
+            "expert_bytes_int4_over_bf16": expert_bytes(q) / expert_bytes(fp, 2)}
 
 
 def _serve_and_evaluate(int4_dir: Path, run_dir: Path) -> dict:
@@ -83,6 +78,7 @@ def _serve_and_evaluate(int4_dir: Path, run_dir: Path) -> dict:
 
 def run_demo(run_dir: str | Path = "runs/demo", steps: int = 300) -> Path:
     from k2lab.quant.qat import quantize
+    from k2lab.report import generate_text
     from k2lab.train.checkpoint import checkpoint_dirs
     from k2lab.train.pretrain import PretrainSettings, pretrain
 
@@ -94,7 +90,8 @@ def run_demo(run_dir: str | Path = "runs/demo", steps: int = 300) -> Path:
                                 run_dir=str(run_dir / "pretrain"))
     last = _stage("pre-train tiny with MuonClip (tokenizer trained first)", timings, lambda: pretrain(settings))
     checkpoint = checkpoint_dirs(run_dir / "pretrain")[-1]
-    text, _ = _stage("generate from the checkpoint", timings, lambda: _generate(checkpoint, 64))
+    text = PROMPT + _stage("generate from the checkpoint", timings,
+                           lambda: generate_text(checkpoint, PROMPT, None, 64))
     print(text)
     int4_dir = run_dir / "int4"
     _stage("INT4 PTQ -> compressed-tensors checkpoint", timings, lambda: quantize(checkpoint, int4_dir))

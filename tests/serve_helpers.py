@@ -34,9 +34,6 @@ def make_checkpoint(run_dir: Path, steps: int = 8) -> Path:
     return checkpoint_dirs(run_dir)[-1]
 
 
-serving = serve_in_thread
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

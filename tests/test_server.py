@@ -11,7 +11,7 @@ import pytest
 
 from k2lab.serve.sampling import SamplingParams
 from k2lab.serve.server import Server
-from tests.serve_helpers import checkpoint_server, make_checkpoint, scripted_server, serving
+from tests.serve_helpers import checkpoint_server, make_checkpoint, scripted_server, serve_in_thread
 
 MSG = [{"role": "user", "content": "Say hello."}]
 
@@ -28,7 +28,7 @@ def server(checkpoint):
 
 @pytest.fixture(scope="module")
 def url(server):
-    with serving(server) as base:
+    with serve_in_thread(server) as base:
         yield base
 
 
@@ -141,7 +141,7 @@ def test_api_key_and_full_queue(checkpoint, server):
     keyed = Server(server.engine.__class__(server.engine.model, server.tokenizer.id_to_bytes,
                                            server.engine.eos_ids, max_len=64, max_slots=1, max_queue=0),
                    server.tokenizer, "m", api_key="sekret")
-    with serving(keyed) as base:
+    with serve_in_thread(keyed) as base:
         with pytest.raises(openai.AuthenticationError):
             client(base).models.list()
         with pytest.raises(openai.RateLimitError, match="queue is full"):
@@ -152,7 +152,7 @@ def test_api_key_and_full_queue(checkpoint, server):
 def test_disconnect_frees_the_slot(server):
     """A scripted model (test double, 20 ms per step) keeps the request generating while the client leaves."""
     scripted = scripted_server(server.tokenizer, "word " * 300, delay=0.02)
-    with serving(scripted) as base:
+    with serve_in_thread(scripted) as base:
         body = {"model": "scripted", "messages": MSG, "max_tokens": 200, "stream": True}
         with httpx.stream("POST", f"{base}/chat/completions", json=body) as r:
             lines = r.iter_lines()
@@ -183,7 +183,7 @@ CALLS = ("<think>The user wants weather.</think>Checking.<|tool_calls_section_be
 def test_tool_calls_end_to_end_with_scripted_model(server):
     """ScriptedModel is a test double for the network only: it emits CALLS token by token; the engine, chat
     template, server and tool-call parser are the real ones."""
-    with serving(scripted_server(server.tokenizer, CALLS)) as base:
+    with serve_in_thread(scripted_server(server.tokenizer, CALLS)) as base:
         c = client(base)
         kw = dict(model="scripted", messages=[{"role": "user", "content": "Weather in Paris and Rome?"}],
                   tools=TOOLS, temperature=0)

@@ -14,7 +14,7 @@ from k2lab.model import K2ForCausalLM
 from k2lab.serve.engine import Engine
 from k2lab.serve.server import Server
 from k2lab.tokenizer import train_tokenizer
-from tests.serve_helpers import VOCAB, serving, tiny_model_config
+from tests.serve_helpers import VOCAB, serve_in_thread, tiny_model_config
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def base_url():
     torch.manual_seed(0)
     engine = Engine(K2ForCausalLM(tiny_model_config(tok)).eval(), tok.id_to_bytes, (tok.eos_id, tok.im_end_id),
                     max_len=96, max_slots=8)
-    with serving(Server(engine, tok, "fuzz")) as base:
+    with serve_in_thread(Server(engine, tok, "fuzz")) as base:
         yield base
 
 

@@ -12,7 +12,7 @@ from k2lab.model import K2ForCausalLM
 from k2lab.serve.engine import Engine
 from k2lab.serve.server import Server
 from k2lab.tokenizer import train_tokenizer
-from tests.serve_helpers import VOCAB, serving, tiny_model_config
+from tests.serve_helpers import VOCAB, serve_in_thread, tiny_model_config
 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "days", "unit", "alerts"],
            "properties": {"city": {"type": "string", "maxLength": 12},
@@ -32,7 +32,7 @@ def url():
     tok = train_tokenizer(VOCAB, max_bytes=300_000)
     model = K2ForCausalLM(tiny_model_config(tok)).eval()  # random weights
     engine = Engine(model, tok.id_to_bytes, (tok.eos_id, tok.im_end_id), max_len=1024, max_slots=32)
-    with serving(Server(engine, tok, "random")) as base:
+    with serve_in_thread(Server(engine, tok, "random")) as base:
         yield base
 
 

@@ -14,7 +14,7 @@ from k2lab.serve.engine import Engine
 from k2lab.serve.sampling import SamplingParams
 from k2lab.serve.server import Server
 from k2lab.tokenizer import train_tokenizer
-from tests.serve_helpers import VOCAB, serving, tiny_model_config
+from tests.serve_helpers import VOCAB, serve_in_thread, tiny_model_config
 
 WORDS = "alpha beta gamma delta print def class return import yield lambda async await with".split()
 
@@ -61,7 +61,7 @@ def load(parts, clients: int, distinct: int, repeats: int, max_tokens: int = 6):
 
         await asyncio.gather(*map(one, jobs))
 
-    with serving(server) as base:
+    with serve_in_thread(server) as base:
         asyncio.run(go(base))
     assert errors == []
     assert len(outputs) == len(jobs)

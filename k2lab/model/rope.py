@@ -7,11 +7,7 @@ import math
 import torch
 from torch import nn
 
-from k2lab.config import ModelConfig
-
-
-def _mscale(factor: float, mscale: float) -> float:
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+from k2lab.config import ModelConfig, yarn_mscale
 
 
 def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -33,8 +29,8 @@ def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     inv_freq = (inv_extra / factor) * ramp + inv_extra * (1 - ramp)
     m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
-    scale = rs.get("attention_factor") or (_mscale(factor, m) / _mscale(factor, m_all) if m and m_all
-                                           else _mscale(factor, 1))
+    scale = rs.get("attention_factor") or (yarn_mscale(factor, m) / yarn_mscale(factor, m_all) if m and m_all
+                                           else yarn_mscale(factor, 1))
     return inv_freq, scale
 
 
