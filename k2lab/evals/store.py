@@ -1,19 +1,19 @@
-"""Run-directory files: datasets read with line numbers, append-only JSONL logs, atomic writes.
+"""Eval datasets read with line numbers, and the evals' run directories (on `k2lab.runs`).
 
-Answers, grades and reviews are appended one JSON line per item as soon as they exist, with a single
-`write` on an O_APPEND descriptor followed by fsync, so an interrupted run loses at most the line being
-written; readers drop a torn last line. That is what lets `--resume` skip every item already answered.
+Answers, grades and reviews are appended one JSON line per item as soon as they exist (`k2lab.runs.append_jsonl`),
+so an interrupted run loses at most the line being written; readers drop a torn last line. That is what lets
+`--resume` skip every item already answered.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
+
+from k2lab.runs import append_jsonl, read_jsonl, write_atomic, write_json  # noqa: F401  (re-exported for evals)
 
 ON_ERROR = ("skip", "stop")
 
@@ -93,55 +93,6 @@ def require(row: dict, fields: dict[str, type]) -> None:
             raise ValueError(f"field {name!r} must be {typ.__name__}, got {type(row[name]).__name__}")
 
 
-def append_jsonl(path: str | Path, record: dict) -> None:
-    """Append one record as one line, durably; a torn last line left by a killed run is cut off first."""
-    data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            with open(path, "rb") as f:
-                tail = f.read()
-            os.ftruncate(fd, tail.rfind(b"\n") + 1)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """All complete records of an append log ([] if absent); a torn last line is dropped."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    out = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:  # the last line has no newline: it was being written when the run died
-                break
-            raise ValueError(f"{path}:{i + 1}: corrupt record") from None
-    return out
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Write via a temp file in the same directory + rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def open_run(run_dir: Path, log: str, resume: bool, model: str) -> None:
     """Create run_dir for a new run, or check that a resumed run is the same model's."""
     if (run_dir / log).exists():
@@ -156,7 +107,3 @@ def open_run(run_dir: Path, log: str, resume: bool, model: str) -> None:
 def snapshot(run_dir: Path, rows: list[dict]) -> None:
     """Keep the rows a run uses in run_dir/dataset.jsonl, so reports and review do not need the original file."""
     write_atomic(run_dir / "dataset.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def write_json(path: str | Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
