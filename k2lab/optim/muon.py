@@ -90,21 +90,43 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
+            params = [p for p in group["params"] if p.grad is not None]
+            updates = []
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(grad)
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
                 buf = state["momentum_buffer"]
-                buf.lerp_(grad, 1 - mu)
-                update = grad.lerp(buf, mu) if group["nesterov"] else buf
-                dtype = group["ns_dtype"] or (torch.float32 if p.device.type == "cpu" else torch.bfloat16)
-                update = _orthogonalize(update, group["ns_steps"], dtype)
+                buf.lerp_(p.grad, 1 - mu)
+                updates.append(p.grad.lerp(buf, mu) if group["nesterov"] else buf)
+            for p, update in zip(params, self._orthogonalize_all(params, updates, group)):
                 p.mul_(1 - lr * wd)  # decoupled weight decay with the unscaled lr, as in K2 and torch
                 p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape[-2:])))
         return loss
+
+    @staticmethod
+    def _orthogonalize_all(params: list, updates: list, group: dict) -> list:
+        """Newton-Schulz for every update of a group, same-shape matrices batched into one bmm chain.
+
+        A tiny model has ~10 weight shapes over ~100 matrices: one batched iteration per shape instead of one per
+        matrix cuts the step's op count (and its time, bench/train.py) without changing any matrix's result:
+        each matrix is normalized and iterated on its own, only the launches are shared.
+        """
+        out: list = [None] * len(updates)
+        buckets: dict[tuple, list[int]] = {}
+        for i, (p, u) in enumerate(zip(params, updates)):
+            dtype = group["ns_dtype"] or (torch.float32 if p.device.type == "cpu" else torch.bfloat16)
+            if isinstance(u, DTensor):
+                out[i] = _orthogonalize(u, group["ns_steps"], dtype)
+            else:
+                buckets.setdefault((tuple(u.shape[-2:]), u.dtype, u.device, dtype), []).append(i)
+        for (shape, _, _, dtype), idx in buckets.items():
+            stack = torch.cat([updates[i].reshape(-1, *shape) for i in idx]) if len(idx) > 1 \
+                else updates[idx[0]].reshape(-1, *shape)
+            o = zeropower_via_newtonschulz(stack, group["ns_steps"], dtype=dtype).to(stack.dtype)
+            for i, chunk in zip(idx, o.split([updates[i].numel() // (shape[0] * shape[1]) for i in idx])):
+                out[i] = chunk.reshape(updates[i].shape)
+        return out
 
 
 class CombinedOptimizer:
