@@ -71,7 +71,7 @@ def numbers(text: str) -> list[float]:
     return [float(m.replace(",", "")) for m in _NUMBER.findall(_plain(text))]
 
 
-def _as_number(gold: str) -> tuple[float, float] | None:
+def as_number(gold: str) -> tuple[float, float] | None:
     """(value, half a unit of the last written digit) when the gold is one number, else None."""
     found = _NUMBER.findall(gold.strip())
     if len(found) != 1 or words(gold) != words(found[0]):
@@ -99,7 +99,7 @@ def match(answer: str, gold: str, rel_tol: float = 0.0, max_extra_words: int = 6
     """Whether a committed answer states the gold (see the module docstring for the rules)."""
     if asserts_nonexistence(gold):
         return asserts_nonexistence(answer) and not ALTERNATIVE & set(words(answer))
-    num = _as_number(gold)
+    num = as_number(gold)
     if num is not None:
         value, half_unit = num
         found = numbers(answer)
