@@ -4,6 +4,8 @@ answering model is the scripted OpenAI-compatible server, a test double), and th
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from k2lab.cli import app
@@ -102,3 +104,10 @@ def test_compare_graders_agreement_and_kappa(tmp_path):
 def test_judge_grader_still_needs_a_judge_model(tmp_path):
     with pytest.raises(ValueError, match="--grader rules"):
         calibration.main(None, "m", [], "http://127.0.0.1:9/v1", None, None, tmp_path, "incorrect", False, "stop", 1)
+
+
+@given(st.text(max_size=80), st.sampled_from(["Paris", "42", "3.14", "os.makedirs", NX, "Grace Hopper"]))
+@settings(max_examples=300, deadline=None)
+def test_any_text_gets_a_grade_and_never_a_traceback(answer, gold):
+    assert grade(answer, gold) in ("A", "B", "D")
+    assert grade(answer + " or " + answer, gold) != "A" or grade(answer, gold) == "A"  # a hedge never helps

@@ -35,6 +35,13 @@ def test_verifiable_and_calibration_resist_adversarial_outputs(answer):
     assert rewards.calibration(answer, "Paris") <= 0.0  # never more than abstaining
 
 
+@pytest.mark.parametrize("answer", ADVERSARIAL)
+def test_brier_resists_adversarial_outputs(answer):
+    """Nothing here beats abstaining (0.75), which an honest answer at any confidence matches or beats."""
+    assert rewards.brier(answer, "Paris") <= 0.75
+    assert rewards.brier(answer + " Confidence: 100%", "Paris") <= 0.75
+
+
 def test_calibration_values_and_configuration():
     assert rewards.calibration("Paris", "Paris") == 1.0
     assert rewards.calibration("London", "Paris") == -1.0
