@@ -36,6 +36,8 @@ def test_known_cases(answer, gold, letter):
     ("", "Paris", "D"),  # empty
     ("**Answer:**", "Paris", "D"),  # format only
     ("<think></think>```\n```", "42", "D"),
+    ("<think>Maybe Paris?</think>London", "Paris", "B"), ("<think>It is Paris", "Paris", "D"),  # reasoning is no answer
+    ("<think>Is it London?</think>Paris", "Paris", "A"),
     ("I don't know, but it's London.", "Paris", "B"),  # an abstention phrase does not shield a wrong answer
     ("Not sure. Probably 41.", "42", "B"),
     ("London or Paris or Rome", "Paris", "B"),  # the gold hidden in a hedge list

@@ -19,6 +19,9 @@ import math
 import re
 import unicodedata
 
+from k2lab.evals.judge import GRADES
+from k2lab.evals.stats import cohen_kappa, confusion_matrix
+
 ABSTAIN = [r"\bi (?:do not|don'?t|really don'?t) know\b", r"\bnot (?:sure|certain|confident)\b", r"\bunsure\b",
            r"\bno idea\b", r"\b(?:cannot|can'?t|can not|could not|couldn'?t) (?:be sure|be certain|answer|say|tell|"
            r"determine|recall|verify|confirm)\b", r"\bunable to (?:answer|determine|verify|recall|say|confirm)\b",
@@ -42,9 +45,11 @@ _WORD = re.compile(r"[\w'+-]+(?:\.[\w'+-]+)*")
 
 
 def _plain(text: str | None) -> str:
-    """NFKC, case-folded, curly quotes straightened, markdown emphasis, code fences and think tags removed."""
+    """NFKC, case-folded, curly quotes straightened; reasoning (a think block, or an unclosed one to the end),
+    markdown emphasis and code fences removed."""
     text = unicodedata.normalize("NFKC", text or "").casefold().replace("\u2019", "'").replace("\u2018", "'")
-    return re.sub(r"</?think>|```\w*|[*_`#>]+(?=\W|$)|(?<=\W)[*_`#>]+|^[*_`#>]+", " ", text)
+    text = re.sub(r"<think>.*?(?:</think>|$)", " ", text, flags=re.DOTALL)
+    return re.sub(r"```\w*|[*_`#>]+(?=\W|$)|(?<=\W)[*_`#>]+|^[*_`#>]+", " ", text)
 
 
 def words(text: str | None) -> list[str]:
@@ -138,8 +143,6 @@ class RulesJudge:
     name = "rules"
 
     async def grade(self, question: str, gold: str, answer: str) -> dict:
-        from k2lab.evals.judge import GRADES
-
         letter = grade(answer, gold)
         return {"judge": self.name, "grade": letter, "label": GRADES[letter], "attempts": 1,
                 "explanation": "deterministic rules (k2lab.evals.rules)", "replies": []}
@@ -148,9 +151,6 @@ class RulesJudge:
 def compare_graders(items: list[dict]) -> dict:
     """The rules grade against the judges' vote on the same items (from `calibration.load_items`): agreement,
     Cohen's kappa, the confusion matrix (judge rows, rules columns, letters A-D) and the disagreements."""
-    from k2lab.evals.judge import GRADES
-    from k2lab.evals.stats import cohen_kappa, confusion_matrix
-
     pairs = [(i, i["judge_grade"], grade(i["answer"], i["gold"])) for i in items if i.get("judge_grade")]
     if not pairs:
         raise ValueError("compare_graders: no item has a judge grade; run the calibration eval with judges first")
