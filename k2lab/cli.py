@@ -179,7 +179,7 @@ def eval_calibration(
     on_error: str = _ON_ERROR,
     concurrency: int = typer.Option(8),
     grader: str = typer.Option("judge", help="'judge' (LLM judges, free-form answers) or 'rules' (deterministic, "
-                                             "offline: normalized match and abstention detection, closed-form answers)"),
+                               "offline: normalized match and abstention detection, closed-form answers)"),
 ) -> None:
     """AA-Omniscience-style calibration: Omniscience Index, accuracy, hallucination rate per domain."""
     from k2lab.evals import calibration
@@ -191,7 +191,9 @@ def eval_calibration(
 
 
 @eval_app.command("compare-graders")
-def eval_compare_graders(run_dir: str = typer.Argument(..., help="a calibration run directory graded by judges")) -> None:
+def eval_compare_graders(
+    run_dir: str = typer.Argument(..., help="a calibration run directory graded by judges"),
+) -> None:
     """Grade a judged calibration run again with the deterministic rules: agreement, Cohen's kappa, disagreements."""
     from k2lab.evals import calibration, rules
     from k2lab.runs import write_json

@@ -79,7 +79,8 @@ def test_grader_rules_end_to_end_asks_no_judge(tmp_path, monkeypatch):
                                        "--run-dir", str(tmp_path / "run")])
         assert out.exit_code == 0, out.output
         assert srv.stats.requests == len(SEED)  # answers only
-    grades = {g["id"]: g["grade"] for g in map(json.loads, (tmp_path / "run" / "grades.jsonl").read_text().splitlines())}
+    lines = (tmp_path / "run" / "grades.jsonl").read_text().splitlines()
+    grades = {g["id"]: g["grade"] for g in map(json.loads, lines)}
     assert grades == {"q1": "A", "q2": "B", "q3": "D", "q4": "B", "q5": "A", "q6": "B"}
     o = json.loads((tmp_path / "run" / "results.json").read_text())["overall"]
     assert (o["correct"], o["incorrect"], o["not_attempted"]) == (2, 3, 1)

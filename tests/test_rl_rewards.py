@@ -126,7 +126,8 @@ def test_budget_truncates_and_penalizes():
 def test_repeating_the_answer_never_pays_with_a_budget():
     """The answer repeated many times earns no more than once, and over the budget it loses the penalty."""
     once, many = "Paris", "Paris " * 200
-    total_once, _ = rewards.compose({"calibration": rewards.calibration(once, "Paris"), "budget": rewards.budget(False)})
+    total_once, _ = rewards.compose({"calibration": rewards.calibration(once, "Paris"),
+                                     "budget": rewards.budget(False)})
     total_many, parts = rewards.compose({"calibration": rewards.calibration(many, "Paris"),
                                          "budget": rewards.budget(True, 1.0)})
     assert total_many < total_once and parts["budget"] == -1.0
