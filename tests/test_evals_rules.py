@@ -104,9 +104,12 @@ def test_compare_graders_agreement_and_kappa(tmp_path):
     assert json.loads((tmp_path / "run" / "grader_agreement.json").read_text())["agreement"] == pytest.approx(5 / 6)
 
 
-def test_judge_grader_still_needs_a_judge_model(tmp_path):
+def test_grader_and_judge_models_must_agree(tmp_path):
     with pytest.raises(ValueError, match="--grader rules"):
         calibration.main(None, "m", [], "http://127.0.0.1:9/v1", None, None, tmp_path, "incorrect", False, "stop", 1)
+    with pytest.raises(ValueError, match="drop --judge-model"):
+        calibration.main(None, "m", ["j"], "http://127.0.0.1:9/v1", None, None, tmp_path, "incorrect", False, "stop", 1,
+                         "rules")
 
 
 @given(st.text(max_size=80), st.sampled_from(["Paris", "42", "3.14", "os.makedirs", NX, "Grace Hopper"]))

@@ -200,6 +200,8 @@ def main(dataset: str | Path | None, model: str | None, judge_models: list[str],
         raise ValueError(f"--grader must be 'judge' or 'rules', got {grader!r}")
     if grader == "judge" and not judge_models:
         raise ValueError("calibration needs at least one --judge-model (or --grader rules for closed-form answers)")
+    if grader == "rules" and judge_models:
+        raise ValueError("--grader rules grades without judges; drop --judge-model or use --grader judge")
     answerer = LLM(base_url=base_url, model=model, max_concurrency=concurrency)
     judges = [Judge(LLM(base_url=judge_base_url or base_url, api_key=judge_api_key, model=m,
                         max_concurrency=concurrency)) for m in judge_models] if grader == "judge" else [RulesJudge()]
