@@ -178,14 +178,30 @@ def eval_calibration(
     resume: bool = typer.Option(False, help="continue a run without re-asking answered items"),
     on_error: str = _ON_ERROR,
     concurrency: int = typer.Option(8),
+    grader: str = typer.Option("judge", help="'judge' (LLM judges, free-form answers) or 'rules' (deterministic, "
+                               "offline: normalized match and abstention detection, closed-form answers)"),
 ) -> None:
     """AA-Omniscience-style calibration: Omniscience Index, accuracy, hallucination rate per domain."""
     from k2lab.evals import calibration
 
-    r = calibration.main(dataset, model, judge_model, base_url, judge_base_url, judge_api_key, run_dir, partial,
-                         resume, on_error, concurrency)
+    r = calibration.main(dataset, model, judge_model or [], base_url, judge_base_url, judge_api_key, run_dir, partial,
+                         resume, on_error, concurrency, grader)
     typer.echo(f"Omniscience Index {r['overall']['omniscience_index']}  accuracy {r['overall']['accuracy']}  "
                f"hallucination rate {r['overall']['hallucination_rate']}  -> {run_dir}/report.md")
+
+
+@eval_app.command("compare-graders")
+def eval_compare_graders(
+    run_dir: str = typer.Argument(..., help="a calibration run directory graded by judges"),
+) -> None:
+    """Grade a judged calibration run again with the deterministic rules: agreement, Cohen's kappa, disagreements."""
+    from k2lab.evals import calibration, rules
+    from k2lab.runs import write_json
+
+    r = rules.compare_graders(calibration.load_items(run_dir))
+    write_json(f"{run_dir}/grader_agreement.json", r)
+    typer.echo(f"{r['items']} items  agreement {r['agreement']:.3f}  kappa {r['cohen_kappa']}  "
+               f"-> {run_dir}/grader_agreement.json")
 
 
 @eval_app.command("toolcalls")

@@ -190,20 +190,26 @@ def finalize(run_dir: str | Path) -> dict:
 
 def main(dataset: str | Path | None, model: str | None, judge_models: list[str], base_url: str | None,
          judge_base_url: str | None, judge_api_key: str | None, run_dir: str | Path, partial: str,
-         resume: bool, on_error: str, concurrency: int) -> dict:
-    """`k2lab eval calibration`: endpoints and keys default to K2LAB_* / OPENAI_* (see agents/llm.py)."""
+         resume: bool, on_error: str, concurrency: int, grader: str = "judge") -> dict:
+    """`k2lab eval calibration`: endpoints and keys default to K2LAB_* / OPENAI_* (see agents/llm.py).
+    grader "judge" grades with the LLM judges; "rules" with the deterministic grader (rules.py), offline."""
     from k2lab.agents.llm import LLM
+    from k2lab.evals.rules import RulesJudge
 
-    if not judge_models:
-        raise ValueError("calibration needs at least one --judge-model")
+    if grader not in ("judge", "rules"):
+        raise ValueError(f"--grader must be 'judge' or 'rules', got {grader!r}")
+    if grader == "judge" and not judge_models:
+        raise ValueError("calibration needs at least one --judge-model (or --grader rules for closed-form answers)")
+    if grader == "rules" and judge_models:
+        raise ValueError("--grader rules grades without judges; drop --judge-model or use --grader judge")
     answerer = LLM(base_url=base_url, model=model, max_concurrency=concurrency)
     judges = [Judge(LLM(base_url=judge_base_url or base_url, api_key=judge_api_key, model=m,
-                        max_concurrency=concurrency)) for m in judge_models]
+                        max_concurrency=concurrency)) for m in judge_models] if grader == "judge" else [RulesJudge()]
 
     async def go() -> dict:
         try:
             return await run_calibration(dataset or SEED_DATASET, answerer, judges, run_dir, partial, resume, on_error)
         finally:
-            for llm in [answerer] + [j.llm for j in judges]:
+            for llm in [answerer] + [j.llm for j in judges if isinstance(j, Judge)]:
                 await llm.aclose()
     return asyncio.run(go())

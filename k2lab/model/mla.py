@@ -119,8 +119,9 @@ class MLA(nn.Module):
         return k_nope, v, k_rope
 
     def forward(self, x: torch.Tensor, rotation: torch.Tensor, batch: CacheBatch | None = None,
-                layer: int = 0) -> torch.Tensor:
-        """x [B, T, D]; rotation [B or 1, T, rope/2] (complex, from RotaryEmbedding) -> [B, T, D]."""
+                layer: int = 0, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D]; rotation [B or 1, T, rope/2] (complex, from RotaryEmbedding) -> [B, T, D].
+        attn_mask [B, 1, T, T] (True = may attend), without a cache only: replaces the causal mask (packing)."""
         bsz, t, _ = x.shape
         q_nope, q_rope = self._query(x, rotation)
         latent = self._latent(x, rotation)
@@ -137,8 +138,11 @@ class MLA(nn.Module):
         v = v.transpose(1, 2)
         if batch is None:
             if self.track_max_logits:
-                self.max_logits = self._max_logits(q, k)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+                self.max_logits = self._max_logits(q, k, attn_mask)
+            if attn_mask is None:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.softmax_scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, scale=self.softmax_scale)
         out = out[..., : self.v_head_dim]
@@ -156,8 +160,9 @@ class MLA(nn.Module):
         return torch.einsum("bthr,hvr->bthv", o_lat, w_uv)  # v folded into the output
 
     @torch.no_grad()
-    def _max_logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """softmax_scale * max over batch and causal pairs of q.k, per head, chunked over queries: [H] fp32."""
+    def _max_logits(self, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """softmax_scale * max over batch and attended pairs (causal, or attn_mask) of q.k, per head, chunked
+        over queries: [H] fp32."""
         bsz, h, t, _ = q.shape
         chunk = max(1, (1 << 22) // max(1, bsz * h * t))
         best = torch.full((h,), float("-inf"), device=q.device)
@@ -165,7 +170,10 @@ class MLA(nn.Module):
         for start in range(0, t, chunk):
             qc = q[:, :, start:start + chunk].float()
             scores = qc @ k.float().transpose(-1, -2)  # [B, H, c, T]
-            causal = keys[None, :] <= torch.arange(start, start + qc.shape[2], device=q.device)[:, None]
-            scores = scores.masked_fill(~causal, float("-inf"))
+            if attn_mask is None:
+                allowed = keys[None, :] <= torch.arange(start, start + qc.shape[2], device=q.device)[:, None]
+            else:
+                allowed = attn_mask[:, :, start:start + qc.shape[2]]
+            scores = scores.masked_fill(~allowed, float("-inf"))
             best = torch.maximum(best, scores.amax(dim=(0, 2, 3)))
         return best * self.softmax_scale

@@ -21,10 +21,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, rotation: torch.Tensor, batch: CacheBatch | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: torch.Tensor, batch: CacheBatch | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         device = self.input_layernorm.weight.device  # layers may live on different devices (device_map)
         x, rotation = x.to(device), rotation.to(device)
-        h = x + self.self_attn(self.input_layernorm(x), rotation, batch, self.layer)
+        attn_mask = attn_mask.to(device) if attn_mask is not None else None
+        h = x + self.self_attn(self.input_layernorm(x), rotation, batch, self.layer, attn_mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -39,11 +41,16 @@ class K2Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: LatentCache | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
+                rows: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         bsz, t = x.shape[:2]
+        attn_mask = None
+        if document_ids is not None:
+            if cache is not None or positions is not None:
+                raise ValueError("document_ids (packed rows) go without a cache and without positions")
+            positions, attn_mask = packed_positions_and_mask(document_ids.to(x.device))
         if positions is None:
             if cache is not None:
                 raise ValueError("positions are required when a cache is given")
@@ -51,8 +58,23 @@ class K2Model(nn.Module):
         batch = CacheBatch.build(cache, positions, rows) if cache is not None else None
         rotation = self.rotary_emb(positions)
         for block in self.layers:
-            x = block(x, rotation, batch)
+            x = block(x, rotation, batch, attn_mask)
         return self.norm(x)
+
+
+def packed_positions_and_mask(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed rows [B, T] where each run of equal ids is one document: positions that restart at 0 in every
+    document [B, T], and a block-diagonal causal mask [B, 1, T, T] (True = may attend) so no token sees
+    another document."""
+    bsz, t = document_ids.shape
+    idx = torch.arange(t, device=document_ids.device).expand(bsz, t)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # start of each token's run
+    run = starts.cumsum(dim=1)  # runs, not ids, so a repeated id later in the row is another document
+    causal = torch.ones(t, t, dtype=torch.bool, device=document_ids.device).tril()
+    mask = (run[:, :, None] == run[:, None, :]) & causal
+    return idx - first, mask[:, None]
 
 
 class K2ForCausalLM(nn.Module):
@@ -81,11 +103,12 @@ class K2ForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, cache: LatentCache | None = None,
-                rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab]. Without a cache: causal attention over the given tokens. With a cache: the
-        tokens sit at `positions` [B, T] of cache slots `rows` [B] (default 0..B-1) and attend to what is
-        cached there, absorbed (latent-only) for short inputs."""
-        h = self.model(input_ids, inputs_embeds, positions, cache, rows)
+                rows: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab]. Without a cache: causal attention over the given tokens; with `document_ids`
+        [B, T] (packed rows) attention stays within each run of equal ids and positions restart per run.
+        With a cache: the tokens sit at `positions` [B, T] of cache slots `rows` [B] (default 0..B-1) and
+        attend to what is cached there, absorbed (latent-only) for short inputs."""
+        h = self.model(input_ids, inputs_embeds, positions, cache, rows, document_ids)
         return self.lm_head(h.to(self.lm_head.weight.device))
 
     def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:

@@ -1,0 +1,1 @@
+"""Reinforcement learning for post-training: trajectories (token in, token out), losses, rewards."""

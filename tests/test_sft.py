@@ -1,0 +1,179 @@
+"""SFT data side: packed rows compute exactly what each conversation computes alone (block-diagonal mask,
+positions restarting per document), loss masks select exactly the assistant's output, batches are a pure
+function of (seed, step), and sft_loss is the masked cross-entropy."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from k2lab.optim.qk_clip import track_max_logits
+from k2lab.tokenizer.chat import render_assistant
+from k2lab.train.sft import PAD_DOCUMENT, batches_from, pack, read_conversations, sft_batches, sft_loss
+from tests.conftest import random_model, tiny_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(tiny_config(), seed=3)
+
+
+def random_docs(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 500, (n,), generator=g).tolist(), [0] + [1] * (n - 1)) for n in lengths]
+
+
+@torch.no_grad()
+def test_packed_row_logits_equal_each_conversation_alone(model):
+    docs = random_docs([7, 12, 5, 9, 16])
+    packed = pack(docs, seq_len=26, pad_id=511)
+    assert packed.document_ids[0].tolist()[:25] == [0] * 7 + [1] * 12 + [2] * 5 + [-1] and packed.dropped == []
+    logits = model(packed.input_ids, document_ids=packed.document_ids)
+    for doc, (ids, _) in enumerate(docs):
+        alone = model(torch.tensor([ids]))[0]
+        row, cols = (packed.document_ids == doc).nonzero(as_tuple=True)
+        torch.testing.assert_close(logits[row, cols], alone, atol=1e-5, rtol=0)
+    # without the document ids the later conversations see the earlier ones: the mask is what makes them equal
+    mixed = model(packed.input_ids)[0, 7:19]
+    assert (mixed - model(torch.tensor([docs[1][0]]))[0]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_packed_max_logits_are_those_of_the_documents(model):
+    """QK-Clip statistics on packed rows count only pairs that attend (same document, causal)."""
+    docs = random_docs([6, 10], seed=1)
+    packed = pack(docs, seq_len=16, pad_id=511)
+    track_max_logits(model)
+    try:
+        model(packed.input_ids, document_ids=packed.document_ids)
+        packed_max = [m.self_attn.max_logits.clone() for m in model.model.layers]
+        alone = []
+        for ids, _ in docs:
+            model(torch.tensor([ids]))
+            alone.append([m.self_attn.max_logits.clone() for m in model.model.layers])
+    finally:
+        track_max_logits(model, False)
+    for layer, got in enumerate(packed_max):
+        torch.testing.assert_close(got, torch.maximum(alone[0][layer], alone[1][layer]))
+
+
+def test_document_ids_refuse_a_cache(model):
+    with pytest.raises(ValueError, match="without a cache"):
+        model(torch.zeros(1, 4, dtype=torch.long), document_ids=torch.zeros(1, 4, dtype=torch.long),
+              positions=torch.arange(4)[None])
+
+
+CONVERSATIONS = [
+    {"messages": [{"role": "system", "content": "You help with weather."},
+                  {"role": "user", "content": "Weather in Paris?"},
+                  {"role": "assistant", "content": "", "reasoning_content": "I should call the tool.",
+                   "tool_calls": [{"id": "functions.get_weather:0", "type": "function",
+                                   "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+                  {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "18 C, sunny"},
+                  {"role": "assistant", "content": "It is 18 C and sunny in Paris."}],
+     "tools": [{"type": "function", "function": {"name": "get_weather", "description": "Current weather",
+                                                 "parameters": {"type": "object",
+                                                                "properties": {"city": {"type": "string"}}}}}]},
+    {"messages": [{"role": "user", "content": "Who wrote the Zarnik Codex?"},
+                  {"role": "assistant", "content": "I don't know."}]},
+    {"messages": [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"},
+                  {"role": "user", "content": "times 3?"}, {"role": "assistant", "content": "12"}]},
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def spans(ids, mask):
+    out, cur = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            cur.append(i)
+        elif cur:
+            out.append(cur)
+            cur = []
+    return out + ([cur] if cur else [])
+
+
+def test_loss_mask_selects_exactly_assistant_tokens(tok, tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", CONVERSATIONS)
+    batches, packed = sft_batches([data], tok, seq_len=400, batch_size=2, seed=0)
+    assert packed.dropped == []
+    seen = set()
+    for r in range(len(packed.input_ids)):
+        for doc in sorted(set(packed.document_ids[r].tolist()) - {PAD_DOCUMENT}):
+            sel = packed.document_ids[r] == doc
+            ids, mask = packed.input_ids[r][sel].tolist(), packed.loss_mask[r][sel].tolist()
+            want = [render_assistant(m) + "<|im_end|>" for m in CONVERSATIONS[doc]["messages"]
+                    if m["role"] == "assistant"]
+            assert [tok.decode(s) for s in spans(ids, mask)] == want
+            seen.add(doc)
+    assert seen == {0, 1, 2}
+    assert (packed.loss_mask[packed.document_ids == PAD_DOCUMENT] == 0).all()
+    assert set(batches(0)) == {"input_ids", "loss_mask", "document_ids"} and batches(0)["input_ids"].shape == (2, 400)
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    packed = pack(random_docs([5] * 10), seq_len=10, pad_id=511)  # 5 rows of two conversations
+    b = batches_from(packed, batch_size=2, seed=7)
+    again = batches_from(packed, batch_size=2, seed=7)
+    for step in (0, 3, 11):
+        for key in ("input_ids", "loss_mask", "document_ids"):
+            assert torch.equal(b(step)[key], again(step)[key])
+    epoch = torch.cat([b(s)["input_ids"] for s in range(5)])  # 10 rows = two epochs of 5
+    for half in (epoch[:5], epoch[5:]):
+        assert sorted(map(tuple, half.tolist())) == sorted(map(tuple, packed.input_ids.tolist()))
+    assert not torch.equal(epoch[:5], epoch[5:])  # each epoch is its own permutation
+    other = batches_from(packed, batch_size=2, seed=8)
+    assert any(not torch.equal(b(s)["input_ids"], other(s)["input_ids"]) for s in range(5))
+
+
+def test_sft_loss_is_masked_cross_entropy_per_conversation(model):
+    docs = random_docs([6, 9, 4], seed=2)
+    docs[1] = (docs[1][0], [0, 0, 0, 1, 1, 0, 1, 1, 1])
+    packed = pack(docs, seq_len=20, pad_id=511)
+    batch = batches_from(packed, batch_size=1, seed=0)(0)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in docs:
+            logits = model(torch.tensor([ids]))[0, :-1]
+            m = torch.tensor(mask[1:]).bool()
+            total += float(F.cross_entropy(logits[m], torch.tensor(ids[1:])[m], reduction="sum"))
+            count += int(m.sum())
+        assert float(sft_loss(model, batch)) == pytest.approx(total / count, rel=1e-5)
+    # it trains: a few steps on the batch lower it
+    trained = random_model(tiny_config(), seed=3).train()
+    opt = torch.optim.Adam(trained.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(5):
+        loss = sft_loss(trained, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_packing_drops_what_does_not_fit_and_reports_it():
+    packed = pack(random_docs([4, 30, 6]), seq_len=10, pad_id=511)
+    assert packed.dropped == [1] and packed.input_ids.shape == (1, 10) and packed.fill == 1.0
+    with pytest.raises(ValueError, match="no conversation fits"):
+        pack(random_docs([30]), seq_len=10, pad_id=511)
+
+
+def test_bad_input_names_file_and_line(tmp_path, tok):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(CONVERSATIONS[1]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not JSON"):
+        read_conversations([bad])
+    with pytest.raises(ValueError, match="no such file"):
+        read_conversations([tmp_path / "missing.jsonl"])
+    no_answer = write_jsonl(tmp_path / "q.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(ValueError, match=r"q.jsonl:1: no assistant message"):
+        sft_batches([no_answer], tok, seq_len=64, batch_size=1)
+    bad_role = write_jsonl(tmp_path / "r.jsonl", [{"messages": [{"role": "robot", "content": "hi"}]}])
+    with pytest.raises(ValueError, match=r"r.jsonl:1: messages\[0\]: role"):
+        sft_batches([bad_role], tok, seq_len=64, batch_size=1)
