@@ -1,6 +1,6 @@
 """INT4 models in checkpoints: PTQ, and the compressed-tensors `pack-quantized` codec for the routed experts.
 
-`PackQuantizedExperts` is registered with k2lab.checkpoint when k2lab.quant is imported (see k2lab/quant/__init__.py): saving writes each
+`PackQuantizedExperts` is registered with k2lab.checkpoint when k2lab.quant is imported: saving writes each
 `Int4Experts` as per-expert `weight_packed` / `weight_scale` / `weight_shape` plus config.json's
 `quantization_config`; loading checks them against that config (group size, shapes, the ignore list) and builds
 `Int4Experts` without ever expanding the experts to full precision. Everything else goes through the generic code.
