@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from k2lab.checkpoint.codecs import LoadRequest
-from k2lab.checkpoint.files import CheckpointError, read_config
-from k2lab.checkpoint.hf import load_weights
+from k2lab.checkpoint.files import CheckpointError, read_config, read_index
+from k2lab.checkpoint.hf import VISION_PREFIXES, load_weights
 from k2lab.model.multimodal import K2VLForConditionalGeneration, has_vision
 
 
@@ -28,4 +28,7 @@ def load_multimodal(path: str | Path, device: torch.device | str = "cpu", dtype:
             model = K2VLForConditionalGeneration(config)
     except ValueError as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+    if not any(name.startswith(VISION_PREFIXES) for name in read_index(path).files):
+        raise CheckpointError(f"{path}/config.json has a vision_config but the checkpoint holds no vision_tower / "
+                              "mm_projector tensors; load its language model with text_only=True")
     return load_weights(model, raw, LoadRequest(path, "", device, dtype, device_map))
