@@ -141,7 +141,7 @@ def test_only_the_checkpoint_package_opens_safetensors_and_it_does_not_import_qu
 
 def test_int4_codec_is_found_only_once_quant_registers_it(hf_checkpoint, tmp_path):
     """k2lab.checkpoint alone names the missing codec; k2lab.load_model imports k2lab.quant, which registers it."""
-    model = quantize_experts_(k2lab.load_model(hf_checkpoint[0], text_only=True))
+    model = quantize_experts_(k2lab.load_model(hf_checkpoint[0]))
     k2lab.save_model(model, tmp_path)
     script = ("import sys; from k2lab.checkpoint import load_model\n"
               f"try: load_model({str(tmp_path)!r})\n"
