@@ -112,10 +112,11 @@ def test_configs_are_read_as_transformers_reads_them(hf_checkpoint, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     model = k2lab.load_model(tmp_path)
     assert model.mm_projector.proj[2].out_features == 64 and model.mm_projector.pre_norm.eps == 1e-5
-    for key, value, message in [("hidden_act", "gelu", "vision_config.hidden_act 'gelu'"),
-                                ("rope_interleave", False, "rope_interleave false")]:
+    for section, key, value, message in [("vision_config", "hidden_act", "gelu", "vision_config.hidden_act 'gelu'"),
+                                         ("text_config", "hidden_act", "gelu", "hidden_act 'gelu'"),
+                                         ("text_config", "rope_interleave", False, "rope_interleave false")]:
         bad = json.loads(json.dumps(config))
-        (bad["vision_config"] if key == "hidden_act" else bad["text_config"])[key] = value
+        bad[section][key] = value
         (tmp_path / "config.json").write_text(json.dumps(bad))
         with pytest.raises(CheckpointError, match=message):
             k2lab.load_model(tmp_path)
