@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from k2lab.checkpoint.multimodal import save_multimodal  # noqa: E402
+from k2lab.checkpoint import save_model  # noqa: E402
 from k2lab.config import ModelConfig  # noqa: E402
 from k2lab.model.multimodal import K2VLForConditionalGeneration, multimodal_config  # noqa: E402
 from k2lab.model.vision import VisionConfig  # noqa: E402
@@ -50,7 +50,7 @@ def main() -> None:
     vision = dataclasses.replace(VisionConfig.preset("moonvit"), num_hidden_layers=LAYERS)
     model = K2VLForConditionalGeneration(multimodal_config(ModelConfig.preset("tiny"), vision)).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        save_multimodal(model, tmp)
+        save_model(model, tmp)
         hf = Kimi_K25ForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32).eval()
     grid_thw = torch.tensor(GRID)
     pixel_values = torch.randn(sum(t * h * w for t, h, w in GRID), 3, 14, 14)

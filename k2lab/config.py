@@ -112,6 +112,11 @@ class ModelConfig:
         d = dict(d)
         names = {f.name for f in dataclasses.fields(cls)}
         kw: dict[str, Any] = {}
+        # Keys transformers reads that change the computation in ways k2lab does not model: refuse, never ignore.
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {d['hidden_act']!r}: the K2 family computes with 'silu' only")
+        if d.get("rope_interleave", True) is False:
+            raise ValueError("rope_interleave false: k2lab reads the released (interleaved) RoPE layout only")
         rope = d.pop("rope_parameters", None)  # transformers 5 form: rope_theta and the scaling in one dict
         if rope is not None:
             rope = dict(rope)
@@ -127,6 +132,8 @@ class ModelConfig:
             kw["rope_scaling"] = {"type": kind, **scaling}
         # Keys outside the dataclass (hidden_act, topk_method, ...) are fixed for this family and not modelled.
         kw.update({k: v for k, v in d.items() if k in names and k != "wrapper"})
+        if wrapper is not None:  # transformers ties the head by the wrapper's flag (default true), not text_config's
+            kw["tie_word_embeddings"] = wrapper.get("tie_word_embeddings", True)
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0]
         if kw.get("rope_scaling"):

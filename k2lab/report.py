@@ -39,9 +39,9 @@ def model_info(preset: str | None = None, checkpoint: str | Path | None = None) 
 
 def generate_text(checkpoint: str | Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> str:
-    from k2lab.checkpoint import load_model
+    import k2lab
 
-    model = load_model(checkpoint, dtype=torch.float32)
+    model = k2lab.load_model(checkpoint, dtype=torch.float32, text_only=True)
     tokenizer = None
     if prompt is not None:
         from k2lab.tokenizer import Tokenizer

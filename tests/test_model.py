@@ -84,7 +84,28 @@ def test_experts_sorted_compute_equals_per_token_loop():
             h = torch.nn.functional.silu(ex.gate_proj[e] @ x[n]) * (ex.up_proj[e] @ x[n])
             ref[n] += w[n, j] * (ex.down_proj[e] @ h)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert moe.last_load is None or moe.last_load.sum() >= 0
+
+
+def test_last_load_counts_the_tokens_routed_to_each_expert_in_the_last_forward():
+    """The balancer's input, against a per-token transcription of noaux_tc (REFERENCE.md §3): choose by sigmoid
+    score + bias among the topk_group groups whose two best experts score highest."""
+    config = tiny_config()
+    moe = random_model(config).model.layers[1].mlp
+    group_size = config.n_routed_experts // config.n_group
+    for tokens in (13, 40):  # each forward replaces the previous count
+        x = torch.randn(1, tokens, config.hidden_size)
+        with torch.no_grad():
+            moe(x)
+        expected = [0] * config.n_routed_experts
+        for row in x[0]:
+            choice = ((moe.gate.weight @ row).sigmoid() + moe.gate.e_score_correction_bias).tolist()
+            groups = sorted(range(config.n_group), reverse=True, key=lambda g: sum(
+                sorted(choice[g * group_size:(g + 1) * group_size], reverse=True)[:2]))[:config.topk_group]
+            allowed = [e for e in range(config.n_routed_experts) if e // group_size in groups]
+            for e in sorted(allowed, key=lambda e: choice[e], reverse=True)[:config.num_experts_per_tok]:
+                expected[e] += 1
+        assert moe.last_load.tolist() == expected
+        assert sum(expected) == tokens * config.num_experts_per_tok
 
 
 def test_backward_reaches_every_parameter():

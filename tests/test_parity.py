@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import k2lab
+from k2lab.checkpoint import CheckpointError
 from tests.conftest import random_model, tiny_config
 
 transformers = pytest.importorskip("transformers")
@@ -92,7 +93,9 @@ def test_kimi_k25_wrapper_text_only(tmp_path):
     ids = torch.randint(0, 256, (2, 40))
     with torch.no_grad():
         assert (model(ids) - hf(input_ids=ids).logits).abs().max().item() <= 1e-4
-    reloaded = k2lab.load_model(tmp_path)
+    with pytest.raises(CheckpointError, match="no vision_tower .* text_only=True"):
+        k2lab.load_model(tmp_path)  # a vision_config but only the text model stored
+    reloaded = k2lab.load_model(tmp_path, text_only=True)
     assert reloaded.config.wrapper is not None
     with torch.no_grad():
         assert torch.equal(reloaded(ids), model(ids))

@@ -6,16 +6,24 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+from compressed_tensors.quantization import QuantizationConfig
+
 import k2lab
 from k2lab.checkpoint import CheckpointError
 from k2lab.model import Experts
 from k2lab.quant import format as ct
-from k2lab.quant import int4
 from k2lab.quant.checkpoint import quantize_experts_
 from k2lab.quant.experts import Int4Experts
 from tests.conftest import random_model, read_checkpoint_tensors, tiny_config
 
 EXPERT = "model.layers.1.mlp.experts.3.down_proj"
+SCHEME = QuantizationConfig.model_validate(ct.quantization_config()).config_groups["group_0"]
+
+
+def decompress(tensors, linear):
+    """compressed-tensors' dequantization of one stored Linear (the reference for what the checkpoint means)."""
+    return PackedQuantizationCompressor.decompress({s: tensors[f"{linear}.{s}"] for s in ct.SUFFIXES}, SCHEME)["weight"]
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +67,25 @@ def test_load_keeps_experts_packed_and_reproduces_the_model(int4_ckpt):
     assert isinstance(loaded.model.layers[1].mlp.experts, Int4Experts)
     assert not any(p.dtype == torch.int32 for p in loaded.parameters())
     ids = torch.randint(0, 500, (2, 12))
-    calls = []  # (experts module, its inputs, its output) for every MoE layer of one forward
-    hooks = [m.register_forward_hook(lambda mod, args, out: calls.append((mod, args, out)))
-             for m in loaded.modules() if isinstance(m, Int4Experts)]
+    cfg = tiny_config()
+    calls = []  # (layer, its inputs, its output) for every MoE layer of one forward
+    moe_layers = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    hooks = [loaded.model.layers[i].mlp.experts.register_forward_hook(
+        lambda mod, args, out, i=i: calls.append((i, args, out))) for i in moe_layers]
+    tensors = read_checkpoint_tensors(path)
     with torch.no_grad():
         assert torch.equal(loaded(ids), q(ids))
         for h in hooks:
             h.remove()
         assert len(calls) == 2
         # On the model's own activations and routing, INT4 compute equals full-precision experts holding the
-        # dequantized weights, to bf16 precision (W4A16: activations go through bf16).
-        for mod, args, out in calls:
-            ref = Experts(mod.n_experts, *reversed(mod.shapes["gate_proj"]))
-            for p, w in zip(("gate_proj", "up_proj", "down_proj"), mod.dequantized()):
-                getattr(ref, p).data = w
+        # weights compressed-tensors decompresses from the checkpoint, to bf16 precision (W4A16: activations go
+        # through bf16).
+        for layer, args, out in calls:
+            ref = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                linears = [f"model.layers.{layer}.mlp.experts.{e}.{p}" for e in range(cfg.n_routed_experts)]
+                getattr(ref, p).data = torch.stack([decompress(tensors, n) for n in linears]).float()
             expected = ref(*args)
             assert (out - expected).abs().max() <= 2e-2 * expected.abs().max()
 
@@ -162,11 +175,18 @@ def test_bytes_ratio_on_a_loaded_model(int4_ckpt):
     assert sum(e.weight_bytes() for e in experts) / (2 * n_weights) == 4.5 / 16
 
 
-def test_dequantized_matches_the_scheme():
-    torch.manual_seed(0)
-    w = torch.randn(64, 96)
-    t = ct.compress(w)
-    assert torch.equal(ct.decompress("x", t, 32), int4.dequantize(*int4.quantize(w)))
+def test_compress_decompresses_with_compressed_tensors_to_hand_computed_values():
+    w = torch.zeros(16, 32)
+    w[0, :4] = torch.tensor([3.0, -3.0, 1.0, 0.6])  # max 3: scale 3 / 7.5 = 0.4 -> bf16 0.400390625
+    w[1, :3] = torch.tensor([-7.5, 7.5, 2.5])  # scale exactly 1
+    w[2:] = torch.randn(14, 32)
+    stored = ct.compress(w)
+    weight = PackedQuantizationCompressor.decompress(stored, SCHEME)["weight"].float()
+    # 3 / s = 7.49 -> 7, 1 / s = 2.498 -> 2, 0.6 / s = 1.499 -> 1; compressed-tensors returns q * s in bf16
+    assert torch.equal(weight[0, :4], (torch.tensor([7.0, -7.0, 2.0, 1.0]) * 0.400390625).bfloat16().float())
+    assert not weight[0, 4:].any()
+    assert weight[1, :3].tolist() == [-8.0, 7.0, 2.0]  # -7.5 and 2.5 round half to even; 7.5 clamps to 7
+    assert torch.equal(ct.decompress("x", stored, 32).bfloat16(), weight.bfloat16())
 
 
 def test_kimi_k25_wrapper_round_trip(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from k2lab.checkpoint.multimodal import save_multimodal
+from k2lab.checkpoint import save_model
 from k2lab.data.images import ImageBudget, prepare_chat_media
 from k2lab.model.multimodal import K2VLForConditionalGeneration, multimodal_config
 from k2lab.model.vision import VisionConfig
@@ -35,7 +35,7 @@ def vl_checkpoint(tmp_path_factory, tok):
     model = K2VLForConditionalGeneration(config)
     model.language_model = random_model(config)
     path = tmp_path_factory.mktemp("k2vl")
-    save_multimodal(model.eval(), path)
+    save_model(model.eval(), path)
     tok.save(path)
     return model, path
 

@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from k2lab.checkpoint import CheckpointError, load_model, save_model
-from k2lab.checkpoint.multimodal import VISION_SHARD, load_multimodal, save_multimodal, vision_state_dict_to_hf
+from k2lab.checkpoint import CheckpointError, load_model, load_multimodal, read_index, save_model
 from k2lab.data.images import ImageBudget, expand_media_placeholders, images_from_messages, media_token_counts
 from k2lab.model import K2ForCausalLM
 from k2lab.model.multimodal import K2VLForConditionalGeneration, multimodal_config
@@ -36,7 +35,7 @@ def models(tmp_path_factory):
     torch.manual_seed(0)
     model = K2VLForConditionalGeneration(CONFIG)
     randomize_(model, 0)
-    path = save_multimodal(model.eval(), tmp_path_factory.mktemp("k2vl"))
+    path = save_model(model.eval(), tmp_path_factory.mktemp("k2vl"))
     hf, info = Kimi_K25ForConditionalGeneration.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     return model, hf.eval(), path
@@ -124,26 +123,33 @@ def test_chat_image_url_to_generation(models):
 @torch.no_grad()
 def test_save_load_round_trip(models):
     model, _, path = models
-    loaded = load_multimodal(path)
-    for name, t in vision_state_dict_to_hf(model).items():
-        assert torch.equal(vision_state_dict_to_hf(loaded)[name], t), name
+    loaded = load_model(path)  # a vision_config in config.json: the multimodal model
+    assert isinstance(loaded, K2VLForConditionalGeneration)
+    expected = model.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    for name, t in loaded.state_dict().items():
+        assert torch.equal(t, expected[name]), name
     input_ids, pixel_values, grid_thw = prompt_batch([[(1, 4, 6)]], seed=2)
     assert torch.equal(loaded(input_ids, pixel_values, grid_thw), model(input_ids, pixel_values, grid_thw))
 
 
 @torch.no_grad()
-def test_text_loader_skips_vision_and_bad_checkpoints_are_named(models, tmp_path):
+def test_text_only_skips_vision_and_bad_checkpoints_are_named(models, tmp_path):
     model, _, path = models
-    text = load_model(path)  # the text-only loader opens a multimodal checkpoint and ignores the vision tensors
+    text = load_model(path, text_only=True)  # the language model alone; the vision tensors are not read
+    assert isinstance(text, K2ForCausalLM)
     ids = torch.arange(10)[None]
     assert torch.equal(text(ids), model.language_model(ids))
     from safetensors.torch import load_file, save_file
-    broken = save_multimodal(model, tmp_path / "broken")
-    tensors = load_file(broken / VISION_SHARD)
-    tensors.pop("vision_tower.encoder.blocks.1.wqkv.weight")
-    save_file(tensors, str(broken / VISION_SHARD))
-    with pytest.raises(CheckpointError, match="missing .*blocks.1.wqkv.weight"):
-        load_multimodal(broken)
+    broken = save_model(model, tmp_path / "broken")
+    name = "vision_tower.encoder.blocks.1.wqkv.weight"
+    shard = broken / read_index(broken).files[name]
+    tensors = load_file(shard)
+    tensors.pop(name)
+    save_file(tensors, str(shard))
+    with pytest.raises(CheckpointError, match="does not contain .*blocks.1.wqkv.weight"):
+        load_model(broken)
+    assert torch.equal(load_model(broken, text_only=True)(ids), text(ids))
     save_model(K2ForCausalLM(tiny_config()), tmp_path / "text")
     with pytest.raises(CheckpointError, match="no vision_config"):
         load_multimodal(tmp_path / "text")
@@ -177,7 +183,7 @@ def test_gradients_reach_the_vision_tower():
 def test_bf16_load_runs_close_to_fp32(models):
     """Released weights are bf16: loading with dtype=bfloat16 keeps the image path working (RoPE, merge in fp32)."""
     model, _, path = models
-    bf16 = load_multimodal(path, dtype=torch.bfloat16)
+    bf16 = load_model(path, dtype=torch.bfloat16)
     assert bf16.vision_tower.encoder.blocks[0].wqkv.weight.dtype == torch.bfloat16
     input_ids, pixel_values, grid_thw = prompt_batch([[(2, 4, 6)]], seed=5)
     ref = model(input_ids, pixel_values, grid_thw)

@@ -30,21 +30,40 @@ def multimodal_config(text: ModelConfig, vision: VisionConfig) -> ModelConfig:
     return config
 
 
+def has_vision(config: ModelConfig) -> bool:
+    return bool((config.wrapper or {}).get("vision_config"))
+
+
+def vision_config_of(config: ModelConfig) -> VisionConfig:
+    """The vision tower's config, read as transformers' Kimi_K25Config reads it: the projector maps to the text
+    model's hidden_size and its LayerNorm eps is the wrapper's `projection_layer_norm_eps` (default 1e-5), whatever
+    `vision_config` says about either (Moonshot's `text_hidden_size` / `projector_ln_eps` are not read)."""
+    if not has_vision(config):
+        raise ValueError("the multimodal model needs a kimi_k25 wrapper config with a vision_config "
+                         "(see multimodal_config)")
+    raw, wrapper = config.wrapper["vision_config"], config.wrapper
+    act = raw.get("hidden_act", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise ValueError(f"vision_config.hidden_act {act!r}: MoonViT computes with 'gelu_pytorch_tanh' only")
+    vision = dataclasses.replace(VisionConfig.from_dict(raw), text_hidden_size=config.hidden_size,
+                                 projector_ln_eps=wrapper.get("projection_layer_norm_eps", 1e-5))
+    width = wrapper.get("projection_hidden_size", vision.hidden_size)
+    if width != vision.hidden_size:
+        raise ValueError(f"projection_hidden_size {width} != vision_config.hidden_size {vision.hidden_size} (the "
+                         "projector normalizes the vision tower's output)")
+    return vision
+
+
 class K2VLForConditionalGeneration(nn.Module):
     """Kimi K2.5/K2.6: `language_model` (K2ForCausalLM), `vision_tower` (MoonViT), `mm_projector`."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.wrapper is None or "vision_config" not in config.wrapper:
-            raise ValueError("the multimodal model needs a kimi_k25 wrapper config with a vision_config "
-                             "(see multimodal_config)")
+        vision = vision_config_of(config)
         self.config = config
-        vision = VisionConfig.from_dict(config.wrapper["vision_config"])
-        if vision.text_hidden_size != config.hidden_size:
-            raise ValueError(f"vision_config.text_hidden_size {vision.text_hidden_size} != hidden_size "
-                             f"{config.hidden_size}")
-        self.media_pad_id = config.wrapper.get("media_placeholder_token_id",
-                                               config.wrapper.get("image_token_id", 163605))
+        # transformers reads image_token_id, Moonshot's code media_placeholder_token_id; both name <|media_pad|>
+        self.media_pad_id = config.wrapper.get("image_token_id",
+                                               config.wrapper.get("media_placeholder_token_id", 163605))
         self.language_model = K2ForCausalLM(config)
         self.vision_tower = MoonViT(vision)
         self.mm_projector = Projector(vision)
