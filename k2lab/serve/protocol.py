@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from k2lab.serve.sampling import MAX_LOGPROBS
 
@@ -191,11 +191,18 @@ class ReasoningItem(Body):
     id: str | None = None
     summary: list[ReasoningText] = []
     content: list[ReasoningText] | None = None
+    encrypted_content: str | None = None  # what this server returned for include reasoning.encrypted_content
     status: str | None = None
 
 
-InputItem = Annotated[InputMessage | FunctionCallItem | FunctionCallOutputItem | ReasoningItem,
-                      Field(discriminator="type")]
+def _item_type(item) -> str:
+    # a message item may leave out its type (OpenAI's "easy input message")
+    return item.get("type", "message") if isinstance(item, dict) else getattr(item, "type", "message")
+
+
+InputItem = Annotated[Annotated[InputMessage, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")] |
+                      Annotated[FunctionCallOutputItem, Tag("function_call_output")] |
+                      Annotated[ReasoningItem, Tag("reasoning")], Discriminator(_item_type)]
 
 
 class ResponsesTool(Body):
@@ -244,6 +251,7 @@ class ResponsesRequest(Body):
     metadata: dict[str, str] | None = None  # returned on the response object, as OpenAI does
     store: Literal[False] | None = None  # nothing is stored here: store=true (to fetch it later) is refused
     truncation: Literal["disabled"] | None = None
+    include: list[Literal["reasoning.encrypted_content"]] | None = None
     user: str | None = None
 
 

@@ -10,12 +10,16 @@ output_item.added, (content_part.added, output_text.delta..., output_text.done, 
 reasoning_text.delta..., reasoning_text.done | function_call_arguments.delta, function_call_arguments.done),
 output_item.done, and finally response.completed (response.incomplete at max_output_tokens, response.failed on
 an engine failure). A tool call is sent once it is complete and valid (the parser may still drop it until then).
-Nothing is stored (`store` must be false or unset), so `previous_response_id` is not accepted.
+Nothing is stored (`store` must be false or unset), so `previous_response_id` is not accepted; for stateless
+multi-turn use, `include: ["reasoning.encrypted_content"]` returns each reasoning item's text in
+`encrypted_content` as an opaque token that the server reads back when it comes in as input. It is base64, not
+encrypted: the server holds no secret, and the client already has the same text in `content`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 import uuid
@@ -54,7 +58,8 @@ def to_messages(body: ResponsesRequest) -> list[dict]:
             raise APIError(400, f"input[{k - 1}] is a reasoning item not followed by the assistant message or "
                                 "function_call it belongs to", param="input")
         if item.type == "reasoning":
-            reasoning = "".join(p.text for p in (item.content or item.summary))
+            reasoning = "".join(p.text for p in (item.content or item.summary)) if item.content or item.summary \
+                else _opaque_text(item.encrypted_content or "", k)
         elif item.type == "message":
             role = "system" if item.role == "developer" else item.role
             messages.append({"role": role, "content": _content(item.content)})
@@ -80,12 +85,19 @@ def to_messages(body: ResponsesRequest) -> list[dict]:
     return messages
 
 
+def _opaque_text(token: str, k: int) -> str:
+    try:
+        return base64.b64decode(token.encode(), validate=True).decode()
+    except ValueError:
+        raise APIError(400, f"input[{k}].encrypted_content was not made by this server", param="input") from None
+
+
 class OutputItems:
     """Tool-call parser events -> Responses output items, and the stream events that build them."""
 
-    def __init__(self, with_tools: bool):
+    def __init__(self, with_tools: bool, opaque_reasoning: bool):
         self.items: list[dict] = []
-        self.with_tools = with_tools
+        self.with_tools, self.opaque_reasoning = with_tools, opaque_reasoning
         self.seq = 0
         self.open: dict | None = None     # the reasoning or message item being written
         self.call: dict | None = None     # a function call being read (sent once complete and valid)
@@ -145,6 +157,8 @@ class OutputItems:
         if item["type"] == "reasoning":
             out = [self.event("response.reasoning_text.done", **where, text=text)]
             item["content"] = [{"type": "reasoning_text", "text": text}]
+            if self.opaque_reasoning:
+                item["encrypted_content"] = base64.b64encode(text.encode()).decode()
         else:
             out = [self.event("response.output_text.done", **where, text=text, logprobs=[]),
                    self.event("response.content_part.done", **where, part=_part(text))]
@@ -237,7 +251,8 @@ def register(app: FastAPI, server: Server, authorized) -> None:
                               "total_tokens": usage["total_tokens"]}}
 
         def start() -> tuple[StreamingParser, OutputItems]:
-            parser, items = StreamingParser(), OutputItems(tools is not None)
+            parser = StreamingParser()
+            items = OutputItems(tools is not None, "reasoning.encrypted_content" in (body.include or []))
             if thinking:
                 parser.feed(THINK_BEGIN)
             return parser, items
