@@ -73,7 +73,8 @@ def choose(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | 
     probs = logits.softmax(dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < params.top_p  # always keeps the most likely token
+        keep = sorted_p.cumsum(0) - sorted_p < params.top_p
+        keep[0] = True  # the most likely token always stays (a top_p below fp32's smallest value compares as 0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p * keep)
     return int(torch.multinomial(probs, 1, generator=generator))
 
