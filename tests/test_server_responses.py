@@ -173,3 +173,37 @@ def test_inspect_ai_openai_provider_defaults(tok, tmp_path, monkeypatch):
     assert log.status == "success", log.error
     assert log.results.scores[0].metrics["accuracy"].value == 1.0
     assert server.engine.generated_tokens > 0
+
+
+def test_prompt_ending_inside_think_reads_reasoning_first(tok, monkeypatch):
+    """K2.6's thinking generation prompt ends with `<think>`, so the output starts as reasoning. The renderer is
+    patched to end the prompt that way (a test double for the K2.6 template); the server's parsing is real."""
+    render = Server.chat_ids
+    monkeypatch.setattr(Server, "chat_ids", lambda self, *a: render(self, *a) + [tok.special_tokens["<think>"]])
+    server = scripted(tok, "Thinking it over.</think>Hello.")
+    with serve_in_thread(server) as base:
+        c = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+        m = c.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}]).choices[0].message
+        assert (m.reasoning_content, m.content) == ("Thinking it over.", "Hello.")
+        reasoning, content = "", ""
+        for ch in c.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}], stream=True):
+            if ch.choices:
+                reasoning += getattr(ch.choices[0].delta, "reasoning_content", None) or ""
+                content += ch.choices[0].delta.content or ""
+        assert (reasoning, content) == ("Thinking it over.", "Hello.")
+        r = c.responses.create(model="scripted", input="hi")
+        assert [o.type for o in r.output] == ["reasoning", "message"] and r.output_text == "Hello."
+        assert r.output[0].content[0].text == "Thinking it over."
+        assert r.usage.output_tokens_details.reasoning_tokens == len(tok.encode("Thinking it over.")) + 1
+        # stateless multi-turn: the opaque reasoning token comes back as input and is the turn's reasoning again
+        r = c.responses.create(model="scripted", input="hi", include=["reasoning.encrypted_content"])
+        opaque = r.output[0].encrypted_content
+        again = c.responses.create(model="scripted", input=[
+            {"role": "user", "content": "hi"}, {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": opaque},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "more"}])
+        assert again.usage.input_tokens == len(render(server, [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello.", "reasoning_content": "Thinking it over."},
+            {"role": "user", "content": "more"}], None)) + 1
+        with pytest.raises(openai.BadRequestError, match="encrypted_content"):
+            c.responses.create(model="scripted", input=[{"type": "reasoning", "id": "rs_1", "summary": [],
+                                                         "encrypted_content": "%%%"}, {"role": "assistant", "content": "x"}])
