@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 MAX_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily, as in vLLM (logits / 1e-300 would overflow)
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def choose(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | 
                                   torch.tensor(bias, dtype=logits.dtype, device=logits.device))
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     logits = logits / params.temperature
     if 0 < params.top_k < logits.numel():
