@@ -35,7 +35,7 @@ class TextPart(Body):
 
 class ImageURL(Body):
     url: Annotated[str, Field(min_length=1)]  # a data: URL (the server fetches nothing from the network)
-    detail: str | None = None
+    detail: Literal["auto"] | None = None  # images are read at the model's own resolution: no low/high
 
 
 class ImagePart(Body):
@@ -153,7 +153,7 @@ class InputText(Body):
 class InputImage(Body):
     type: Literal["input_image"]
     image_url: Annotated[str, Field(min_length=1)]  # a data: URL
-    detail: Literal["low", "high", "auto"] | None = None
+    detail: Literal["auto"] | None = None  # images are read at the model's own resolution: no low/high
 
 
 class InputMessage(Body):
