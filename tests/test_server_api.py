@@ -71,7 +71,7 @@ def test_logit_bias(url, tok):
     assert banned.choices[0].logprobs.tokens[0] != chosen
 
 
-def test_echo(url):
+def test_echo(url, tok):
     c = client(url)
     kw = dict(model="tiny", prompt="def main():", max_tokens=4, temperature=0)
     plain = c.completions.create(**kw).choices[0].text
@@ -80,6 +80,10 @@ def test_echo(url):
                    if ch.choices) == "def main():" + plain
     with pytest.raises(openai.BadRequestError, match="echo"):
         c.completions.create(**kw, echo=True, logprobs=1)
+    ids = c.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=2, temperature=0, echo=True)
+    assert ids.choices[0].text.startswith(tok.decode([5, 6, 7]))
+    with pytest.raises(openai.BadRequestError, match="prompt token ids"):
+        c.completions.create(model="tiny", prompt=[VOCAB + 5], max_tokens=2, echo=True)
 
 
 def test_non_streaming_disconnect_frees_the_slot(tok):

@@ -131,9 +131,9 @@ def register(app: FastAPI, server: Server, authorized) -> None:
         if isinstance(prompt, list) and isinstance(prompt[0], str):
             prompt = prompt[0]
         ids = server.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        echo = (prompt if isinstance(prompt, str) else server.tokenizer.decode(ids)) if body.echo else ""
         params = server.params(len(ids), body.max_tokens, body.logprobs, **{f: getattr(body, f) for f in SAMPLING})
-        gen = server.submit(ids, params, n=body.n)
+        gen = server.submit(ids, params, n=body.n)  # checks the ids before they are decoded for echo
+        echo = (prompt if isinstance(prompt, str) else server.tokenizer.decode(ids)) if body.echo else ""
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": server.model_name}
 
