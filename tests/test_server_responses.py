@@ -2,11 +2,11 @@
 its default model settings, and inspect-ai's `openai/` provider. The network is a test double (ScriptedModel
 emits chosen tokens); the engine, chat template, parser, server and the clients are the real ones."""
 
+import asyncio
 import json
 
 import openai
 import pytest
-import torch
 
 from k2lab.serve.engine import Engine
 from k2lab.serve.protocol import ResponsesRequest
@@ -154,7 +154,6 @@ def test_openai_agents_sdk_default_settings(tok):
                 pass
             return run.final_output
 
-        import asyncio
         assert asyncio.run(streamed()) == "Sunny in Paris and Rome." and seen == ["Paris", "Rome"] * 2
 
 

@@ -118,7 +118,8 @@ class Sampling(Body):
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+                     Annotated[float, Field(ge=-100, le=100)]] | None = None  # token id -> added to its logit
     user: str | None = None  # an end-user id for the operator's logs (OpenAI: abuse monitoring); logged
 
 

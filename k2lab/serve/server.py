@@ -57,7 +57,8 @@ class Server:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
                            "model_not_found", "model")
 
-    def chat_ids(self, messages: list[dict], tools: list[dict] | None, template_kwargs: dict | None = None) -> list[int]:
+    def chat_ids(self, messages: list[dict], tools: list[dict] | None,
+                 template_kwargs: dict | None = None) -> list[int]:
         """The K2 chat rendering as ids: markers are special tokens, text never is (so it cannot forge one).
         template_kwargs (vLLM's chat_template_kwargs, e.g. thinking) go to the renderer; one it does not take
         is a 400 naming it."""
@@ -111,7 +112,8 @@ class Server:
         try:
             return SamplingParams(
                 max_tokens=max_tokens or limit - prompt_len, temperature=temperature, top_p=top_p, top_k=top_k,
-                seed=None if seed is None else seed % 2**63, stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+                seed=None if seed is None else seed % 2**63,
+                stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
                 stop_token_ids=tuple(stop_token_ids or ()), presence_penalty=presence_penalty,
                 frequency_penalty=frequency_penalty, logprobs=logprobs, logit_bias=bias)
         except ValueError as e:
