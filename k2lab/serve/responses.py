@@ -206,8 +206,10 @@ def register(app: FastAPI, server: Server, authorized) -> None:
         if named and choice.name not in {t["function"]["name"] for t in tools}:
             raise APIError(400, f"tool_choice names `{choice.name}`, which is not among the tools", param="tool_choice")
         messages = to_messages(body)
-        # K2.6 thinks or not (no graded effort): effort "none" is the template's thinking=False
-        template = {"thinking": False} if body.reasoning and body.reasoning.effort == "none" else None
+        # K2.6 thinks or not (no graded effort): effort "none" is the template's thinking=False; a chat format
+        # without that option never thinks, so "none" already holds there
+        off = body.reasoning and body.reasoning.effort == "none" and "thinking" in server.template_options()
+        template = {"thinking": False} if off else None
         ids = server.chat_ids(messages, tools, template)
         thinking = server.opens_thinking(ids)
         embeds = None

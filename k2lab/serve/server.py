@@ -62,7 +62,7 @@ class Server:
         """The K2 chat rendering as ids: markers are special tokens, text never is (so it cannot forge one).
         template_kwargs (vLLM's chat_template_kwargs, e.g. thinking) go to the renderer; one it does not take
         is a 400 naming it."""
-        accepted = set(inspect.signature(segments).parameters) - _RENDER_ARGS
+        accepted = self.template_options()
         for key in template_kwargs or {}:
             if key not in accepted:
                 raise APIError(400, f"chat_template_kwargs `{key}` is not supported by this server's chat format "
@@ -74,6 +74,10 @@ class Server:
         except (ValueError, KeyError) as e:
             raise APIError(400, str(e), param="messages") from None
         return ids
+
+    def template_options(self) -> set[str]:
+        """The chat renderer's options a request may set (e.g. thinking, preserve_thinking in the K2.6 format)."""
+        return set(inspect.signature(segments).parameters) - _RENDER_ARGS
 
     def opens_thinking(self, ids: list[int]) -> bool:
         """The prompt ends inside `<think>` (K2.6's thinking generation prompt): the output starts as reasoning."""
