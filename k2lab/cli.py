@@ -262,11 +262,13 @@ def serve_cmd(
     cache_mb: int = typer.Option(512, help="latent-cache budget in MiB (slots = budget / (max_len x bytes per token))"),
     max_slots: int = typer.Option(64, help="most concurrent requests"),
     model_name: str = typer.Option(None, help="served model id (default: the checkpoint directory name)"),
+    drain_timeout: float = typer.Option(30.0, min=0, help="seconds in-flight requests get to finish after SIGTERM "
+                                                          "before they are aborted"),
 ) -> None:
-    """Serve a checkpoint with an OpenAI-compatible API (chat, completions, tools, streaming)."""
+    """Serve a checkpoint with an OpenAI-compatible API (chat, completions, responses, tools, streaming)."""
     from k2lab.serve.server import build_server, run
 
-    run(build_server(checkpoint, api_key, max_len, cache_mb, max_slots, model_name), host, port)
+    run(build_server(checkpoint, api_key, max_len, cache_mb, max_slots, model_name, drain_timeout), host, port)
 
 
 # ---- INT4 (issue 5) ----

@@ -66,7 +66,7 @@ class ScriptedModel(torch.nn.Module):
         logits = torch.zeros(bsz, t, self.config.vocab_size)
         for b in range(bsz):
             k = int(positions[b, -1]) - self.prompt_len + 1  # how many tokens were generated before this one
-            logits[b, -1, self.script[min(k, len(self.script) - 1)]] = 1.0
+            logits[b, -1, self.script[min(k, len(self.script) - 1)]] = 100.0  # chosen at any temperature
         return logits
 
 

@@ -1,6 +1,6 @@
 """Per-request sampling: OpenAI's parameters applied to one row of logits.
 
-Order (as in vLLM): frequency/presence penalties on the raw logits, then the grammar mask, then greedy
+Order (as in vLLM): frequency/presence penalties and logit_bias on the raw logits, then the grammar mask, then greedy
 (temperature 0) or temperature -> top-k -> top-p -> a draw from the request's own seeded generator, so a
 request's tokens never depend on what else is in the batch. Logprobs are those of the model's raw distribution.
 """
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 MAX_LOGPROBS = 20
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily, as in vLLM (logits / 1e-300 would overflow)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; n: the chosen token's logprob and the n most likely alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), OpenAI's logit_bias
 
     def __post_init__(self) -> None:
         checks = [
@@ -40,6 +42,7 @@ class SamplingParams:
              f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (len(self.stop) <= 4, f"at most 4 stop strings, got {len(self.stop)}"),
+            (all(-100 <= b <= 100 for _, b in self.logit_bias), "logit_bias values must be in [-100, 100]"),
         ]
         problems = [msg for ok, msg in checks if not ok]
         if problems:
@@ -56,9 +59,13 @@ def choose(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | 
     allowed [V] bool is the grammar mask (None: all)."""
     if params.penalized and counts is not None:
         logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+    if params.logit_bias:
+        ids, bias = zip(*params.logit_bias)
+        logits = logits.index_add(0, torch.tensor(ids, device=logits.device),
+                                  torch.tensor(bias, dtype=logits.dtype, device=logits.device))
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW:
         return int(logits.argmax())
     logits = logits / params.temperature
     if 0 < params.top_k < logits.numel():
@@ -67,7 +74,8 @@ def choose(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | 
     probs = logits.softmax(dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < params.top_p  # always keeps the most likely token
+        keep = sorted_p.cumsum(0) - sorted_p < params.top_p
+        keep[0] = True  # the most likely token always stays (a top_p below fp32's smallest value compares as 0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p * keep)
     return int(torch.multinomial(probs, 1, generator=generator))
 
