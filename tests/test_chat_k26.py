@@ -16,7 +16,8 @@ WEATHER = {"type": "function", "function": {
         "unit": {"type": "string", "enum": ["celsius", "fahrenheit"], "description": "Temperature unit"},
         "city": {"type": "string", "description": "City name"}}}}}
 WEATHER_TS = ('# Tools\n\n## functions\nnamespace functions {\n// Get the current weather\ntype get_weather = (_: {\n'
-              '  // City name\n  city: string,\n  // Temperature unit\n  unit?: "celsius" | "fahrenheit"\n}) => any;\n}\n')
+              '  // City name\n  city: string,\n  // Temperature unit\n  unit?: "celsius" | "fahrenheit"\n'
+              '}) => any;\n}\n')
 
 
 def call(i, city):
@@ -113,7 +114,8 @@ SEARCH_TS = (
 TREE = {"type": "function", "function": {"name": "tree", "parameters": {
     "type": "object", "required": ["name"],
     "properties": {"name": {"type": "string"}, "children": {"type": "array", "items": {"$ref": "#"}}}}}}
-TREE_TS = "interface parameters {\n  children?: Array<parameters>,\n  name: string\n}\ntype tree = (_: parameters) => any;"
+TREE_TS = ("interface parameters {\n  children?: Array<parameters>,\n  name: string\n}\n"
+           "type tree = (_: parameters) => any;")
 NOOP = {"type": "function", "function": {"name": "noop"}}
 
 

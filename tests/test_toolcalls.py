@@ -173,17 +173,27 @@ def test_malformed_output_is_recovered_and_reported(text, content, n_calls, erro
     assert stream(list(text))[0] == parsed
 
 
-FRAGMENTS = st.sampled_from(MARKERS + ["functions.f:0", "functions.g", ":1", '{"a": 1}', "{", "}", "[1]", " ", "\n"])
+FRAGMENTS = st.sampled_from(MARKERS + ["functions.f:0", "functions.g", ":1", "0", "g:2", '{"a": 1}', '{"x": 1}', "{",
+                             "}", "[1]", " ", "\n"])
+TOOL_SETS = st.sampled_from([None, [{"type": "function", "function": {"name": "f"}}],
+                             [{"type": "function", "function": {"name": n, "parameters": {
+                                 "type": "object", "properties": {k: {}}}}} for n, k in (("f", "a"), ("g", "x"))]])
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(FRAGMENTS | st.text(CHARS, max_size=6), max_size=25).map("".join), st.data())
-def test_no_input_crashes_and_streaming_agrees(text, data):
-    parsed = parse(text)
+@given(st.lists(FRAGMENTS | st.text(CHARS, max_size=6), max_size=25).map("".join), TOOL_SETS, st.booleans(),
+       st.data())
+def test_no_input_crashes_and_streaming_agrees(text, tools, in_reasoning, data):
+    parsed = parse(text, tools, in_reasoning)
     for c in parsed.tool_calls:
         assert isinstance(json.loads(c["function"]["arguments"]), dict) and c["id"] == c["id"].strip()
+        assert c["function"]["arguments"] == c["function"]["arguments"].strip()
+    # a marker that opens calls never stays in the reasoning: it ends the reasoning and opens the section
+    opening = ("<|tool_calls_section_begin|>", "<|tool_call_begin|>")
+    assert not any(m in (parsed.reasoning_content or "") for m in opening)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=8)))
-    assert stream([text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])])[0] == parsed
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    assert stream(pieces, tools=tools, in_reasoning=in_reasoning)[0] == parsed
 
 
 @settings(max_examples=200, deadline=None)

@@ -69,7 +69,8 @@ class StreamingParser:
     def __init__(self, tools: list[dict] | None = None, in_reasoning: bool = False):
         self.state = "start"
         self._in_reasoning = in_reasoning
-        self._tools = [t["function"] for t in tools or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+        self._tools = [t["function"] for t in tools or []
+                       if isinstance(t, dict) and isinstance(t.get("function"), dict)]
         self._name: str | None = None  # the current call's function name; None: inferred when it ends
         self._held = ""         # trailing whitespace of the arguments, emitted only if more text follows
         self._buf = ""
@@ -168,7 +169,8 @@ class StreamingParser:
                 self._start_arguments()
             else:
                 where = f" in tool call {self._id.strip()!r}; call dropped" if s == "arguments" else " ignored"
-                self._error(self._streamed() if s == "arguments" else None, "stray <|tool_call_argument_begin|>" + where)
+                self._error(self._streamed() if s == "arguments" else None,
+                            "stray <|tool_call_argument_begin|>" + where)
                 self._index = None  # a dropped call streams no more deltas
         elif mk == CALL_END:
             if s == "arguments":
