@@ -45,7 +45,10 @@ def message(draw):
         if n:
             m["tool_calls"] = [draw(tool_call(i)) for i in range(n)]
         return m
-    content = draw(TEXT | st.lists(TEXT.map(lambda t: {"type": "text", "text": t}), max_size=2))
+    part = TEXT.map(lambda t: {"type": "text", "text": t})
+    if role != "tool":
+        part |= st.just({"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}})
+    content = draw(TEXT | st.lists(part, max_size=3))
     m = {"role": role, "content": content}
     if role == "tool":
         m["tool_call_id"] = f"functions.{draw(NAME)}:{draw(st.integers(0, 5))}"
@@ -281,10 +284,12 @@ def test_image_parts_render_as_media_markers(hf):
     msgs = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
                                          {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
                                          {"type": "text", "text": " Be brief."}]}]
-    text = render(msgs, add_generation_prompt=True)
+    text = render(msgs, add_generation_prompt=True, chat_format=K2_INSTRUCT)
     assert ("<|im_user|>user<|im_middle|>What is this?<|media_begin|>image<|media_content|><|media_pad|>"
             "<|media_end|> Be brief.<|im_end|>") in text
-    assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == text
-    assert render(msgs, chat_format=K2_INSTRUCT).count("<|media_pad|>") == 1
+    assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                  chat_template=K2_INSTRUCT_TEMPLATE) == text
+    assert hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        render(msgs, add_generation_prompt=True)
     with pytest.raises(ValueError, match="text parts"):
         render([{"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])

@@ -82,11 +82,12 @@ def test_plain_chat_has_no_system_turn_and_names_roles():
 
 
 def test_image_parts():
+    """Each image is the media markers around one <|media_pad|>, then a newline."""
     msgs = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
                                          {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}},
                                          {"type": "text", "text": " Be brief."}]}]
     assert render(msgs, add_generation_prompt=True, thinking=False) == (
-        "<|im_user|>user<|im_middle|>What is this?<|media_begin|>image<|media_content|><|media_pad|><|media_end|>"
+        "<|im_user|>user<|im_middle|>What is this?<|media_begin|>image<|media_content|><|media_pad|><|media_end|>\n"
         " Be brief.<|im_end|><|im_assistant|>assistant<|im_middle|><think></think>")
 
 

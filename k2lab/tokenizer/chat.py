@@ -38,9 +38,11 @@ ROLE_MARKER = {"user": "<|im_user|>", "assistant": "<|im_assistant|>", "system":
 TOOL_MARKERS = ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
                 "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<|im_end|>")
 
-# An image part: one <|media_pad|> that the vision stage expands to the image's merged patch count.
+# An image part: one <|media_pad|> that the vision stage expands to the image's merged patch count; K2.6 writes
+# a newline after it.
 MEDIA = (("<|media_begin|>", True), ("image", False), ("<|media_content|>", True), ("<|media_pad|>", True),
          ("<|media_end|>", True))
+MEDIA_K26 = MEDIA + (("\n", False),)
 
 # A segment: (text, is_marker, trained). Markers are special tokens; trained marks what the model generates.
 Segment = tuple[str, bool, bool]
@@ -61,13 +63,13 @@ def template_kwargs(tools: list[dict] | None, chat_format: str = K2_6) -> dict:
     return {"tools": deep_sort(tools), **({"tools_ts_str": ts} if ts else {})}
 
 
-def _content(content, where: str, images: bool = False) -> list[tuple[str, bool]]:
-    """Content as (text, is_marker) pieces; image_url parts (where allowed) become the media markers."""
+def _content(content, where: str, images: bool = False, media=MEDIA) -> list[tuple[str, bool]]:
+    """Content as (text, is_marker) pieces; image_url parts (where allowed) become `media`."""
     if content is None or isinstance(content, str):
         return [(content or "", False)]
     kinds = ("text", "image_url") if images else ("text",)
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") in kinds for p in content):
-        return [piece for p in content for piece in (MEDIA if p["type"] == "image_url" else [(p["text"], False)])]
+        return [piece for p in content for piece in (media if p["type"] == "image_url" else [(p["text"], False)])]
     allowed = "text or image_url parts" if images else "text parts"
     raise ValueError(f"{where}: content must be a string, null, or a list of {allowed}, got {content!r:.80}")
 
@@ -172,7 +174,8 @@ def _segments(messages: list[dict], tools, add_generation_prompt: bool, chat_for
             yield from turn(ROLE_MARKER[role], name, body)
         else:  # user and system turns may carry images
             yield from ((ROLE_MARKER[role], True, False), (name, False, False), ("<|im_middle|>", True, False))
-            yield from ((text, marker, False) for text, marker in _content(m.get("content"), where, images=True))
+            pieces = _content(m.get("content"), where, images=True, media=MEDIA_K26 if k26 else MEDIA)
+            yield from ((text, marker, False) for text, marker in pieces)
             yield "<|im_end|>", True, False
     if add_generation_prompt:
         yield from (("<|im_assistant|>", True, False), ("assistant", False, False), ("<|im_middle|>", True, False))

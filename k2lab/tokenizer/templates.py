@@ -10,13 +10,17 @@ value) so that an argument cannot spell a marker.
 K2_6, K2_INSTRUCT = "k2.6", "k2-instruct"
 MEDIA = "<|media_begin|>image<|media_content|><|media_pad|><|media_end|>"
 
-_TEXT = r"""{%- macro text(c) -%}
+
+
+def _text(media: str) -> str:
+    return r"""{%- macro text(c) -%}
 {%- if c is string -%}{{ c }}{%- elif c is not none -%}{%- for p in c -%}
-{%- if p['type'] == 'image_url' -%}""" + MEDIA + r"""{%- else -%}{{ p['text'] }}{%- endif -%}
+{%- if p['type'] == 'image_url' -%}""" + media + r"""{%- else -%}{{ p['text'] }}{%- endif -%}
 {%- endfor -%}{%- endif -%}
 {%- endmacro -%}
 {%- set ns = namespace(calls=0, last=-1) -%}
 """
+
 
 _ROLE = r"""{%- if m['role'] == 'user' -%}<|im_user|>
 {%- elif m['role'] == 'assistant' -%}<|im_assistant|>
@@ -41,7 +45,7 @@ _OTHER = r"""{%- elif m['role'] == 'tool' -%}## Return of {{ m['tool_call_id'] }
 {%- endfor -%}"""
 
 # K2-Instruct (0711/0905): JSON tool declarations, a default system turn, no think block in the prompt.
-K2_INSTRUCT_TEMPLATE = _TEXT + r"""{%- if tools -%}
+K2_INSTRUCT_TEMPLATE = _text(MEDIA) + r"""{%- if tools -%}
 <|im_system|>tool_declare<|im_middle|>{{ tools | tojson(separators=(',', ':')) }}<|im_end|>
 {%- endif -%}
 {%- for m in messages -%}
@@ -57,8 +61,9 @@ K2_INSTRUCT_TEMPLATE = _TEXT + r"""{%- if tools -%}
 
 # K2.5/K2.6: TypeScript-style tool declarations (`tools_ts_str`, computed by the tokenizer; compact JSON without
 # it), a think block in every assistant turn, reasoning dropped up to the last assistant message without tool
-# calls unless preserve_thinking, generation prompt ending `<think>` (or `<think></think>` with thinking=false).
-K2_6_TEMPLATE = _TEXT + r"""{%- set preserve = preserve_thinking is defined and preserve_thinking -%}
+# calls unless preserve_thinking, generation prompt ending `<think>` (or `<think></think>` with thinking=false),
+# a newline after each image.
+K2_6_TEMPLATE = _text(MEDIA + r"{{ '\n' }}") + r"""{%- set preserve = preserve_thinking is defined and preserve_thinking -%}
 {%- set no_think = thinking is defined and thinking is false -%}
 {%- if not preserve -%}{%- for m in messages -%}
 {%- if m['role'] == 'assistant' and not m.get('tool_calls') -%}{%- set ns.last = loop.index0 -%}{%- endif -%}
