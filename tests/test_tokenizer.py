@@ -102,7 +102,7 @@ def test_chat_format_is_recorded_and_inferred(tok, tmp_path):
         assert Tokenizer.load(tmp_path).chat_format == fmt
     cfg["k2lab_chat_format"] = "k9"
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="unknown k2lab_chat_format 'k9'"):
+    with pytest.raises(ValueError, match="k2lab_chat_format: unknown chat format 'k9'"):
         Tokenizer.load(tmp_path)
 
 

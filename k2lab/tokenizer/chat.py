@@ -1,6 +1,6 @@
 """The Kimi chat formats: OpenAI-style messages -> text, and -> token ids with an SFT loss mask.
 
-Two named formats (`CHAT_FORMATS`); "k2.6" (K2.5/K2.6 checkpoints, the default) renders exactly what Moonshot's
+Two named formats (`templates.CHAT_FORMATS`); "k2.6" (K2.5/K2.6 checkpoints, the default) renders exactly what Moonshot's
 `chat_template.jinja` + `tokenization_kimi.py` render:
 
     [<|im_system|>tool_declare<|im_middle|>{tools_ts_str, or the sorted tools as compact JSON}<|im_end|>]
@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from k2lab.tokenizer.templates import CHAT_FORMATS, K2_6, K2_6_TEMPLATE, K2_INSTRUCT
+from k2lab.tokenizer.templates import K2_6, K2_6_TEMPLATE, K2_INSTRUCT, check_format
 from k2lab.tokenizer.tokenizer import Tokenizer
 from k2lab.tokenizer.tools_ts import deep_sort, tools_ts_str
 
@@ -46,12 +46,6 @@ MEDIA_K26 = MEDIA + (("\n", False),)
 
 # A segment: (text, is_marker, trained). Markers are special tokens; trained marks what the model generates.
 Segment = tuple[str, bool, bool]
-
-
-def check_format(chat_format: str) -> str:
-    if chat_format not in CHAT_FORMATS:
-        raise ValueError(f"unknown chat format {chat_format!r}: use one of {sorted(CHAT_FORMATS)}")
-    return chat_format
 
 
 def template_kwargs(tools: list[dict] | None, chat_format: str = K2_6) -> dict:

@@ -86,14 +86,20 @@ K2_6_TEMPLATE = _text(MEDIA + r"{{ '\n' }}") + r"""{%- set preserve = preserve_t
 CHAT_FORMATS = {K2_6: K2_6_TEMPLATE, K2_INSTRUCT: K2_INSTRUCT_TEMPLATE}
 
 
+def check_format(chat_format: str) -> str:
+    if chat_format not in CHAT_FORMATS:
+        raise ValueError(f"unknown chat format {chat_format!r}: use one of {sorted(CHAT_FORMATS)}")
+    return chat_format
+
+
 def chat_format_of(config: dict) -> str:
     """The chat format of a tokenizer_config.json: its `k2lab_chat_format` when k2lab wrote it; else "k2.6" for
     a template that uses Moonshot's K2.5/K2.6 variables (or no template), "k2-instruct" for any other template."""
     if "k2lab_chat_format" in config:
-        if config["k2lab_chat_format"] not in CHAT_FORMATS:
-            raise ValueError(f"tokenizer_config.json: unknown k2lab_chat_format {config['k2lab_chat_format']!r}; "
-                             f"use one of {sorted(CHAT_FORMATS)}")
-        return config["k2lab_chat_format"]
+        try:
+            return check_format(config["k2lab_chat_format"])
+        except ValueError as e:
+            raise ValueError(f"tokenizer_config.json k2lab_chat_format: {e}") from None
     template = config.get("chat_template")
     if not isinstance(template, str) or "tools_ts_str" in template or "preserve_thinking" in template:
         return K2_6

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import tiktoken
 
-from k2lab.tokenizer.templates import CHAT_FORMATS, K2_6, chat_format_of
+from k2lab.tokenizer.templates import K2_6, chat_format_of, check_format
 
 # K2's split pattern: Han runs; letter words with an optional leading non-letter and English contractions
 # (lower-case-led and upper-case-led); digits in groups of 1-3; punctuation runs with trailing newlines;
@@ -114,11 +114,9 @@ class Tokenizer:
         self.special_tokens = special_names or default_special_names(n)
         if sorted(self.special_tokens.values()) != list(range(n, n + NUM_RESERVED)):
             raise ValueError(f"special tokens must take ids {n}..{n + NUM_RESERVED - 1} (256 reserved ids)")
-        if chat_format not in CHAT_FORMATS:
-            raise ValueError(f"unknown chat format {chat_format!r}: use one of {sorted(CHAT_FORMATS)}")
         self.mergeable_ranks = mergeable_ranks
         self.chat_template = chat_template
-        self.chat_format = chat_format
+        self.chat_format = check_format(chat_format)
         self.enc = tiktoken.Encoding(name=name, pat_str=PAT_STR, mergeable_ranks=mergeable_ranks,
                                      special_tokens=self.special_tokens)
         self.vocab_size = n + NUM_RESERVED
