@@ -1,7 +1,7 @@
 """The Kimi chat formats: OpenAI-style messages -> text, and -> token ids with an SFT loss mask.
 
-Two named formats (`templates.CHAT_FORMATS`); "k2.6" (K2.5/K2.6 checkpoints, the default) renders exactly what Moonshot's
-`chat_template.jinja` + `tokenization_kimi.py` render:
+Two named formats (`templates.CHAT_FORMATS`); "k2.6" (K2.5/K2.6 checkpoints, the default) renders exactly what
+Moonshot's `chat_template.jinja` + `tokenization_kimi.py` render:
 
     [<|im_system|>tool_declare<|im_middle|>{tools_ts_str, or the sorted tools as compact JSON}<|im_end|>]
     <|im_{user|assistant|system}|>{name or role}<|im_middle|>{body}<|im_end|>   per message (tool -> im_system)

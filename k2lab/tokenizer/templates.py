@@ -63,7 +63,8 @@ K2_INSTRUCT_TEMPLATE = _text(MEDIA) + r"""{%- if tools -%}
 # it), a think block in every assistant turn, reasoning dropped up to the last assistant message without tool
 # calls unless preserve_thinking, generation prompt ending `<think>` (or `<think></think>` with thinking=false),
 # a newline after each image.
-K2_6_TEMPLATE = _text(MEDIA + r"{{ '\n' }}") + r"""{%- set preserve = preserve_thinking is defined and preserve_thinking -%}
+K2_6_TEMPLATE = _text(MEDIA + r"{{ '\n' }}") + r"""
+{%- set preserve = preserve_thinking is defined and preserve_thinking -%}
 {%- set no_think = thinking is defined and thinking is false -%}
 {%- if not preserve -%}{%- for m in messages -%}
 {%- if m['role'] == 'assistant' and not m.get('tool_calls') -%}{%- set ns.last = loop.index0 -%}{%- endif -%}
