@@ -127,8 +127,8 @@ def _object(schema: dict, ctx: _Context) -> _Node:
         additional = schema.get("additionalProperties")
         if isinstance(additional, dict):
             additional = _parse(additional, ctx)
-        required = schema.get("required", [])
-        for name, prop in (schema.get("properties") or {}).items():
+        required = set(schema.get("required", []))
+        for name, prop in (schema["properties"].items() if "properties" in schema else ()):
             props.append(_Prop(name, _parse(prop, ctx), name not in required,
                                prop.get("default") if isinstance(prop, dict) else None))
     return _Node("object", (props, additional), schema.get("description", "") if schema else "")
@@ -186,8 +186,8 @@ def _ts(node: _Node, indent: str = "") -> str:
 def _function(fn: dict) -> str:
     ctx = _Context()
     root = _object(fn.get("parameters") or {}, ctx)
-    interfaces = []
-    if ctx.self_ref:  # the parameters refer to themselves: declare them as `interface parameters`
+    interfaces, self_ref = [], ctx.self_ref  # a `#` reached only from a $defs entry does not count
+    if self_ref:  # the parameters refer to themselves: declare them as `interface parameters`
         body = ",\n".join(_prop(p, INDENT) for p in root.value[0])
         interfaces.append(f"interface parameters {{{f'{chr(10)}{body}{chr(10)}' if body else ''}}}")
     for name, schema in list(ctx.defs.items()):
@@ -195,7 +195,7 @@ def _function(fn: dict) -> str:
             raise ValueError(f"$defs entry {name!r} is not a schema")
         doc = _comment(schema["description"]) + "\n" if schema.get("description") else ""
         interfaces.append(f"{doc}interface {name} {_ts(_parse(schema, ctx))}")
-    params = "parameters" if ctx.self_ref else _ts(root)
+    params = "parameters" if self_ref else _ts(root)
     desc = fn.get("description")
     parts = ["\n".join(interfaces), _comment(desc) if desc else "",
              f"type {fn.get('name', 'function')} = (_: {params}) => any;"]
