@@ -4,12 +4,12 @@ transformers' `apply_chat_template`.
 
 Both templates name a tool call that has no id `functions.{name}:{n}`, n counting the calls of the whole
 conversation (so ids stay unique across turns), and write `<|` in tool-call arguments as `\\u003c|` (the same JSON
-value) so that an argument cannot spell a marker.
+value) so that an argument cannot spell a marker. The K2.6 template renders a null reasoning_content as empty
+(Moonshot's prints it as "None").
 """
 
 K2_6, K2_INSTRUCT = "k2.6", "k2-instruct"
 MEDIA = "<|media_begin|>image<|media_content|><|media_pad|><|media_end|>"
-
 
 
 def _text(media: str) -> str:
