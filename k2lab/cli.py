@@ -108,16 +108,27 @@ def render_cmd(
     messages: str = typer.Option(..., "--messages", help="JSON list of messages, or {messages, tools}"),
     tools: str = typer.Option(None, "--tools", help="JSON list of tool declarations"),
     generation_prompt: bool = typer.Option(False, "--generation-prompt", help="end with the assistant header"),
+    chat_format: str = typer.Option("k2.6", "--format", help="the chat format: k2.6 (K2.5/K2.6) or k2-instruct"),
+    thinking: bool = typer.Option(True, "--thinking/--no-thinking", help="K2.6: thinking mode"),
+    preserve_thinking: bool = typer.Option(False, "--preserve-thinking", help="K2.6: keep every turn's reasoning"),
 ) -> None:
-    """Print a conversation in the K2 chat format."""
+    """Print a conversation in a K2 chat format."""
     from k2lab.tokenizer.chat import load_conversation, render
 
     msgs, tls = load_conversation(messages, tools)
-    typer.echo(render(msgs, tls, add_generation_prompt=generation_prompt), nl=False)
+    try:
+        text = render(msgs, tls, add_generation_prompt=generation_prompt, chat_format=chat_format,
+                      thinking=thinking, preserve_thinking=preserve_thinking)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--messages") from None
+    typer.echo(text, nl=False)
 
 
 @app.command("parse-tool-calls")
-def parse_tool_calls_cmd() -> None:
+def parse_tool_calls_cmd(
+    in_reasoning: bool = typer.Option(False, "--in-reasoning",
+                                      help="the prompt ended with <think> (K2.6 thinking mode)"),
+) -> None:
     """Read K2 assistant output on stdin; print content, reasoning, tool calls and errors as JSON."""
     import dataclasses
     import json
@@ -125,7 +136,8 @@ def parse_tool_calls_cmd() -> None:
 
     from k2lab.tokenizer.toolcalls import parse
 
-    typer.echo(json.dumps(dataclasses.asdict(parse(sys.stdin.read())), ensure_ascii=False, indent=2))
+    parsed = parse(sys.stdin.read(), in_reasoning=in_reasoning)
+    typer.echo(json.dumps(dataclasses.asdict(parsed), ensure_ascii=False, indent=2))
 
 
 # ---- agents and the agent swarm (issue 7) ----
