@@ -39,7 +39,9 @@ def url():
 def run_all(url, requests):
     async def go():
         c = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0)
-        return await asyncio.gather(*(c.chat.completions.create(model="random", **r) for r in requests))
+        # thinking off: a random model would wander in its reasoning until max_tokens before any call
+        return await asyncio.gather(*(c.chat.completions.create(
+            model="random", extra_body={"chat_template_kwargs": {"thinking": False}}, **r) for r in requests))
     return asyncio.run(go())
 
 
@@ -102,6 +104,7 @@ def test_forced_calls_follow_the_schema_of_non_strict_tools(url):
     c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
     for i in range(5):
         resp = c.responses.create(model="random", input="Search.", temperature=1.0, max_output_tokens=200,
+                                  reasoning={"effort": "none"},  # no thinking: see run_all
                                   tools=[{"type": "function", **t["function"]} for t in loose],
                                   tool_choice={"type": "function", "name": "search"})
         calls = [o for o in resp.output if o.type == "function_call"]

@@ -174,12 +174,12 @@ def test_inspect_ai_openai_provider_defaults(tok, tmp_path, monkeypatch):
     assert server.engine.generated_tokens > 0
 
 
-def test_prompt_ending_inside_think_reads_reasoning_first(tok, monkeypatch):
-    """K2.6's thinking generation prompt ends with `<think>`, so the output starts as reasoning. The renderer is
-    patched to end the prompt that way (a test double for the K2.6 template); the server's parsing is real."""
+def test_prompt_ending_inside_think_reads_reasoning_first(tok):
+    """K2.6's thinking generation prompt ends with `<think>`, so the output starts as reasoning."""
     render = Server.chat_ids
-    monkeypatch.setattr(Server, "chat_ids", lambda self, *a: render(self, *a) + [tok.special_tokens["<think>"]])
     server = scripted(tok, "Thinking it over.</think>Hello.")
+    assert tok.chat_format == "k2.6" and server.chat_ids([{"role": "user", "content": "hi"}], None)[-1] == \
+        tok.special_tokens["<think>"]
     with serve_in_thread(server) as base:
         c = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
         m = c.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "hi"}]).choices[0].message
@@ -202,7 +202,7 @@ def test_prompt_ending_inside_think_reads_reasoning_first(tok, monkeypatch):
             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "more"}])
         assert again.usage.input_tokens == len(render(server, [
             {"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello.", "reasoning_content": "Thinking it over."},
-            {"role": "user", "content": "more"}], None)) + 1
+            {"role": "user", "content": "more"}], None))
         with pytest.raises(openai.BadRequestError, match="encrypted_content"):
             c.responses.create(model="scripted", input=[{"type": "reasoning", "id": "rs_1", "summary": [],
                                                          "encrypted_content": "%%%"}, {"role": "assistant", "content": "x"}])

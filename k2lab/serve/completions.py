@@ -2,7 +2,7 @@
 
 Chat output is split by the K2 tool-call parser into content, `reasoning_content` (vLLM's field, also streamed
 as `delta.reasoning_content`) and OpenAI tool_calls. When the prompt ends inside `<think>` (K2.6 thinking mode)
-the output starts as reasoning, so the parser is told so by being fed that `<think>` first.
+the output starts as reasoning, and the parser is told so (`in_reasoning`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from k2lab.data.images import image_urls
 from k2lab.serve.engine import Event
 from k2lab.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from k2lab.serve.streaming import finish_reason, sse
-from k2lab.tokenizer.toolcalls import THINK_BEGIN, StreamingParser, parse
+from k2lab.tokenizer.toolcalls import StreamingParser, parse
 
 if TYPE_CHECKING:
     from k2lab.serve.server import Server
@@ -75,7 +75,7 @@ def register(app: FastAPI, server: Server, authorized) -> None:
         if not body.stream:
             out = []
             for i, (req, evs) in enumerate(zip(gen.reqs, await gen.collect(http))):
-                parsed = parse((THINK_BEGIN if thinking else "") + req.text)
+                parsed = parse(req.text, tools=tools, in_reasoning=thinking)
                 for err in parsed.errors:
                     log.warning("model output: %s", err)
                 message = parsed.to_message()
@@ -90,10 +90,9 @@ def register(app: FastAPI, server: Server, authorized) -> None:
 
         async def stream() -> AsyncIterator[str]:
             chunk = {**head, "object": "chat.completion.chunk"}
-            parsers, has_calls = [StreamingParser() for _ in gen.reqs], [False] * body.n
-            for i, parser in enumerate(parsers):
-                if thinking:
-                    parser.feed(THINK_BEGIN)
+            parsers = [StreamingParser(tools=tools, in_reasoning=thinking) for _ in gen.reqs]
+            has_calls = [False] * body.n
+            for i in range(len(parsers)):
                 yield sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "finish_reason": None}]})
             async for i, e in gen.events():

@@ -31,7 +31,7 @@ from fastapi.responses import StreamingResponse
 from k2lab.data.images import image_urls
 from k2lab.serve.protocol import APIError, InputMessage, ResponsesRequest
 from k2lab.serve.streaming import finish_reason, sse
-from k2lab.tokenizer.toolcalls import THINK_BEGIN, StreamingParser
+from k2lab.tokenizer.toolcalls import StreamingParser
 
 if TYPE_CHECKING:
     from k2lab.serve.server import Server
@@ -253,10 +253,8 @@ def register(app: FastAPI, server: Server, authorized) -> None:
                               "total_tokens": usage["total_tokens"]}}
 
         def start() -> tuple[StreamingParser, OutputItems]:
-            parser = StreamingParser()
+            parser = StreamingParser(tools=tools, in_reasoning=thinking)
             items = OutputItems(tools is not None, "reasoning.encrypted_content" in (body.include or []))
-            if thinking:
-                parser.feed(THINK_BEGIN)
             return parser, items
 
         if not body.stream:

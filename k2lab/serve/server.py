@@ -33,7 +33,7 @@ from k2lab.tokenizer.chat import segments
 log = logging.getLogger(__name__)
 
 # segments() parameters that are the request itself, not template options a client may set
-_RENDER_ARGS = {"messages", "tools", "add_generation_prompt"}
+_RENDER_ARGS = {"messages", "tools", "add_generation_prompt", "chat_format"}
 
 
 class Server:
@@ -69,7 +69,8 @@ class Server:
                                     f"(supported: {sorted(accepted) or 'none'})", param="chat_template_kwargs")
         ids: list[int] = []
         try:
-            for text, is_marker, _ in segments(messages, tools, add_generation_prompt=True, **(template_kwargs or {})):
+            for text, is_marker, _ in segments(messages, tools, add_generation_prompt=True,
+                                                 chat_format=self.tokenizer.chat_format, **(template_kwargs or {})):
                 ids.extend([self.tokenizer.special_tokens[text]] if is_marker else self.tokenizer.encode(text))
         except (ValueError, KeyError) as e:
             raise APIError(400, str(e), param="messages") from None
