@@ -1,8 +1,7 @@
-"""Per-request sampling: OpenAI's parameters applied to one row of logits.
-
-Order (as in vLLM): frequency/presence penalties on the raw logits, then the grammar mask, then greedy
-(temperature 0) or temperature -> top-k -> top-p -> a draw from the request's own seeded generator, so a
-request's tokens never depend on what else is in the batch. Logprobs are those of the model's raw distribution.
+"""Per-request sampling parameters (OpenAI's), checked on the way in. The engine applies them to a batch of
+rows in one call of the shared sampler, `k2lab.model.sampling.sample` (penalties, grammar mask, temperature,
+top-k, top-p, a draw from the request's own seeded generator). Logprobs streamed to clients are those of the
+model's raw distribution, as OpenAI reports them.
 """
 
 from __future__ import annotations
@@ -48,28 +47,6 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-
-
-def choose(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None,
-           allowed: torch.Tensor | None, generator: torch.Generator) -> int:
-    """One token id from fp32 logits [V]; counts [V] are how often each id was generated so far,
-    allowed [V] bool is the grammar mask (None: all)."""
-    if params.penalized and counts is not None:
-        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    if params.temperature == 0.0:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.numel():
-        kth = logits.topk(params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < params.top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p * keep)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def token_logprobs(logprobs: torch.Tensor, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
