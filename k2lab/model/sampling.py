@@ -35,11 +35,10 @@ def sample(logits: torch.Tensor, temperature: Rows = 0.0, top_p: Rows = 1.0, top
                   - _per_row(presence_penalty, b, logits, torch.float32)[:, None] * (counts > 0))
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
-    mode = logits.argmax(dim=-1)
     temp = _per_row(temperature, b, logits, torch.float32)
     greedy = temp <= 0
     if bool(greedy.all()):
-        return mode, torch.zeros(b, device=logits.device)
+        return logits.argmax(dim=-1), torch.zeros(b, device=logits.device)
     if uniform is None:
         raise ValueError("sampling at temperature > 0 needs one uniform draw per row")
     z = logits / torch.where(greedy, 1.0, temp)[:, None]
@@ -54,12 +53,18 @@ def sample(logits: torch.Tensor, temperature: Rows = 0.0, top_p: Rows = 1.0, top
         keep_sorted = sorted_p.cumsum(-1) - sorted_p < p[:, None]  # always keeps the most likely token
         keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
         z = z.masked_fill(~keep, float("-inf"))
-    logp = z.log_softmax(dim=-1)
-    cdf = logp.exp().cumsum(dim=-1)
-    u = uniform.to(device=logits.device, dtype=torch.float32)[:, None] * cdf[:, -1:]
-    token = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=v - 1)
+    z_max, mode = z.max(dim=-1, keepdim=True)
+    cdf = (z - z_max).exp().cumsum(dim=-1)  # unnormalized: flat across the ids cut above
+    total = cdf[:, -1:]
+    token = torch.searchsorted(cdf, uniform.to(device=logits.device, dtype=torch.float32)[:, None] * total,
+                               right=True).clamp(max=v - 1)
     # u * total can round up to the total (probability < 2^-24), landing past the last kept id: take the mode.
-    token = torch.where(logp.gather(-1, token[:, None]).squeeze(-1) == float("-inf"), logp.argmax(-1), token)
-    token = torch.where(greedy, mode, token)
-    token_logp = torch.where(greedy, 0.0, logp.gather(-1, token[:, None]).squeeze(-1))
-    return token, token_logp
+    z_token = z.gather(-1, token)
+    if bool(torch.isinf(z_token).any()):
+        token = torch.where(torch.isinf(z_token), mode, token)
+        z_token = z.gather(-1, token)
+    token_logp = (z_token - z_max - total.log()).squeeze(-1)
+    if bool(greedy.any()):
+        token = torch.where(greedy[:, None], logits.argmax(dim=-1, keepdim=True), token)
+        token_logp = token_logp.masked_fill(greedy, 0.0)
+    return token.squeeze(-1), token_logp
