@@ -142,6 +142,9 @@ def test_sampler_draws_the_stated_distribution():
     sharp /= sharp.sum()
     assert torch.allclose(logp, sharp.log()[tokens], atol=1e-6)
     assert (torch.bincount(tokens, minlength=4).float() / len(tokens) - sharp).abs().max() < 0.015
+    # a draw at the very top of the CDF never lands on an id that was cut
+    token, logp = sample(torch.tensor([[3.0, 2.0, 1.0, 0.0]]), 1.0, top_k=2, uniform=torch.tensor([1.0]))
+    assert token.item() in (0, 1) and torch.isfinite(logp).all()
 
 
 def test_logprobs_are_the_model_distribution(model):

@@ -59,10 +59,8 @@ def sample(logits: torch.Tensor, temperature: Rows = 0.0, top_p: Rows = 1.0, top
     token = torch.searchsorted(cdf, uniform.to(device=logits.device, dtype=torch.float32)[:, None] * total,
                                right=True).clamp(max=v - 1)
     # u * total can round up to the total (probability < 2^-24), landing past the last kept id: take the mode.
+    token = torch.where(torch.isinf(z.gather(-1, token)), mode, token)
     z_token = z.gather(-1, token)
-    if bool(torch.isinf(z_token).any()):
-        token = torch.where(torch.isinf(z_token), mode, token)
-        z_token = z.gather(-1, token)
     token_logp = (z_token - z_max - total.log()).squeeze(-1)
     if bool(greedy.any()):
         token = torch.where(greedy[:, None], logits.argmax(dim=-1, keepdim=True), token)
