@@ -4,8 +4,12 @@ rollouts against `generate`, K distinct samples, finish reasons, seeds, and in-p
 import pytest
 import torch
 
+from k2lab.model.multimodal import K2VLForConditionalGeneration, multimodal_config
+from k2lab.model.vision import VisionConfig
+from k2lab.serve.engine import Engine
 from k2lab.serve.rollout import InProcessGenerator, RolloutParams
-from tests.conftest import random_model, tiny_config
+from k2lab.serve.sampling import SamplingParams
+from tests.conftest import random_model, randomize_, tiny_config
 
 EOS = 257
 
@@ -104,6 +108,23 @@ def test_in_place_weight_update_is_seen_by_the_next_call():
     for s in after:
         ref = model.generate(torch.tensor([s.prompt_ids]), 12, eos_token_id=EOS)[0, len(s.prompt_ids):].tolist()
         assert s.completion_ids == ref[:len(s.completion_ids)]
+
+
+def test_the_multimodal_model_offers_the_same_interface():
+    """The engine and the rollout API take the K2.6 multimodal model as they take the text model (embed, forward
+    with cache slots, new_cache): text prompts give the tokens of the model's own generate."""
+    torch.manual_seed(0)
+    model = K2VLForConditionalGeneration(multimodal_config(tiny_config(), VisionConfig.preset("tiny")))
+    randomize_(model, 0)
+    model.eval()
+    ps = prompts(2, seed=10)
+    out = InProcessGenerator(model).generate(ps, params=RolloutParams(max_new_tokens=8, temperature=0.0))
+    engine = Engine(model, lambda t: bytes([t % 256]), (EOS,), max_len=64, max_slots=2)
+    for p, s in zip(ps, out):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=8)[0, len(p):].tolist()
+        assert s.completion_ids == ref
+        served = engine.generate(p, SamplingParams(max_tokens=8, temperature=0.0)).output
+        assert served == ref[:len(served)]
 
 
 def test_bad_input_is_refused_with_a_message(model):

@@ -4,6 +4,8 @@ The cache is [layers, slots, max_len, kv_lora_rank + rope] (k2lab.model.mla.Late
 fixes slots x max_len. Each step (1) admits waiting requests into free slots, (2) runs prefill chunks of
 at most `prefill_chunk` tokens in total (one forward per chunk length: rows of one forward share T), and (3) runs
 one decode forward for every request that is generating, each row at its own position of its own slot.
+The tokens of every row a forward produced are drawn in one call of the shared sampler (k2lab.model.sampling),
+each request from its own seeded generator. The model is reached only through the `CausalLM` methods.
 Requests join between steps and leave (freeing their slot) when they finish or are cancelled. Written by hand
 because serving engines (vLLM, SGLang) are not a CPU/laptop-scale library; it follows gpt-fast in size.
 
