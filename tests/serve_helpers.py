@@ -52,7 +52,7 @@ class ScriptedModel(torch.nn.Module):
     def __init__(self, config, script: list[int], delay: float = 0.0):
         super().__init__()
         self.config, self.script, self.delay = config, script, delay
-        self.lm_head = torch.nn.Linear(1, 1, bias=False)
+        self.device, self.dtype = torch.device("cpu"), torch.float32  # the engine's model interface
         self.prompt_len = 0
 
     def new_cache(self, slots, max_len, dtype=None):

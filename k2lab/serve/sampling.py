@@ -1,8 +1,7 @@
-"""Per-request sampling: OpenAI's parameters applied to one row of logits.
-
-Order (as in vLLM): frequency/presence penalties and logit_bias on the raw logits, then the grammar mask, then greedy
-(temperature 0) or temperature -> top-k -> top-p -> a draw from the request's own seeded generator, so a
-request's tokens never depend on what else is in the batch. Logprobs are those of the model's raw distribution.
+"""Per-request sampling parameters (OpenAI's), checked on the way in. The engine applies them to a batch of
+rows in one call of the shared sampler, `k2lab.model.sampling.sample` (penalties, logit_bias, grammar mask, temperature,
+top-k, top-p, a draw from the request's own seeded generator). Logprobs streamed to clients are those of the
+model's raw distribution, as OpenAI reports them.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from dataclasses import dataclass
 import torch
 
 MAX_LOGPROBS = 20
-GREEDY_BELOW = 1e-5  # temperatures under this decode greedily, as in vLLM (logits / 1e-300 would overflow)
 
 
 @dataclass(frozen=True)
@@ -51,33 +49,6 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-
-
-def choose(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None,
-           allowed: torch.Tensor | None, generator: torch.Generator) -> int:
-    """One token id from fp32 logits [V]; counts [V] are how often each id was generated so far,
-    allowed [V] bool is the grammar mask (None: all)."""
-    if params.penalized and counts is not None:
-        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
-    if params.logit_bias:
-        ids, bias = zip(*params.logit_bias)
-        logits = logits.index_add(0, torch.tensor(ids, device=logits.device),
-                                  torch.tensor(bias, dtype=logits.dtype, device=logits.device))
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    if params.temperature < GREEDY_BELOW:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.numel():
-        kth = logits.topk(params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < params.top_p
-        keep[0] = True  # the most likely token always stays (a top_p below fp32's smallest value compares as 0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p * keep)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def token_logprobs(logprobs: torch.Tensor, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
