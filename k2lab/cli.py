@@ -235,6 +235,26 @@ def review(
     review_mod.main(run_dir, web, host, port, reviewer)
 
 
+# ---- agentic data synthesis (issue 14) ----
+@app.command()
+def synth(out: Path = typer.Option(..., help="run directory: kept.jsonl, rejected.jsonl, card.md"),
+          domains: str = typer.Option("embedded", help="'embedded' or a comma list of embedded domains"),
+          tasks: int = typer.Option(500, help="number of tasks (trajectories) to synthesize"),
+          seed: int = typer.Option(0, help="fixes the tasks and the injected tool failures"),
+          fault_rate: float = typer.Option(0.15, help="share of tool calls that fail transiently first"),
+          resume: bool = typer.Option(False, help="continue OUT, playing only tasks that have no record")) -> None:
+    """Synthesize tool-use and calibration trajectories on the embedded domains (rule-based solver, offline)."""
+    from k2lab.runs import RunDirError
+    from k2lab.synth.pipeline import run_embedded
+
+    try:
+        card = run_embedded(domains, tasks, out, seed, fault_rate, resume)
+    except (ValueError, RunDirError) as e:
+        raise typer.BadParameter(str(e)) from None
+    t = card["totals"]
+    typer.echo(f"kept {t['kept']} / {t['trajectories']} (rejected {t['rejected']}) -> {out}/kept.jsonl, {out}/card.md")
+
+
 # ---- serving (issue 6) ----
 @app.command("serve")
 def serve_cmd(
