@@ -237,22 +237,39 @@ def review(
 
 # ---- agentic data synthesis (issue 14) ----
 @app.command()
-def synth(out: Path = typer.Option(..., help="run directory: kept.jsonl, rejected.jsonl, card.md"),
+def synth(out: Path = typer.Option(..., help="run directory: kept.jsonl, rejected.jsonl, queue.jsonl, card.md"),
           domains: str = typer.Option("embedded", help="'embedded' or a comma list of embedded domains"),
-          tasks: int = typer.Option(500, help="number of tasks (trajectories) to synthesize"),
+          tasks: int = typer.Option(500, help="embedded: number of tasks (trajectories) to synthesize"),
           seed: int = typer.Option(0, help="fixes the tasks and the injected tool failures"),
           fault_rate: float = typer.Option(0.15, help="share of tool calls that fail transiently first"),
-          resume: bool = typer.Option(False, help="continue OUT, playing only tasks that have no record")) -> None:
-    """Synthesize tool-use and calibration trajectories on the embedded domains (rule-based solver, offline)."""
+          resume: bool = typer.Option(False, help="continue OUT, playing only tasks that have no record"),
+          categories: str = typer.Option("", help="LLM path: comma list of tool categories to evolve tools from"),
+          mcp: list[str] = typer.Option([], help="LLM path: MCP server (URL or command line) whose tools are used"),
+          tools_file: list[str] = typer.Option([], help="LLM path: OpenAI-format JSON file of tool definitions"),
+          tasks_per_agent: int = typer.Option(4, help="LLM path: tasks the task writer writes per agent"),
+          model: str = typer.Option(None, help="LLM path: teacher/simulator model (default K2LAB_MODEL)"),
+          judge_model: list[str] = typer.Option([], help="LLM path: judge model; repeat for judges that vote"),
+          base_url: str = typer.Option(None, help="LLM path: endpoint (default K2LAB_BASE_URL)"),
+          concurrency: int = typer.Option(8, help="LLM path: trajectories in flight")) -> None:
+    """Synthesize agentic trajectories: offline on the embedded domains (rule-based solver), or with an LLM
+    over the OpenAI API when --categories, --mcp or --tools-file is given."""
     from k2lab.runs import RunDirError
     from k2lab.synth.pipeline import run_embedded
+    from k2lab.synth.specs import SpecError
 
     try:
-        card = run_embedded(domains, tasks, out, seed, fault_rate, resume)
-    except (ValueError, RunDirError) as e:
+        if categories or mcp or tools_file:
+            from k2lab.synth.stages import main as run_llm
+            card = run_llm(out, base_url, None, model, judge_model, mcp, tools_file,
+                           [c.strip() for c in categories.split(",") if c.strip()], tasks_per_agent, concurrency,
+                           fault_rate, seed, resume)
+        else:
+            card = run_embedded(domains, tasks, out, seed, fault_rate, resume)
+    except (ValueError, RunDirError, SpecError) as e:
         raise typer.BadParameter(str(e)) from None
     t = card["totals"]
-    typer.echo(f"kept {t['kept']} / {t['trajectories']} (rejected {t['rejected']}) -> {out}/kept.jsonl, {out}/card.md")
+    typer.echo(f"kept {t['kept']} / {t['trajectories']} (rejected {t['rejected']}, for review {t['queued']}) "
+               f"-> {out}/kept.jsonl, {out}/card.md")
 
 
 # ---- serving (issue 6) ----

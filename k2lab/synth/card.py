@@ -57,22 +57,26 @@ def _dist(values) -> dict:
 
 def build(out: Path) -> dict:
     kept, rejected = read_jsonl(out / "kept.jsonl"), read_jsonl(out / "rejected.jsonl")
-    records = kept + rejected
+    queued = read_jsonl(out / "queue.jsonl")  # judges unsure: waiting for a person (LLM runs)
+    records = kept + rejected + queued
     run = read_json(out / "run.json")
     per_domain = {}
     for d in sorted({r["domain"] for r in records}):
         rs = [r for r in records if r["domain"] == d]
-        rubric = [r for r in rs if all(v["passed"] for v in r["verdicts"] if v["judge"] != "format check")]
+        rubric = [r for r in rs if any(v["judge"] != "format check" for v in r["verdicts"])
+                  and all(v["passed"] for v in r["verdicts"] if v["judge"] != "format check")]
         fmt_ok = [r for r in rubric if all(v["passed"] for v in r["verdicts"] if v["judge"] == "format check")]
         n_kept = sum(r["accepted"] for r in rs)
+        n_queued = sum(r.get("decision") == "unsure" for r in rs)
         per_domain[d] = {"trajectories": len(rs), "passed_rubric_or_judges": len(rubric),
-                         "passed_format": len(fmt_ok), "kept": n_kept, "rejected": len(rs) - n_kept,
+                         "passed_format": len(fmt_ok), "kept": n_kept, "queued": n_queued,
+                         "rejected": len(rs) - n_kept - n_queued,
                          "acceptance_rate": round(n_kept / len(rs), 4)}
     tools = tool_catalog(out, records)
     xy = pca2(embed([f"{t['name']} {t['description']}" for t in tools])) if tools else np.zeros((0, 2))
     card = {
         "identity": run.get("identity", {}),
-        "totals": {"trajectories": len(records), "kept": len(kept), "rejected": len(rejected),
+        "totals": {"trajectories": len(records), "kept": len(kept), "rejected": len(rejected), "queued": len(queued),
                    "acceptance_rate": round(len(kept) / len(records), 4) if records else None},
         "stages": read_json(out / "stages.json") if (out / "stages.json").exists() else {},
         "per_domain": per_domain,
@@ -111,7 +115,8 @@ def _plot(card: dict, path: Path) -> None:
 def markdown(card: dict) -> str:
     t = card["totals"]
     lines = ["# Synthesized dataset card", "",
-             f"Trajectories: {t['trajectories']}, kept {t['kept']}, rejected {t['rejected']} "
+             f"Trajectories: {t['trajectories']}, kept {t['kept']}, rejected {t['rejected']}, "
+             f"waiting for human review {t['queued']} "
              f"(acceptance {t['acceptance_rate']}). Settings: `{card['identity']}`.", "",
              "| domain | trajectories | passed rubric/judges | passed format | kept | acceptance |",
              "|---|---|---|---|---|---|"]
