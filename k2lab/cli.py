@@ -224,13 +224,19 @@ def eval_coding(
 
 @app.command("review")
 def review(
-    run_dir: str = typer.Argument(..., help="a calibration run directory"),
+    run_dir: str = typer.Argument(..., help="a calibration or synth run directory"),
     web: bool = typer.Option(False, help="serve the local review page instead of the terminal UI"),
     host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8765),
     reviewer: str = typer.Option("human", help="name stored with each review"),
 ) -> None:
     """Accept or overrule judge grades; metrics and judge-human agreement are recomputed."""
     from k2lab.evals import review as review_mod
+    from k2lab.runs import read_json
+
+    run_json = Path(run_dir) / "run.json"
+    if run_json.exists() and read_json(run_json).get("kind") == "synth":  # review judged synthetic trajectories
+        from k2lab.synth import review as synth_review
+        return synth_review.main(run_dir, web, host, port, reviewer)
 
     review_mod.main(run_dir, web, host, port, reviewer)
 

@@ -25,6 +25,9 @@ ABSTAIN_PHRASES = ("i don't know", "i do not know", "no reliable information", "
                    "cannot answer", "can't answer")
 
 
+_COMMITS = re.compile(r"\d|\b(but|think|believe|probably|maybe|likely|guess|perhaps)\b", re.I)
+
+
 class ToolError(Exception):
     """A tool's own failure (an edge case of the world); its message goes back to the model."""
 
@@ -60,8 +63,11 @@ def _words(text: str) -> str:
 def check_answer(cp: dict, answer: str) -> tuple[bool, str]:
     """One answer checkpoint: `number` (+ `tolerance`), `contains` (all of), or `abstain`."""
     if cp["kind"] == "abstain":
-        ok = is_abstention(answer)
-        return ok, "abstains" if ok else "does not abstain on a question it cannot know"
+        if not is_abstention(answer):
+            return False, "does not abstain on a question it cannot know"
+        if _COMMITS.search(answer):  # "I'm not sure, but I think it was 1620" is a guess, not an abstention
+            return False, "wraps a guess in an abstention phrase"
+        return True, "abstains"
     if cp["kind"] == "number":
         tol = cp.get("tolerance", 0.01)
         found = numbers(answer)
