@@ -118,11 +118,11 @@ def markdown(card: dict) -> str:
              f"Trajectories: {t['trajectories']}, kept {t['kept']}, rejected {t['rejected']}, "
              f"waiting for human review {t['queued']} "
              f"(acceptance {t['acceptance_rate']}). Settings: `{card['identity']}`.", "",
-             "| domain | trajectories | passed rubric/judges | passed format | kept | acceptance |",
-             "|---|---|---|---|---|---|"]
+             "| domain | trajectories | passed rubric/judges | passed format | kept | for review | acceptance |",
+             "|---|---|---|---|---|---|---|"]
     for d, s in card["per_domain"].items():
         lines.append(f"| {d} | {s['trajectories']} | {s['passed_rubric_or_judges']} | {s['passed_format']} | "
-                     f"{s['kept']} | {s['acceptance_rate']} |")
+                     f"{s['kept']} | {s['queued']} | {s['acceptance_rate']} |")
     if card["stages"]:
         lines += ["", "## Stages", "", "| stage | in | out | usage |", "|---|---|---|---|"]
         lines += [f"| {k} | {v.get('in', '')} | {v.get('out', '')} | {v.get('usage', '')} |"
