@@ -17,7 +17,7 @@ import pytest
 from k2lab.evals.stats import cohen_kappa
 from k2lab.runs import read_json, read_jsonl
 from k2lab.synth.filter import LABELLED, measure
-from k2lab.synth.review import ReviewSession, make_server, rebuild, review_tui
+from k2lab.synth.review import ReviewSession, make_server, review_tui
 from k2lab.synth.stages import main
 from k2lab.testing.scripted_server import ScriptedServer
 from k2lab.testing.synth_script import CASES, handler

@@ -71,7 +71,7 @@ def record_trajectory(out: Path, record: dict) -> None:
 
 
 def run_embedded(domains: str, n_tasks: int, out: str | Path, seed: int = 0, fault_rate: float = 0.15,
-                 resume: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
+                 resume: bool = False) -> dict:
     """Synthesize `n_tasks` trajectories on the embedded domains with the rule-based solver; returns the card."""
     if n_tasks < 1:
         raise ValueError(f"--tasks must be >= 1, got {n_tasks}")
@@ -81,13 +81,11 @@ def run_embedded(domains: str, n_tasks: int, out: str | Path, seed: int = 0, fau
     done = open_run(out, identity, resume)
     reg = registry()
     tasks: list[Task] = make_tasks(names, n_tasks, seed)
-    for i, task in enumerate(tasks):
+    for task in tasks:
         if task.task_id in done:
             continue
         domain = reg[task.domain]
         env = Environment(domain, task, fault_rate=fault_rate, seed=seed)
         record = episode(env, lambda messages, tools, d=domain, t=task: solver.solve(d, t, messages))
         record_trajectory(out, decide(record | {"teacher": solver.NAME}))
-        if progress:
-            progress(i + 1, len(tasks))
     return card.write(out)
