@@ -86,3 +86,40 @@ def test_kill_then_resume_loses_and_repeats_nothing(tmp_path):
         assert sorted(ids) == sorted(r["task_id"] for r in want)  # nothing lost
         by_id = {r["task_id"]: r for r in want}
         assert all(r == by_id[r["task_id"]] for r in got)  # the resumed records are what a clean run writes
+
+
+def test_embedded_domains_with_a_model_as_teacher(tmp_path):
+    """The embedded environments driven over the OpenAI API (how a trained model's task success is measured).
+    The scripted server is a test double for the model: it answers what the rule-based solver would, except
+    that it truncates its reply on every fifth task."""
+    from k2lab.synth import solver
+    from k2lab.synth.checks import roundtrip_errors
+    from k2lab.synth.domains import EMBEDDED, make_tasks, registry
+    from k2lab.testing.scripted_server import ScriptedServer
+
+    reg, tasks = registry(), make_tasks(list(EMBEDDED), 20, seed=0)
+    by_prompt = {t.turns[0]: (i, t) for i, t in enumerate(tasks)}
+
+    def model(req):
+        i, task = by_prompt[req.user]
+        if i % 5 == 4:
+            return {"content": "Let me think about", "finish_reason": "length"}
+        msg = solver.solve(reg[task.domain], task, req.messages)
+        return {"content": msg["content"], "tool_calls": [
+            {"name": tc["function"]["name"], "arguments": tc["function"]["arguments"]} for tc in msg.get("tool_calls") or []]}
+
+    out = tmp_path / "run"
+    with ScriptedServer(model) as srv:
+        env = {**os.environ, "K2LAB_BASE_URL": srv.base_url, "K2LAB_API_KEY": "k", "K2LAB_MODEL": "scripted"}
+        r = subprocess.run(CLI + ["--tasks", "20", "--out", str(out), "--teacher", "llm", "--fault-rate", "0.1"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    kept, rejected = read_jsonl(out / "kept.jsonl"), read_jsonl(out / "rejected.jsonl")
+    assert len(kept) + len(rejected) == 20 and {x["teacher"] for x in kept} == {"scripted"}
+    truncated = {t.task_id for i, t in enumerate(tasks) if i % 5 == 4}
+    assert {x["task_id"] for x in rejected} >= truncated
+    assert all(any("Truncated" in why for why in x["reasons"]) for x in rejected if x["task_id"] in truncated)
+    assert len(kept) >= 14
+    for x in kept:  # the endpoint's call_... ids were rewritten to K2's functions.NAME:INDEX
+        assert roundtrip_errors(x["messages"], x["tools"]) == []
+        assert all(tc["id"].startswith("functions.") for m in x["messages"] for tc in m.get("tool_calls") or [])

@@ -53,7 +53,8 @@ def test_llm_path_end_to_end_with_malformed_replies_and_real_mcp(tmp_path, tools
     out = tmp_path / "run"
     with ScriptedServer(handler, faults=Faults(0.15, kinds=("429", "500"), seed=1)) as srv:
         card = main(out, srv.base_url, "k", "scripted", ["judge-a", "judge-b"], [TIME_SERVER], [tools_file],
-                    ["travel", "broken", "truncated"], len(CASES), 4, 0.0, 0, False, backoff=(0.01, 0.05))
+                    ["travel", "broken", "truncated"], len(CASES), 4, 0.0, 0, False, backoff=(0.01, 0.05),
+                    price_per_mtok=(1.0, 2.0))
         assert srv.stats.faults["429"] + srv.stats.faults["500"] > 0
     tools = {t["name"]: t for t in read_jsonl(out / "tools.jsonl")}
     assert {t["source"] for t in tools.values()} == {"mcp", "json", "synthetic"}
@@ -87,6 +88,7 @@ def test_llm_path_end_to_end_with_malformed_replies_and_real_mcp(tmp_path, tools
     assert any(r["stats"]["executed"]["simulated"] for r in kept)
     stages = card["stages"]
     assert stages["rollout"]["usage"]["teacher"]["calls"] > 0 and stages["tasks"]["usage"]["completion_tokens"] > 0
+    assert stages["rollout"]["usage"]["teacher"]["cost_usd"] > 0 and stages["judges"]["usage_this_session"]["calls"] > 0
     assert card["totals"] == {"trajectories": 6 * n_agents, "kept": n_agents, "rejected": 3 * n_agents,
                               "queued": 2 * n_agents, "acceptance_rate": round(1 / 6, 4)}
     assert {p["source"] for p in card["tool_map"]["points"]} == {"mcp", "json", "synthetic"}
@@ -96,7 +98,7 @@ def test_llm_path_kill_and_resume(tmp_path, tools_file):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "k2lab.cli", "synth", "--out", str(out), "--categories", "travel,shop",
             "--tools-file", tools_file, "--tasks-per-agent", str(len(CASES)), "--concurrency", "2",
-            "--fault-rate", "0"]
+            "--fault-rate", "0", "--price-per-mtok", "0.5,1.5"]
     with ScriptedServer(handler, latency=0.03) as srv:
         env = {**os.environ, "K2LAB_BASE_URL": srv.base_url, "K2LAB_API_KEY": "k", "K2LAB_MODEL": "scripted"}
         proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -66,3 +66,12 @@ def schema_errors(messages: list[dict], tools: list[dict] | None) -> list[str]:
                 continue
             errors += [f"{name}: {e.message}" for e in jsonschema.Draft202012Validator(schemas[name]).iter_errors(args)]
     return errors
+
+
+def k2_ids(message: dict, history: list[dict]) -> dict:
+    """Tool-call ids in K2's form, functions.NAME:INDEX with INDEX counted over the conversation (what the chat
+    format renders and the parser reads back); other endpoints' ids (call_abc...) would not survive a round trip."""
+    start = sum(len(m.get("tool_calls") or []) for m in history)
+    calls = [tc | {"id": f"functions.{tc['function']['name']}:{start + i}"}
+             for i, tc in enumerate(message.get("tool_calls") or [])]
+    return message | {"tool_calls": calls} if calls else message

@@ -18,7 +18,7 @@ import random
 import jsonschema
 
 from k2lab.synth.env import TRANSIENT
-from k2lab.synth.specs import SpecError, parse_json
+from k2lab.synth.specs import SpecError, add_usage, parse_json
 
 USER_SIM = "You are the USER SIMULATOR of a data-synthesis pipeline. You play a user, never the assistant."
 TOOL_SIM = "You are the TOOL SIMULATOR of a data-synthesis pipeline. Reply with JSON only: {\"result\": ...}."
@@ -27,14 +27,6 @@ STOP = {"DONE": "goal met", "ABANDON": "user gave up"}
 
 class Truncated(Exception):
     """A reply cut off by the length limit: the trajectory cannot be used."""
-
-
-def _add(usage: dict, role: str, r) -> None:
-    u = usage.setdefault(role, {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0, "retries": 0})
-    u["prompt_tokens"] += r.usage.get("prompt_tokens", 0)
-    u["completion_tokens"] += r.usage.get("completion_tokens", 0)
-    u["calls"] += 1
-    u["retries"] += r.retries
 
 
 class SimulatedEnvironment:
@@ -60,7 +52,7 @@ class SimulatedEnvironment:
 
     async def _user_turn(self) -> str:
         r = await self.user_llm.chat(self._user_prompt(), temperature=0.8)
-        _add(self.usage, "user_simulator", r)
+        add_usage(self.usage.setdefault("user_simulator", {}), r)
         if r.finish_reason == "length":
             raise Truncated("user simulator reply truncated")
         return (r.message.get("content") or "").strip()
@@ -125,7 +117,7 @@ class SimulatedEnvironment:
                   '{"result": ...}, consistent with the state.')
         r = await self.tool_llm.chat([{"role": "system", "content": TOOL_SIM}, {"role": "user", "content": prompt}],
                                      temperature=0.3)
-        _add(self.usage, "tool_simulator", r)
+        add_usage(self.usage.setdefault("tool_simulator", {}), r)
         try:
             if r.finish_reason == "length":
                 raise SpecError("reply truncated")

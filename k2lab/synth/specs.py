@@ -27,6 +27,15 @@ DESIGNER = "You are the TOOL DESIGNER of a data-synthesis pipeline. Reply with J
 _FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
 
 
+def add_usage(usage: dict, r) -> dict:
+    """Add one `ChatResult`'s tokens, cost, call and retries to a usage total (every stage keeps its own)."""
+    for k, v in (("prompt_tokens", r.usage.get("prompt_tokens", 0)), ("completion_tokens",
+                 r.usage.get("completion_tokens", 0)), ("cost_usd", r.usage.get("cost_usd", 0.0)), ("calls", 1),
+                 ("retries", r.retries)):
+        usage[k] = usage.get(k, 0) + v
+    return usage
+
+
 class SpecError(ValueError):
     """A tool definition or an LLM reply that cannot be used; the message is the rejection reason."""
 
@@ -93,12 +102,12 @@ def _validate_all(items: list, source: str, domain: str) -> tuple[list[dict], li
 
 async def _ask_json(llm, prompt: str, what: str, attempts: int = 2) -> tuple[dict, dict]:
     """Ask for a JSON object; a non-JSON or truncated reply is asked again once, then SpecError."""
-    usage = {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0}
+    usage: dict = {}
     note = ""
     for _ in range(attempts):
         r = await llm.chat([{"role": "system", "content": DESIGNER}, {"role": "user", "content": prompt + note}],
                            temperature=0.7)
-        usage = {k: usage[k] + r.usage.get(k, 1 if k == "calls" else 0) for k in usage}
+        add_usage(usage, r)
         try:
             if r.finish_reason == "length":
                 raise SpecError(f"{what}: reply truncated (finish_reason length)")
@@ -112,11 +121,11 @@ async def _ask_json(llm, prompt: str, what: str, attempts: int = 2) -> tuple[dic
 async def evolve(llm, categories: list[str], domains_per_category: int = 2,
                  tools_per_domain: int = 4) -> tuple[list[dict], list[dict], dict]:
     """Synthetic tools: category -> application domains -> tools. Returns (entries, rejected, usage)."""
-    tools, rejected, usage = [], [], {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0}
+    tools, rejected, usage = [], [], {}
 
     def add(u):
-        for k in usage:
-            usage[k] += u[k]
+        for k, v in u.items():
+            usage[k] = usage.get(k, 0) + v
     for cat in categories:
         try:
             obj, u = await _ask_json(llm, f"Category: {cat}\nPropose {domains_per_category} application domains "

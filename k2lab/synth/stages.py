@@ -24,6 +24,7 @@ import openai
 from k2lab.evals.judge import Judge, vote
 from k2lab.runs import append_jsonl, read_jsonl, rewrite_jsonl, write_json
 from k2lab.synth import card, specs
+from k2lab.synth.checks import k2_ids
 from k2lab.synth.pipeline import decide, open_run
 from k2lab.synth.simulate import SimulatedEnvironment, Truncated
 
@@ -75,13 +76,12 @@ async def write_tasks(llm, agent: dict, catalog: dict, n: int) -> dict:
     prompt = (f"Agent: {agent['system']}\nTools: {json.dumps(tools)}\nWrite {n} tasks, simple to complex, as "
               '{"tasks": [{"goal", "persona", "difficulty": "simple"|"complex", "rubric": {"success_criteria": [..], '
               '"expected_tools": [tool names], "checkpoints": [..]}}]}.')
-    out = {"agent_id": agent["agent_id"], "tasks": [], "rejected": [], "usage": {"calls": 0}}
+    out = {"agent_id": agent["agent_id"], "tasks": [], "rejected": [], "usage": {}}
     obj, note = None, ""
-    for attempt in range(2):
+    for _ in range(2):
         r = await llm.chat([{"role": "system", "content": WRITER}, {"role": "user", "content": prompt + note}],
                            temperature=0.7)
-        out["usage"] = {k: out["usage"].get(k, 0) + r.usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens")}
-        out["usage"]["calls"] = attempt + 1
+        specs.add_usage(out["usage"], r)
         try:
             obj = specs.parse_json(r.message.get("content") if r.finish_reason != "length" else None, "tasks")
             jsonschema.validate(obj, TASKS_SCHEMA)
@@ -99,15 +99,6 @@ async def write_tasks(llm, agent: dict, catalog: dict, n: int) -> dict:
             continue
         out["tasks"].append(t | {"task_id": f"{agent['agent_id']}:{i}", "agent_id": agent["agent_id"]})
     return out
-
-
-def k2_ids(message: dict, history: list[dict]) -> dict:
-    """Tool-call ids in K2's form, functions.NAME:INDEX with INDEX counted over the conversation (what the chat
-    format renders and the parser reads back); other endpoints' ids (call_abc...) would not survive a round trip."""
-    start = sum(len(m.get("tool_calls") or []) for m in history)
-    calls = [tc | {"id": f"functions.{tc['function']['name']}:{start + i}"}
-             for i, tc in enumerate(message.get("tool_calls") or [])]
-    return message | {"tool_calls": calls} if calls else message
 
 
 def transcript(messages: list[dict]) -> str:
@@ -144,10 +135,7 @@ async def trajectory(task: dict, agent: dict, catalog: dict, llms: dict, live: d
         done = False
         while not done:
             r = await llms["teacher"].chat(env.messages, tools, temperature=0.7)
-            env.usage.setdefault("teacher", {"prompt_tokens": 0, "completion_tokens": 0, "calls": 0, "retries": 0})
-            for k, v in (("prompt_tokens", r.usage.get("prompt_tokens", 0)), ("calls", 1), ("retries", r.retries),
-                         ("completion_tokens", r.usage.get("completion_tokens", 0))):
-                env.usage["teacher"][k] += v
+            specs.add_usage(env.usage.setdefault("teacher", {}), r)
             if r.finish_reason == "length":
                 raise Truncated("teacher reply truncated (finish_reason length)")
             _, _, done = await env.step(k2_ids(r.message, env.messages))
@@ -183,7 +171,7 @@ def _sum(usages) -> dict:
     return out
 
 
-def stages_summary(out: Path) -> dict:
+def stages_summary(out: Path, judges: list[Judge]) -> dict:
     tools_stage = next(iter(read_jsonl(out / "stages.jsonl")), {})
     per_agent = read_jsonl(out / "tasks.jsonl")
     records = [r for f in ("kept.jsonl", "rejected.jsonl", "queue.jsonl") for r in read_jsonl(out / f)]
@@ -197,7 +185,8 @@ def stages_summary(out: Path) -> dict:
         "rollout": {"in": len(records), "out": sum(not any(x.startswith("rollout") for x in r.get("reasons", []))
                                                    for r in records), "usage": roles},
         "judges": {"in": len(judged), "out": sum(r["decision"] == "accept" for r in records),
-                   "queued": sum(r["decision"] == "unsure" for r in records)},
+                   "queued": sum(r["decision"] == "unsure" for r in records),
+                   "usage_this_session": _sum(j.llm.usage.as_dict() for j in judges)},
     }
 
 
@@ -233,13 +222,14 @@ async def run_llm(out: str | Path, llms: dict, judges: list[Judge], mcp_tools: l
         name = {"accept": "kept", "reject": "rejected", "unsure": "queue"}[rec["decision"]]
         append_jsonl(out / f"{name}.jsonl", rec)
     await asyncio.gather(*(one(t) for t in todo))
-    write_json(out / "stages.json", stages_summary(out))
+    write_json(out / "stages.json", stages_summary(out, judges))
     return card.write(out)
 
 
 def main(out: str | Path, base_url: str | None, api_key: str | None, model: str | None, judge_models: list[str],
          mcp: list[str], tool_files: list[str], categories: list[str], tasks_per_agent: int, concurrency: int,
-         fault_rate: float, seed: int, resume: bool, backoff: tuple[float, float] = (0.5, 20.0)) -> dict:
+         fault_rate: float, seed: int, resume: bool, backoff: tuple[float, float] = (0.5, 20.0),
+         price_per_mtok: tuple[float, float] = (0.0, 0.0)) -> dict:
     """`k2lab synth` with an LLM: one endpoint plays every role (each role its own client, for usage per stage)."""
     from k2lab.agents.llm import LLM
     from k2lab.agents.mcp import MCPTools
@@ -248,7 +238,8 @@ def main(out: str | Path, base_url: str | None, api_key: str | None, model: str 
         raise ValueError(f"--tasks-per-agent and --concurrency must be >= 1, got {tasks_per_agent}, {concurrency}")
 
     def client(name: str | None = None) -> LLM:
-        return LLM(base_url, api_key, name or model, max_concurrency=concurrency, backoff=backoff)
+        return LLM(base_url, api_key, name or model, max_concurrency=concurrency, backoff=backoff,
+                   price_per_mtok=price_per_mtok)
     llms = {role: client() for role in ("designer", "writer", "user", "tool", "teacher")}
     judges = [Judge(client(m), name=f"judge{i}:{m}", prompt=JUDGE_PROMPT) for i, m in enumerate(judge_models or [llms["teacher"].model])]
     identity = {"source": "llm", "model": llms["teacher"].model, "judges": [j.llm.model for j in judges], "mcp": mcp,
