@@ -119,3 +119,36 @@ def test_llm_path_kill_and_resume(tmp_path, tools_file):
     assert len(after) == len(set(after)) and sorted(after) == sorted(all_tasks)  # nothing lost, nothing twice
     agents = [a["agent_id"] for a in read_jsonl(out / "tasks.jsonl")]
     assert len(agents) == len(set(agents)) == 5 and read_jsonl(out / "tasks.jsonl")[:len(tasks_before)] == tasks_before
+
+
+def test_tool_simulator_outcomes_at_configured_rates():
+    import asyncio
+
+    from k2lab.agents.llm import LLM
+    from k2lab.synth.simulate import SimulatedEnvironment
+
+    spec = validate_tool({"name": "shop_book", "description": "Book an item.", "parameters": {
+        "type": "object", "properties": {"item_id": {"type": "string"}}, "required": ["item_id"]}}, "synthetic", "shop")
+    task = {"task_id": "t0", "goal": "[ok] book things", "persona": "terse"}
+    agent = {"system": "You are an assistant for shop.", "tools": ["shop_book"]}
+    with pytest.raises(ValueError, match="outcome_rates"):
+        SimulatedEnvironment(task, agent, {"shop_book": spec}, None, None, outcome_rates={"explode": 0.1})
+
+    async def go():
+        llm = LLM(srv.base_url, "k", "scripted")
+        env = SimulatedEnvironment(task, agent, {"shop_book": spec}, llm, llm, fault_rate=0.0, seed=3, max_steps=200,
+                                   outcome_rates={"partial": 0.3, "edge_case": 0.2})
+        await env.reset()
+        calls = [{"id": f"functions.shop_book:{i}", "type": "function",
+                  "function": {"name": "shop_book", "arguments": json.dumps({"item_id": str(i)})}} for i in range(60)]
+        obs, _, _ = await env.step({"role": "assistant", "content": None, "tool_calls": calls})
+        await llm.aclose()
+        return env, obs
+    with ScriptedServer(handler) as srv:
+        env, obs = asyncio.run(go())
+    outcomes = [c["outcome"] for c in env.calls]
+    counts = {k: outcomes.count(k) for k in ("success", "partial", "edge_case")}
+    assert 18 <= counts["success"] <= 42 and 8 <= counts["partial"] <= 28 and 4 <= counts["edge_case"] <= 22, counts
+    told = [json.loads(o["content"])["outcome"] for o in obs]  # the simulator was told which outcome to play
+    assert [t.split()[-1] for t in told] == [{"success": "success", "partial": "failure", "edge_case": "case"}[k]
+                                             for k in outcomes]

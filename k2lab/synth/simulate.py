@@ -6,7 +6,9 @@
 - tool calls are validated against their schemas; a seeded share `fault_rate` fails with a transient error;
   MCP tools run for real on their server; every other tool is answered by the tool simulator, an LLM that sees
   the tool's spec, the arguments and the log of earlier calls and results in this episode (its world model),
-  and replies {"result": ...}. A reply that is not JSON comes back to the agent as a tool error.
+  and replies {"result": ...}. The outcome it must simulate is drawn (seeded) from `outcome_rates`: a success,
+  a partial failure (part of the work done, the rest reported as failed) or an edge case (an empty result, a
+  missing record, a limit reached). A reply that is not JSON comes back to the agent as a tool error.
 `Usage` of each role is added to `self.usage[role]`.
 """
 
@@ -23,6 +25,9 @@ from k2lab.synth.specs import SpecError, add_usage, parse_json
 USER_SIM = "You are the USER SIMULATOR of a data-synthesis pipeline. You play a user, never the assistant."
 TOOL_SIM = "You are the TOOL SIMULATOR of a data-synthesis pipeline. Reply with JSON only: {\"result\": ...}."
 STOP = {"DONE": "goal met", "ABANDON": "user gave up"}
+OUTCOMES = {"success": "a normal success",
+            "partial": "a partial failure: part of the work is done, say which part failed and why",
+            "edge_case": "an edge case: an empty result, a missing record or a limit reached, as the tool would"}
 
 
 class Truncated(Exception):
@@ -31,13 +36,17 @@ class Truncated(Exception):
 
 class SimulatedEnvironment:
     def __init__(self, task: dict, agent: dict, catalog: dict[str, dict], user_llm, tool_llm,
-                 live_tools: dict | None = None, fault_rate: float = 0.0, seed: int = 0, max_steps: int = 12):
+                 live_tools: dict | None = None, fault_rate: float = 0.0, seed: int = 0, max_steps: int = 12,
+                 outcome_rates: dict[str, float] | None = None):
         self.task, self.agent, self.user_llm, self.tool_llm = task, agent, user_llm, tool_llm
         self.live = live_tools or {}
         self.tools = [catalog[name]["spec"] for name in agent["tools"]]
         self.validators = {t["function"]["name"]: jsonschema.Draft202012Validator(t["function"]["parameters"])
                            for t in self.tools}
         self.fault_rate, self.max_steps = fault_rate, max_steps
+        self.outcome_rates = outcome_rates or {"partial": 0.05, "edge_case": 0.05}
+        if set(self.outcome_rates) - set(OUTCOMES) or sum(self.outcome_rates.values()) > 1:
+            raise ValueError(f"outcome_rates: keys from {sorted(OUTCOMES)} summing to <= 1, got {self.outcome_rates}")
         self.rng = random.Random(f"faults:{seed}:{task['task_id']}")
         self.usage: dict[str, dict] = {}
 
@@ -112,9 +121,16 @@ class SimulatedEnvironment:
         spec = next(t for t in self.tools if t["function"]["name"] == name)
         log = [{"call": c["name"], "arguments": c.get("arguments"), "result": c.get("result")}
                for c in self.calls if c.get("ok")]
+        x, outcome = self.rng.random(), "success"
+        for kind, rate in self.outcome_rates.items():
+            if x < rate:
+                outcome = kind
+                break
+            x -= rate
+        record["outcome"] = outcome
         prompt = (f"Tool: {json.dumps(spec['function'])}\nState so far (earlier calls in this episode): "
-                  f"{json.dumps(log)}\nCall: {name}({json.dumps(args)})\nReply with the tool's result as "
-                  '{"result": ...}, consistent with the state.')
+                  f"{json.dumps(log)}\nCall: {name}({json.dumps(args)})\nOutcome to simulate: {OUTCOMES[outcome]}\n"
+                  'Reply with the tool\'s result as {"result": ...}, consistent with the state.')
         r = await self.tool_llm.chat([{"role": "system", "content": TOOL_SIM}, {"role": "user", "content": prompt}],
                                      temperature=0.3)
         add_usage(self.usage.setdefault("tool_simulator", {}), r)

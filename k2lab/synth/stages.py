@@ -26,7 +26,7 @@ from k2lab.runs import append_jsonl, read_jsonl, rewrite_jsonl, write_json
 from k2lab.synth import card, specs
 from k2lab.synth.checks import k2_ids
 from k2lab.synth.pipeline import decide, open_run
-from k2lab.synth.simulate import SimulatedEnvironment, Truncated
+from k2lab.synth.simulate import OUTCOMES, SimulatedEnvironment, Truncated
 
 WRITER = "You are the TASK WRITER of a data-synthesis pipeline. Reply with JSON only, no prose."
 TASKS_SCHEMA = {"type": "object", "required": ["tasks"], "properties": {"tasks": {"type": "array", "items": {
@@ -148,7 +148,8 @@ async def trajectory(task: dict, agent: dict, catalog: dict, llms: dict, live: d
         "turns": sum(m["role"] == "user" for m in env.messages), "assistant_messages": env.steps,
         "tool_calls": len(env.calls), "tool_faults": sum("fault" in c for c in env.calls),
         "schema_errors": sum("schema_error" in c for c in env.calls),
-        "executed": {k: sum(c.get("executed") == k for c in env.calls) for k in ("mcp", "simulated")}})
+        "executed": {k: sum(c.get("executed") == k for c in env.calls) for k in ("mcp", "simulated")},
+        "simulated_outcomes": {k: sum(c.get("outcome") == k for c in env.calls) for k in OUTCOMES}})
     decide(record)
     if not record["accepted"]:
         record["decision"] = "reject"

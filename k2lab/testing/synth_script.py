@@ -8,7 +8,8 @@ and judges. Malformed replies are part of the script, keyed by markers so each t
   agent gets one task per CASES entry, the case written into the goal as "[case]";
 - teacher, by the case in the first user message: ok / unsure / fail / split -> a valid call of the agent's
   first tool, then an answer; bad-args -> a call that breaks the schema; truncated -> finish_reason length;
-- tool simulator: {"result": ...} echoing the call; tools named *_list get a reply that is not JSON;
+- tool simulator: {"result": ...} echoing the call and the outcome it was told to simulate; tools named *_list
+  get a reply that is not JSON;
 - judges: [fail] -> B, [unsure] -> D, [split] -> judge "judge-a" A and the others B; judge "judge-b" first
   answers without a grade letter (the Judge asks again).
 """
@@ -93,10 +94,12 @@ def _user(req: ScriptedRequest) -> dict:
 
 
 def _tool_sim(text: str) -> dict:
-    call = re.search(r"Call: (\w+)\((.*)\)\nReply", text, re.S)
+    call = re.search(r"Call: (\w+)\((.*)\)\nOutcome", text, re.S)
     if call.group(1).endswith("_list"):
         return {"content": "the list is empty"}
-    return {"content": json.dumps({"result": {"ok": True, "tool": call.group(1), "arguments": json.loads(call.group(2))}})}
+    outcome = re.search(r"Outcome to simulate: (a normal success|a partial failure|an edge case)", text).group(1)
+    return {"content": json.dumps({"result": {"ok": outcome == "a normal success", "outcome": outcome,
+                                              "tool": call.group(1), "arguments": json.loads(call.group(2))}})}
 
 
 def _teacher(req: ScriptedRequest) -> dict:
