@@ -106,6 +106,8 @@ def _plot(card: dict, path: Path) -> None:
         sel = [p for p in pts if p["source"] == source]
         ax.scatter([p["x"] for p in sel], [p["y"] for p in sel], label=f"{source} ({len(sel)})", s=18, alpha=0.8)
     ax.set_title("Tool descriptions (hashed bag of words, PCA)")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
     ax.legend(fontsize=8)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
