@@ -66,8 +66,10 @@ def test_bad_input_gets_a_short_message(tmp_path):
 def test_kill_then_resume_loses_and_repeats_nothing(tmp_path):
     n = 800
     out, ref = tmp_path / "killed", tmp_path / "ref"
+    (tmp_path / "tmp").mkdir()  # a killed run cannot remove its episode's workspace: keep it inside tmp_path
     proc = subprocess.Popen(CLI + ["--tasks", str(n), "--out", str(out), "--fault-rate", "0.3"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if (out / "kept.jsonl").exists() and (out / "kept.jsonl").stat().st_size > 30_000:
