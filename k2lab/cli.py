@@ -252,15 +252,71 @@ def eval_coding(
 
 @app.command("review")
 def review(
-    run_dir: str = typer.Argument(..., help="a calibration run directory"),
+    run_dir: str = typer.Argument(..., help="a calibration or synth run directory"),
     web: bool = typer.Option(False, help="serve the local review page instead of the terminal UI"),
     host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8765),
     reviewer: str = typer.Option("human", help="name stored with each review"),
 ) -> None:
     """Accept or overrule judge grades; metrics and judge-human agreement are recomputed."""
     from k2lab.evals import review as review_mod
+    from k2lab.runs import read_json
+
+    run_json = Path(run_dir) / "run.json"
+    if run_json.exists() and read_json(run_json).get("kind") == "synth":  # review judged synthetic trajectories
+        from k2lab.synth import review as synth_review
+        return synth_review.main(run_dir, web, host, port, reviewer)
 
     review_mod.main(run_dir, web, host, port, reviewer)
+
+
+# ---- agentic data synthesis (issue 14) ----
+@app.command()
+def synth(out: Path = typer.Option(..., help="run directory: kept.jsonl, rejected.jsonl, queue.jsonl, card.md"),
+          domains: str = typer.Option("embedded", help="'embedded' or a comma list of embedded domains"),
+          tasks: int = typer.Option(500, help="embedded: number of tasks (trajectories) to synthesize"),
+          seed: int = typer.Option(0, help="fixes the tasks and the injected tool failures"),
+          fault_rate: float = typer.Option(0.15, help="share of tool calls that fail transiently first"),
+          resume: bool = typer.Option(False, help="continue OUT, playing only tasks that have no record"),
+          teacher: str = typer.Option("rule-based", help="embedded: 'rule-based' (the solver) or 'llm' (--model "
+                                                         "over the OpenAI API; kept = tasks it solved)"),
+          categories: str = typer.Option("", help="LLM path: comma list of tool categories to evolve tools from"),
+          mcp: list[str] = typer.Option([], help="LLM path: MCP server (URL or command line) whose tools are used"),
+          tools_file: list[str] = typer.Option([], help="LLM path: OpenAI-format JSON file of tool definitions"),
+          tasks_per_agent: int = typer.Option(4, help="LLM path: tasks the task writer writes per agent"),
+          model: str = typer.Option(None, help="LLM path: teacher/simulator model (default K2LAB_MODEL)"),
+          judge_model: list[str] = typer.Option([], help="LLM path: judge model; repeat for judges that vote"),
+          base_url: str = typer.Option(None, help="LLM path: endpoint (default K2LAB_BASE_URL)"),
+          concurrency: int = typer.Option(8, help="LLM path: trajectories in flight"),
+          price_per_mtok: str = typer.Option("0,0", help="LLM path: USD per million input,output tokens")) -> None:
+    """Synthesize agentic trajectories: offline on the embedded domains (rule-based solver), or with an LLM
+    over the OpenAI API when --categories, --mcp or --tools-file is given."""
+    from k2lab.runs import RunDirError
+    from k2lab.synth.pipeline import run_embedded
+    from k2lab.synth.specs import SpecError
+
+    try:
+        if categories or mcp or tools_file:
+            from k2lab.synth.stages import main as run_llm
+            try:
+                price = tuple(float(x) for x in price_per_mtok.split(","))
+            except ValueError:
+                price = ()
+            if len(price) != 2:
+                raise ValueError(f"--price-per-mtok: expected 'IN,OUT' in USD per million tokens, got {price_per_mtok!r}")
+            card = run_llm(out, base_url, None, model, judge_model, mcp, tools_file,
+                           [c.strip() for c in categories.split(",") if c.strip()], tasks_per_agent, concurrency,
+                           fault_rate, seed, resume, price_per_mtok=price)
+        elif teacher in ("rule-based", "llm"):
+            from k2lab.agents.llm import LLM
+            llm = LLM(base_url, None, model, max_concurrency=concurrency) if teacher == "llm" else None
+            card = run_embedded(domains, tasks, out, seed, fault_rate, resume, llm, concurrency)
+        else:
+            raise ValueError(f"--teacher must be 'rule-based' or 'llm', got {teacher!r}")
+    except (ValueError, RunDirError, SpecError) as e:
+        raise typer.BadParameter(str(e)) from None
+    t = card["totals"]
+    typer.echo(f"kept {t['kept']} / {t['trajectories']} (rejected {t['rejected']}, for review {t['queued']}) "
+               f"-> {out}/kept.jsonl, {out}/card.md")
 
 
 # ---- serving (issue 6) ----
