@@ -16,11 +16,12 @@ import codecs
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import tiktoken
+
+from k2lab.runs import write_atomic
 
 # K2's split pattern: Han runs; letter words with an optional leading non-letter and English contractions
 # (lower-case-led and upper-case-led); digits in groups of 1-3; punctuation runs with trailing newlines;
@@ -199,9 +200,9 @@ class Tokenizer:
         d.mkdir(parents=True, exist_ok=True)
         lines = (f"{base64.b64encode(tok).decode()} {rank}\n"
                  for tok, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]))
-        _write_atomic(d / "tiktoken.model", "".join(lines))
-        _write_atomic(d / "tokenizer.json", hf_tokenizer_json(self))
-        _write_atomic(d / "tokenizer_config.json", json.dumps(tokenizer_config(self), indent=2, ensure_ascii=False))
+        write_atomic(d / "tiktoken.model", "".join(lines))
+        write_atomic(d / "tokenizer.json", hf_tokenizer_json(self))
+        write_atomic(d / "tokenizer_config.json", json.dumps(tokenizer_config(self), indent=2, ensure_ascii=False))
 
 
 class IncrementalDecoder:
@@ -217,15 +218,3 @@ class IncrementalDecoder:
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
