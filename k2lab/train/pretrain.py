@@ -71,7 +71,8 @@ def pretrain(s: PretrainSettings, tokenizer=None, kind: str = "pretrain") -> dic
     train_rows = PackedRows(run_dir / "data" / "train.npy", s.seed)
     val_rows = PackedRows(run_dir / "data" / "val.npy", s.seed).rows[: s.val_rows]
     return train(s, run_dir, lambda: _init_model(s, config),
-                 lambda step: {"tokens": train_rows.batch(step, s.batch_size)}, val={"tokens": val_rows} if s.val_rows else None, tokenizer_dir=tok_dir,
+                 lambda step: {"tokens": train_rows.batch(step, s.batch_size)},
+                 val={"tokens": val_rows} if s.val_rows else None, tokenizer_dir=tok_dir,
                  desc="qat" if s.qat else "pretrain")
 
 
