@@ -205,3 +205,10 @@ def test_held_out_rows_are_spread_over_the_text_training_reads(tmp_path):
     train_docs = {int(t) for row in train_rows for t in row if t}
     assert len(val_docs) >= 6  # many documents, not one or two
     assert max(val_docs) > 0.8 * max(train_docs) and min(val_docs) < 0.2 * max(train_docs)  # spread over the walk
+
+
+def test_a_foreign_directory_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("someone else's files")
+    with pytest.raises(ValueError, match="is not empty and is not a k2lab pretrain run"):
+        pretrain(settings(tmp_path), tokenizer=ByteTokenizer())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
