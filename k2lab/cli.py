@@ -41,32 +41,47 @@ def generate(checkpoint: Path = typer.Option(..., help="checkpoint directory"),
     typer.echo(generate_text(checkpoint, prompt, prompt_ids, max_new_tokens, temperature, top_p, seed))
 
 
-# ---- pre-training (issue 4) ----
+# ---- pre-training and QAT (issues 4, 12) ----
+def _user_errors(run):
+    """Run `run()`; a mistake in the input (ValueError, a missing file) is one line on stderr and exit code 1."""
+    try:
+        return run()
+    except (ValueError, FileNotFoundError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _settings_options(command):
+    """Give `command(**settings)` one option per PretrainSettings field (type, default and help from the field),
+    so the command line and the settings cannot drift apart."""
+    import inspect
+
+    from k2lab.train.settings import settings_fields
+
+    params = []
+    for f, typ, optional in settings_fields():
+        if f.name == "data":
+            annotation, default, metavar = Optional[list[Path]], None, "FILE"
+        else:
+            annotation, default, metavar = (Optional[typ] if optional else typ), f.default, None
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                        default=typer.Option(default, help=f.metadata["help"], metavar=metavar)))
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
 @app.command()
-def pretrain(run_dir: Path = typer.Option(Path("runs/pretrain"), help="run directory; resumes from its checkpoint"),
-             preset: str = typer.Option("tiny"),
-             data: Optional[list[Path]] = typer.Option(None, help="text or .jsonl files (default: the embedded corpus)"),
-             tokenizer: Optional[Path] = typer.Option(None, help="tokenizer directory (default: train one)"),
-             optimizer: str = typer.Option("muonclip", help="muonclip, muon or adamw"),
-             max_steps: int = typer.Option(200), save_every: int = typer.Option(0, help="0: only at the end"),
-             seq_len: int = typer.Option(128), batch_size: int = typer.Option(8, help="rows per optimizer step"),
-             grad_accum: int = typer.Option(1), lr: float = typer.Option(3e-3), weight_decay: float = typer.Option(0.1),
-             schedule: str = typer.Option("wsd", help="wsd or cosine"), warmup_steps: int = typer.Option(20),
-             qk_clip_tau: float = typer.Option(100.0), aux_loss_alpha: float = typer.Option(0.0),
-             bf16: bool = typer.Option(False, help="bf16 autocast"), seed: int = typer.Option(0),
-             eval_every: int = typer.Option(50), val_rows: int = typer.Option(32)):
-    """Pre-train with MuonClip (or Muon / AdamW); checkpoints, metrics.jsonl, TensorBoard and plots in --run-dir."""
+@_settings_options
+def pretrain(**settings):
+    """Pre-train with MuonClip (or Muon / AdamW; --qat for INT4 experts); checkpoints, metrics.jsonl, TensorBoard
+    and plots in --run-dir, which a rerun resumes."""
     import json
 
     from k2lab.train.pretrain import PretrainSettings, pretrain as run
 
-    settings = PretrainSettings(
-        preset=preset, data=[str(p) for p in data or []], tokenizer=str(tokenizer) if tokenizer else None,
-        seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum, max_steps=max_steps,
-        warmup_steps=warmup_steps, schedule=schedule, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
-        qk_clip_tau=qk_clip_tau, aux_loss_alpha=aux_loss_alpha, bf16=bf16, seed=seed, val_rows=val_rows,
-        eval_every=eval_every, save_every=save_every, run_dir=str(run_dir))
-    typer.echo(json.dumps(run(settings)))
+    settings["data"] = [str(p) for p in settings["data"] or []]
+    typer.echo(json.dumps(_user_errors(lambda: run(PretrainSettings(**settings)))))
 
 
 @app.command()
@@ -342,15 +357,16 @@ def serve_cmd(
 # ---- INT4 (issue 5) ----
 @app.command()
 def qat(checkpoint: str = typer.Option(..., help="full-precision checkpoint directory"),
-        run_dir: str = typer.Option(..., help="run directory (metrics, resumable state, INT4 export)"),
+        run_dir: str = typer.Option(..., help="run directory (metrics, checkpoints, INT4 export); a rerun resumes"),
         max_steps: int = typer.Option(..., help="total QAT steps"),
         lr: float = typer.Option(3e-4, help="peak learning rate"),
         batch: int = typer.Option(8, help="sequences per step"),
         seq_len: int = typer.Option(256, help="tokens per sequence")) -> None:
-    """INT4 quantization-aware training of the routed experts; writes RUN_DIR/checkpoint (compressed-tensors)."""
-    from k2lab.quant.qat import qat as run
+    """INT4 quantization-aware training of the routed experts (the training loop in QAT mode, AdamW); writes
+    RUN_DIR/checkpoint (compressed-tensors)."""
+    from k2lab.train.qat import qat as run
 
-    typer.echo(run(checkpoint, run_dir, max_steps, lr, batch, seq_len))
+    typer.echo(_user_errors(lambda: run(checkpoint, run_dir, max_steps, lr, batch, seq_len)))
 
 
 @app.command()

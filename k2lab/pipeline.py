@@ -31,8 +31,8 @@ def _quality(fp_dir: Path, int4_dir: Path, val_file: Path, new_tokens: int) -> d
     import k2lab
     from k2lab.model import MoE
     from k2lab.quant.checkpoint import has_int4_experts
-    from k2lab.quant.qat import evaluate
     from k2lab.train.data import PackedRows
+    from k2lab.train.loop import evaluate
 
     rows = PackedRows(val_file, seed=0).rows[:32]  # the held-out rows pre-training validates on
     fp, q = k2lab.load_model(fp_dir, dtype=torch.float32), k2lab.load_model(int4_dir)
@@ -49,7 +49,8 @@ def _quality(fp_dir: Path, int4_dir: Path, val_file: Path, new_tokens: int) -> d
                    for t in [*block.mlp.experts.parameters(), *block.mlp.experts.buffers()]]
         return sum(t.numel() * (bytes_per_value or t.element_size()) for t in tensors)
 
-    return {"val_loss_full_precision": evaluate(fp, rows), "val_loss_int4": evaluate(q, rows),
+    return {"val_loss_full_precision": evaluate(fp, {"tokens": rows}, 8),
+            "val_loss_int4": evaluate(q, {"tokens": rows}, 8),
             "greedy_agreement": same.mean().item(), "tokens_until_first_difference": first_diff,
             "expert_bytes_int4_over_bf16": expert_bytes(q) / expert_bytes(fp, 2)}
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from k2lab.agents.llm import LLM, Usage
 from k2lab.agents.sandbox import Sandbox
 from k2lab.agents.tools import Tool, tool, workspace_tools
 from k2lab.agents.trace import Journal, Tracer
+from k2lab.runs import write_json
 
 ORCHESTRATOR_PROMPT = (
     "You are the orchestrator of an agent swarm. Break the task into independent parts. Create specialised "
@@ -60,12 +60,6 @@ class SwarmResult:
     reason: str
     run_dir: Path
     metrics: dict = field(default_factory=dict)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 class Swarm:
@@ -117,8 +111,8 @@ class Swarm:
         result = SwarmResult(res.output, res.outcome, res.reason, self.run_dir, metrics)
         self.journal.append({"event": "finish", "outcome": res.outcome, "output": res.output})
         self.journal.close()
-        _write_json(self.run_dir / "result.json", {"output": res.output, "outcome": res.outcome,
-                                                   "reason": res.reason, "metrics": metrics})
+        write_json(self.run_dir / "result.json", {"output": res.output, "outcome": res.outcome,
+                                                  "reason": res.reason, "metrics": metrics}, default=str)
         return result
 
     def _metrics(self, orch: AgentResult, wall_s: float) -> dict:
