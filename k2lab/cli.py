@@ -373,7 +373,7 @@ def qat(checkpoint: str = typer.Option(..., help="full-precision checkpoint dire
 def quantize(checkpoint: str = typer.Option(..., help="full-precision checkpoint directory"),
              out: str = typer.Option(..., help="output directory for the INT4 checkpoint")) -> None:
     """Post-training INT4 quantization of the routed experts (compressed-tensors pack-quantized)."""
-    from k2lab.quant.qat import quantize as run
+    from k2lab.train.qat import quantize as run
 
     typer.echo(run(checkpoint, out))
 

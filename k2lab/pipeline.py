@@ -78,7 +78,7 @@ def _serve_and_evaluate(int4_dir: Path, run_dir: Path) -> dict:
 
 
 def run_demo(run_dir: str | Path = "runs/demo", steps: int = 300) -> Path:
-    from k2lab.quant.qat import quantize
+    from k2lab.train.qat import quantize
     from k2lab.report import generate_text
     from k2lab.train.checkpoint import checkpoint_dirs
     from k2lab.train.pretrain import PretrainSettings, pretrain

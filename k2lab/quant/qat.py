@@ -1,4 +1,4 @@
-"""Weight-only INT4 QAT for the routed experts, and `k2lab quantize` (PTQ).
+"""Weight-only INT4 QAT for the routed experts.
 
 QAT swaps each `Experts` for `QATExperts`, whose `weights()` fake-quantizes with a straight-through estimator:
 the forward sees exactly the INT4 weights the export will write, the optimizer updates full-precision latent
@@ -6,20 +6,16 @@ weights. Everything else trains in full precision. The export quantizes the late
 rule, so the INT4 checkpoint computes what QAT trained.
 
 Training with QAT is a mode of the one training loop (k2lab.train.loop, `qat=True`): `k2lab pretrain --qat`
-and `k2lab qat` (k2lab.train.qat) both run it.
+and `k2lab qat` (k2lab.train.qat) both run it; PTQ (`k2lab quantize`) is k2lab.train.qat.quantize.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
-import k2lab
 from k2lab.model import Experts, K2ForCausalLM, MoE
 from k2lab.quant import int4
-from k2lab.quant.checkpoint import is_int4_checkpoint, quantize_experts_
-from k2lab.tokenizer import Tokenizer
 
 
 class QATExperts(Experts):
@@ -39,18 +35,3 @@ def enable_qat_(model: K2ForCausalLM) -> K2ForCausalLM:
             new.gate_proj, new.up_proj, new.down_proj = old.gate_proj, old.up_proj, old.down_proj
             moe.experts = new
     return model
-
-
-def _load_full_precision(checkpoint: str | Path) -> K2ForCausalLM:
-    if is_int4_checkpoint(checkpoint):
-        raise ValueError(f"{checkpoint} is already INT4; QAT and PTQ start from a full-precision checkpoint")
-    return k2lab.load_model(checkpoint, dtype=torch.float32)
-
-
-def quantize(checkpoint: str | Path, out: str | Path) -> Path:
-    """PTQ: full-precision checkpoint -> compressed-tensors INT4 checkpoint (routed experts only)."""
-    model = quantize_experts_(_load_full_precision(checkpoint))
-    k2lab.save_model(model, out)
-    if (Path(checkpoint) / "tiktoken.model").exists():  # a checkpoint directory carries its tokenizer
-        Tokenizer.load(checkpoint).save(out)
-    return Path(out)

@@ -16,6 +16,7 @@ import k2lab
 from k2lab.config import ModelConfig
 from k2lab.quant.checkpoint import is_int4_checkpoint, quantize_experts_
 from k2lab.runs import atomic_dir, write_atomic
+from k2lab.tokenizer import Tokenizer
 from k2lab.train.checkpoint import TOKENIZER_FILES, checkpoint_dirs
 from k2lab.train.pretrain import PretrainSettings, pretrain
 
@@ -50,3 +51,15 @@ def qat(checkpoint: str | Path, run_dir: str | Path, max_steps: int, lr: float =
         for name in TOKENIZER_FILES if has_tokenizer else ():
             (tmp / name).write_bytes((checkpoint / name).read_bytes())
     return out
+
+
+def quantize(checkpoint: str | Path, out: str | Path) -> Path:
+    """PTQ (`k2lab quantize`): full-precision checkpoint -> compressed-tensors INT4 checkpoint (routed experts
+    only; a multimodal checkpoint keeps its vision tower), carrying the checkpoint's tokenizer."""
+    if is_int4_checkpoint(checkpoint):
+        raise ValueError(f"{checkpoint} is already INT4; PTQ starts from a full-precision checkpoint")
+    model = quantize_experts_(k2lab.load_model(checkpoint, dtype=torch.float32))
+    k2lab.save_model(model, out)
+    if (Path(checkpoint) / "tiktoken.model").exists():  # a checkpoint directory carries its tokenizer
+        Tokenizer.load(checkpoint).save(out)
+    return Path(out)
