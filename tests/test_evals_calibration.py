@@ -14,6 +14,7 @@ import pytest
 from tests.evals_helpers import CalibrationScript, graded_run, rows_for, run_calibration, write_jsonl
 from k2lab.evals import calibration
 from k2lab.evals.store import DatasetError
+from k2lab.runs import RunDirError
 from k2lab.testing.scripted_server import ScriptedServer
 
 LETTERS = {"q1": "A", "q2": "A", "q3": "B", "q4": "D", "q5": "C", "q6": "B"}
@@ -92,7 +93,7 @@ def test_resume_does_not_re_ask_answered_items(tmp_path):
     first = CalibrationScript(replies, fail={"q2", "q4"})  # the endpoint fails on two questions
     with ScriptedServer(first) as srv:
         r1 = run_calibration(srv, dataset, tmp_path / "run", ["j1"])
-        with pytest.raises(FileExistsError, match="resume"):
+        with pytest.raises(RunDirError, match="resume"):
             run_calibration(srv, dataset, tmp_path / "run", ["j1"])
     assert {u["id"] for u in r1["unanswered"]} == {"q2", "q4"} and r1["overall"]["total"] == 2
     # a crash while writing leaves a torn last line; it must not break the resumed run
