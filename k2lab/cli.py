@@ -166,10 +166,15 @@ def render_cmd(
     generation_prompt: bool = typer.Option(False, "--generation-prompt", help="end with the assistant header"),
 ) -> None:
     """Print a conversation in the K2 chat format."""
+    from k2lab.data import DatasetError
     from k2lab.tokenizer.chat import load_conversation, render
 
     msgs, tls = load_conversation(messages, tools)
-    typer.echo(render(msgs, tls, add_generation_prompt=generation_prompt), nl=False)
+    try:
+        text = render(msgs, tls, add_generation_prompt=generation_prompt)
+    except ValueError as e:  # render validates each message and tool and names the bad one
+        raise DatasetError(f"--messages / --tools: {e}") from None
+    typer.echo(text, nl=False)
 
 
 @app.command("parse-tool-calls")
@@ -207,8 +212,8 @@ def agent(task: str = typer.Argument(..., metavar="TASK"), mcp: list[str] = MCP,
     from k2lab.agents.agent import run_agent
     from k2lab.agents.llm import LLM
 
-    llm = LLM(base_url=base_url, api_key=api_key, model=model)
-    res = run_agent(_task(task), llm, workspace, mcp, run_dir, max_steps)
+    task = _task(task)
+    res = run_agent(task, LLM(base_url=base_url, api_key=api_key, model=model), workspace, mcp, run_dir, max_steps)
     typer.echo(f"\n{res.output}\n\noutcome: {res.outcome} {res.reason}".rstrip())
 
 
