@@ -97,6 +97,7 @@ async def run_calibration(model, judges: list[Judge], s: CalibrationSettings) ->
     answers = {a["id"]: a for a in read_jsonl(run_dir / "answers.jsonl")}
     graded = {(g["id"], g["judge"]) for g in read_jsonl(run_dir / "grades.jsonl")}
     bar = tqdm(total=len(data.rows), desc="calibration", unit="q")
+    stopping: list[bool] = []
 
     async def one(row: dict) -> None:
         try:
@@ -113,9 +114,11 @@ async def run_calibration(model, judges: list[Judge], s: CalibrationSettings) ->
                     g = await judge.grade(row["question"], row["answer"], answers[row["id"]]["answer"])
                     append_jsonl(run_dir / "grades.jsonl", {"id": row["id"], **g})
         except (EndpointError, JudgeError):  # every item would fail the same way: stop (--resume continues)
+            stopping.append(True)
             raise
         except Exception as e:  # the endpoint failed past its retries: log it, leave the item for --resume
-            append_jsonl(run_dir / "errors.jsonl", {"id": row["id"], "error": f"{type(e).__name__}: {e}"})
+            if not stopping:  # (requests cut off by a stop are not errors of their own)
+                append_jsonl(run_dir / "errors.jsonl", {"id": row["id"], "error": f"{type(e).__name__}: {e}"})
         finally:
             bar.update(1)
 
