@@ -203,7 +203,8 @@ def _task(task: str | None) -> str:
 
 
 @app.command()
-def agent(task: str = typer.Argument(..., metavar="TASK"), mcp: list[str] = MCP,
+def agent(task: str = typer.Argument(..., metavar="TASK", help="what the agent should do (in quotes)"),
+          mcp: list[str] = MCP,
           workspace: Path = typer.Option(Path("workspace"), metavar="DIR", help="the agent's working directory"),
           run_dir: Path = typer.Option(None, metavar="DIR", help="where trace.jsonl and result.json go"),
           max_steps: int = typer.Option(50, min=1, metavar="N", help="model calls at most"),
@@ -218,7 +219,7 @@ def agent(task: str = typer.Argument(..., metavar="TASK"), mcp: list[str] = MCP,
 
 
 @app.command()
-def swarm(task: str = typer.Argument(None, metavar="[TASK]"),
+def swarm(task: str = typer.Argument(None, metavar="TASK", help="what the swarm should do (in quotes)"),
           resume: Path = typer.Option(None, metavar="DIR", help="continue the run in this directory"),
           run_dir: Path = typer.Option(None, metavar="DIR", help="default runs/swarm-DATE-TIME"),
           max_subagents: int = typer.Option(300, min=1, metavar="N"),
@@ -243,7 +244,7 @@ def swarm(task: str = typer.Argument(None, metavar="[TASK]"),
 
 
 @app.command()
-def trace(run_dir: Path = typer.Argument(..., metavar="RUN_DIR")) -> None:
+def trace(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="an agent or swarm run directory")) -> None:
     """Print the span tree of a run with per-agent cost."""
     from k2lab.agents.trace import render_tree
     typer.echo(render_tree(run_dir))
