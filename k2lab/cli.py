@@ -190,7 +190,8 @@ def parse_tool_calls_cmd() -> None:
 
 
 # ---- agents and the agent swarm (issue 7) ----
-BASE_URL = typer.Option(None, metavar="URL", help="OpenAI-compatible endpoint (default K2LAB_BASE_URL / OPENAI_BASE_URL)")
+BASE_URL = typer.Option(None, metavar="URL",
+                        help="OpenAI-compatible endpoint (default K2LAB_BASE_URL / OPENAI_BASE_URL)")
 API_KEY = typer.Option(None, metavar="KEY", help="its API key (default K2LAB_API_KEY / OPENAI_API_KEY)")
 MODEL = typer.Option(None, metavar="NAME", help="model name (default K2LAB_MODEL / OPENAI_MODEL)")
 MCP = typer.Option([], metavar="URL|COMMAND", help="an MCP server: a URL or a command line (repeatable)")

@@ -39,7 +39,7 @@ SKIPPED = {  # command prefix -> why it does not run here (and what runs it inst
     "k2lab pretrain": "a training run; tests/test_pretrain.py runs it (resume, errors, determinism)",
     "k2lab qat": "a training run; tests/test_quant_qat.py runs it",
     "k2lab tokenizer train": "trains on 2 MB of text (~10 s here); tests/test_tokenizer.py trains the same way",
-    "k2lab swarm --resume": "needs a killed run: tests/test_swarm.py::test_kill_9_then_resume_skips_completed_subagents",
+    "k2lab swarm --resume": "needs a killed run; tests/test_swarm.py kills one (-9) and resumes it",
     "k2lab review": "interactive (a terminal UI, or a page served until Ctrl-C); tests/test_review*.py drive both",
     "k2lab eval coding": "10 samples x 12 problems in the sandbox take minutes; tests/test_evals_cli.py runs it on one",
 }
@@ -58,8 +58,8 @@ def readme_commands() -> list[str]:
 
 
 def test_every_example_is_run_or_listed_as_skipped():
-    runnable = ("--help", "--debug", "info", "generate", "render", "parse-tool-calls", "quantize", "agent", "swarm", "trace",
-                "eval calibration", "eval toolcalls", "serve")
+    runnable = ("--help", "--debug", "info", "generate", "render", "parse-tool-calls", "quantize", "agent", "swarm",
+                "trace", "eval calibration", "eval toolcalls", "serve")
     for cmd in readme_commands():
         skipped = any(cmd.startswith(p) for p in SKIPPED)
         assert skipped or any(cmd.startswith(f"k2lab {r}") for r in runnable), f"README example not covered: {cmd}"

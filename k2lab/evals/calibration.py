@@ -24,8 +24,8 @@ from k2lab.agents.llm import EndpointError
 from k2lab.evals import report
 from k2lab.evals.judge import GRADES, Judge, JudgeError, vote
 from k2lab.evals.stats import bootstrap_ci
-from k2lab.evals.store import (Dataset, append_jsonl, open_run, read_dataset, read_jsonl, require, snapshot,
-                               write_json)
+from k2lab.evals.store import (ON_ERROR, Dataset, append_jsonl, open_run, read_dataset, read_jsonl, require,
+                               snapshot, write_json)
 
 PARTIAL_CONVENTIONS = ("incorrect", "abstain")
 SEED_DATASET = Path(__file__).parent / "data" / "calibration.jsonl"
@@ -76,6 +76,8 @@ class CalibrationSettings:
     max_tokens: int = 512  # cap on each answer and each judge reply
 
     def __post_init__(self) -> None:
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
         if self.partial not in PARTIAL_CONVENTIONS:
             raise ValueError(f"partial must be one of {PARTIAL_CONVENTIONS}, got {self.partial!r}")
         if self.concurrency < 1 or self.max_tokens < 1:

@@ -24,8 +24,8 @@ from k2lab.agents.llm import EndpointError
 from k2lab.agents.sandbox import Limits, Sandbox
 from k2lab.evals import report
 from k2lab.evals.stats import pass_at_k
-from k2lab.evals.store import (Dataset, append_jsonl, open_run, read_dataset, read_jsonl, require, snapshot,
-                               write_json)
+from k2lab.evals.store import (ON_ERROR, Dataset, append_jsonl, open_run, read_dataset, read_jsonl, require,
+                               snapshot, write_json)
 
 SEED_DATASET = Path(__file__).parent / "data" / "coding.jsonl"
 
@@ -86,6 +86,8 @@ class CodingSettings:
 
     def __post_init__(self) -> None:
         self.ks = tuple(self.ks)
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
         if self.n < 1 or not self.ks or any(not 1 <= k <= self.n for k in self.ks):
             raise ValueError(f"need n >= 1 and every k in 1..n, got n={self.n}, ks={self.ks}")
         if min(self.concurrency, self.max_tokens, self.max_parallel_runs) < 1:

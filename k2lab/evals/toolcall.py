@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from k2lab.agents.llm import EndpointError
 from k2lab.evals import report
-from k2lab.evals.store import Dataset, append_jsonl, open_run, read_dataset, read_jsonl, snapshot, write_json
+from k2lab.evals.store import (ON_ERROR, Dataset, append_jsonl, open_run, read_dataset, read_jsonl, snapshot,
+                               write_json)
 
 SEED_DATASET = Path(__file__).parent / "data" / "toolcalls.jsonl"
 NOT_SENT = ("id", "expect", "model", "stream", "stream_options")  # our keys, and what the client sets itself
@@ -79,6 +80,8 @@ class ToolcallSettings:
     max_tokens: int = 512  # cap for requests whose body sets none, so an endless generation cannot stall a run
 
     def __post_init__(self) -> None:
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
         if self.concurrency < 1 or self.max_tokens < 1 or self.max_retries < 0:
             raise ValueError(f"need concurrency >= 1, max_tokens >= 1, max_retries >= 0; got {self.concurrency}, "
                              f"{self.max_tokens}, {self.max_retries}")
