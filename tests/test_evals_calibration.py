@@ -172,7 +172,8 @@ def test_shipped_seed_dataset_facts_hold_in_this_python():
 
 def test_a_judge_whose_context_is_too_short_stops_the_run_with_a_clear_error(tmp_path):
     """The scripted endpoint refuses the judge's prompt the way k2lab's server and vLLM do (HTTP 400, "maximum
-    context length"); the run stops at the first grade instead of logging the same error for every item."""
+    context length"); the run stops at the first grade, before the other items are sent, instead of logging the
+    same error for every item."""
     dataset = write_jsonl(tmp_path / "d.jsonl", rows_for({"q1": "A", "q2": "B"}))
     answers = CalibrationScript({})
 
@@ -185,5 +186,5 @@ def test_a_judge_whose_context_is_too_short_stops_the_run_with_a_clear_error(tmp
         with pytest.raises(JudgeError, match="judge j1: the grading prompt .* does not fit"):
             run_calibration(srv, dataset, tmp_path / "run", ["j1"])
     assert not (tmp_path / "run" / "errors.jsonl").exists()
-    assert sum(answers.asked.values()) >= 1  # what was answered before it stopped is kept for --resume
-    assert len((tmp_path / "run" / "answers.jsonl").read_text().splitlines()) >= 1
+    assert answers.asked == {"q1": 1}  # the first item alone, then the stop; its answer is kept for --resume
+    assert len((tmp_path / "run" / "answers.jsonl").read_text().splitlines()) == 1

@@ -125,7 +125,9 @@ async def run_calibration(model, judges: list[Judge], s: CalibrationSettings) ->
             bar.update(1)
 
     try:
-        await asyncio.gather(*(one(r) for r in data.rows))
+        if data.rows:  # one item alone first: a judge that cannot grade at all stops the run before the rest starts
+            await one(data.rows[0])
+        await asyncio.gather(*(one(r) for r in data.rows[1:]))
     finally:
         bar.close()
     return finalize(run_dir)
