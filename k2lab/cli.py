@@ -1,22 +1,73 @@
-"""`k2lab <command>`: a thin command line; each command calls one function of a pipeline stage."""
+"""`k2lab <command>`: a thin command line; each command calls one function of a pipeline stage.
+
+User mistakes (a missing file, a foreign run directory, no endpoint...) end in one line naming the problem and
+what to do, exit code 1; `--debug` or `K2LAB_DEBUG=1` shows the traceback instead. Anything else is a bug and
+keeps its traceback.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Optional
 
-
-
-
 import typer
+import typer.core
 
-app = typer.Typer(help="k2lab: the Kimi K2.6 system at laptop scale.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean "the input or setup is wrong", not "k2lab is broken" (imported late: they
+    live in the stages, and `k2lab --help` should not import torch)."""
+    from k2lab.agents.llm import ContextLengthError, EndpointError
+    from k2lab.agents.mcp import MCPStartError
+    from k2lab.checkpoint import CheckpointError
+    from k2lab.config import ConfigError
+    from k2lab.data import DatasetError
+    from k2lab.evals.judge import JudgeError
+    from k2lab.model.vision import MediaInputError
+    from k2lab.runs import RunDirError
+
+    return (CheckpointError, ConfigError, ContextLengthError, DatasetError, EndpointError, JudgeError,
+            MCPStartError, MediaInputError, RunDirError, FileNotFoundError, FileExistsError, IsADirectoryError,
+            NotADirectoryError, PermissionError)
+
+
+def user_message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None:  # "[Errno 2] No such file ..." -> the file and why
+        return f"{e.filename}: {e.strerror.lower()}; check the path"
+    return str(e)
+
+
+class Group(typer.core.TyperGroup):
+    """The top-level command group: turns user mistakes raised by any command into one line."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            if ctx.meta.get("k2lab.debug") or not isinstance(e, user_errors()):
+                raise
+            typer.echo(f"error: {user_message(e)}", err=True)
+            raise typer.Exit(1) from None
+
+
+# plain (not rich) help and usage errors: no type labels on flags, and a usage error is a few plain lines
+app = typer.Typer(cls=Group, help="k2lab: the Kimi K2.6 system at laptop scale.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+@app.callback()
+def main_options(ctx: typer.Context,
+                 debug: bool = typer.Option(False, "--debug", envvar="K2LAB_DEBUG",
+                                            help="show the full traceback of an error (or K2LAB_DEBUG=1)")) -> None:
+    """k2lab: the Kimi K2.6 system at laptop scale."""
+    ctx.meta["k2lab.debug"] = debug
 
 
 @app.command()
-def info(preset: Optional[str] = typer.Option(None, help="a preset: kimi-k2, kimi-k2.5, kimi-k2.6, tiny, small"),
-         checkpoint: Optional[Path] = typer.Option(None, help="a checkpoint directory (reads its config.json)")):
+def info(preset: Optional[str] = typer.Option(None, metavar="NAME",
+                                              help="a preset: kimi-k2, kimi-k2.5, kimi-k2.6, tiny, small"),
+         checkpoint: Optional[Path] = typer.Option(None, metavar="DIR",
+                                                   help="a checkpoint directory (reads its config.json)")):
     """Print total and active parameter counts (from a model built on the meta device) and cache bytes/token."""
     from k2lab.report import model_info
 
@@ -26,14 +77,17 @@ def info(preset: Optional[str] = typer.Option(None, help="a preset: kimi-k2, kim
 
 
 @app.command()
-def generate(checkpoint: Path = typer.Option(..., help="checkpoint directory"),
-             prompt: Optional[str] = typer.Option(None, help="prompt text (needs the checkpoint's tokenizer)"),
-             prompt_ids: Optional[str] = typer.Option(None, help="prompt token ids, comma-separated: 1,2,3"),
-             max_new_tokens: int = typer.Option(64, min=1),
-             temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy"),
-             top_p: float = typer.Option(1.0, min=0.0, max=1.0),
-             seed: Optional[int] = typer.Option(None)):
-    """Generate a continuation of a prompt from a checkpoint."""
+def generate(checkpoint: Path = typer.Option(..., metavar="DIR", help="checkpoint directory"),
+             prompt: Optional[str] = typer.Option(None, metavar="TEXT",
+                                                  help="prompt text (needs the checkpoint's tokenizer)"),
+             prompt_ids: Optional[str] = typer.Option(None, metavar="IDS",
+                                                      help="prompt token ids, comma-separated: 1,2,3"),
+             max_new_tokens: int = typer.Option(64, min=1, metavar="N"),
+             temperature: float = typer.Option(0.0, min=0.0, metavar="T", help="0 is greedy"),
+             top_p: float = typer.Option(1.0, min=0.0, max=1.0, metavar="P"),
+             seed: Optional[int] = typer.Option(None, metavar="N")):
+    """Generate a continuation of a prompt from a checkpoint (with --prompt-ids: the ids, then the decoded text
+    when the checkpoint has a tokenizer)."""
     from k2lab.report import generate_text
 
     if (prompt is None) == (prompt_ids is None):
@@ -85,8 +139,8 @@ def pretrain(**settings):
 
 
 @app.command()
-def demo(run_dir: Path = typer.Option(Path("runs/demo"), help="run directory (reruns resume it)"),
-         steps: int = typer.Option(300, min=1, help="pre-training steps")):
+def demo(run_dir: Path = typer.Option(Path("runs/demo"), metavar="DIR", help="run directory (reruns resume it)"),
+         steps: int = typer.Option(300, min=1, metavar="N", help="pre-training steps")):
     """The end-to-end pipeline on the embedded corpus (what `make run` runs): tokenizer, MuonClip pre-training,
     generation, INT4 PTQ, the INT4 checkpoint served over the OpenAI API, a tool-call eval and a chat."""
     from k2lab.pipeline import run_demo
@@ -120,22 +174,25 @@ def tokenizer_train(
 
 @app.command("render")
 def render_cmd(
-    messages: str = typer.Option(..., "--messages", help="JSON list of messages, or {messages, tools}"),
-    tools: str = typer.Option(None, "--tools", help="JSON list of tool declarations"),
+    messages: str = typer.Option(..., "--messages", metavar="JSON|FILE",
+                                 help="a JSON list of messages or an object {messages, tools}: inline or a file"),
+    tools: str = typer.Option(None, "--tools", metavar="JSON|FILE",
+                              help="a JSON list of tool declarations: inline or a file"),
     generation_prompt: bool = typer.Option(False, "--generation-prompt", help="end with the assistant header"),
     chat_format: str = typer.Option("k2.6", "--format", help="the chat format: k2.6 (K2.5/K2.6) or k2-instruct"),
     thinking: bool = typer.Option(True, "--thinking/--no-thinking", help="K2.6: thinking mode"),
     preserve_thinking: bool = typer.Option(False, "--preserve-thinking", help="K2.6: keep every turn's reasoning"),
 ) -> None:
     """Print a conversation in a K2 chat format."""
+    from k2lab.data import DatasetError
     from k2lab.tokenizer.chat import load_conversation, render
 
     msgs, tls = load_conversation(messages, tools)
     try:
         text = render(msgs, tls, add_generation_prompt=generation_prompt, chat_format=chat_format,
                       thinking=thinking, preserve_thinking=preserve_thinking)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--messages") from None
+    except ValueError as e:  # render validates each message and tool and names the bad one
+        raise DatasetError(f"--messages / --tools: {e}") from None
     typer.echo(text, nl=False)
 
 
@@ -156,63 +213,112 @@ def parse_tool_calls_cmd(
 
 
 # ---- agents and the agent swarm (issue 7) ----
+BASE_URL = typer.Option(None, metavar="URL",
+                        help="OpenAI-compatible endpoint (default K2LAB_BASE_URL / OPENAI_BASE_URL)")
+API_KEY = typer.Option(None, metavar="KEY", help="its API key (default K2LAB_API_KEY / OPENAI_API_KEY)")
+MODEL = typer.Option(None, metavar="NAME", help="model name (default K2LAB_MODEL / OPENAI_MODEL)")
+MCP = typer.Option([], metavar="URL|COMMAND", help="an MCP server: a URL or a command line (repeatable)")
+
+
+def _task(task: str | None) -> str:
+    if not task or not task.strip():
+        raise typer.BadParameter("the task is empty; give what to do as the first argument, in quotes")
+    return task
+
+
 @app.command()
-def agent(task: str, mcp: list[str] = typer.Option([], help="MCP server: a URL or a command line (repeatable)"),
-          workspace: Path = typer.Option(Path("workspace"), help="the agent's working directory"),
-          run_dir: Path = typer.Option(None, help="where trace.jsonl and result.json go"),
-          max_steps: int = typer.Option(50)) -> None:
-    """Run one agent on TASK against K2LAB_BASE_URL / K2LAB_MODEL."""
+def agent(task: str = typer.Argument(..., metavar="TASK", help="what the agent should do (in quotes)"),
+          mcp: list[str] = MCP,
+          workspace: Path = typer.Option(Path("workspace"), metavar="DIR", help="the agent's working directory"),
+          run_dir: Path = typer.Option(None, metavar="DIR", help="where trace.jsonl and result.json go"),
+          max_steps: int = typer.Option(50, min=1, metavar="N", help="model calls at most"),
+          base_url: str = BASE_URL, api_key: str = API_KEY, model: str = MODEL) -> None:
+    """Run one agent on TASK with workspace (and MCP) tools."""
     from k2lab.agents.agent import run_agent
-    res = run_agent(task, workspace, mcp, run_dir, max_steps)
+    from k2lab.agents.llm import LLM
+
+    task = _task(task)
+    res = run_agent(task, LLM(base_url=base_url, api_key=api_key, model=model), workspace, mcp, run_dir, max_steps)
     typer.echo(f"\n{res.output}\n\noutcome: {res.outcome} {res.reason}".rstrip())
 
 
 @app.command()
-def swarm(task: str = typer.Argument(None), resume: Path = typer.Option(None, help="continue this run dir"),
-          run_dir: Path = typer.Option(None), max_subagents: int = typer.Option(300),
-          max_tool_calls: int = typer.Option(4000), max_concurrency: int = typer.Option(300),
-          mcp: list[str] = typer.Option([], help="MCP server for the sub-agents: URL or command line")) -> None:
-    """Run an agent swarm on TASK (or --resume RUN_DIR); prints the answer and the run directory."""
-    from k2lab.agents.swarm import run_swarm
-    res = run_swarm(task, resume or run_dir, resume is not None, max_subagents, max_tool_calls,
-                    max_concurrency, mcp)
-    typer.echo(f"\n{res.output}\n\noutcome: {res.outcome} {res.reason}\n{res.metrics}\nrun dir: {res.run_dir}")
+def swarm(task: str = typer.Argument(None, metavar="TASK", help="what the swarm should do (in quotes)"),
+          resume: Path = typer.Option(None, metavar="DIR", help="continue the run in this directory"),
+          run_dir: Path = typer.Option(None, metavar="DIR", help="default runs/swarm-DATE-TIME"),
+          max_subagents: int = typer.Option(300, min=1, metavar="N"),
+          max_tool_calls: int = typer.Option(4000, min=1, metavar="N", help="across the swarm"),
+          max_concurrency: int = typer.Option(300, min=1, metavar="N", help="sub-agents running at once"),
+          mcp: list[str] = MCP, base_url: str = BASE_URL, api_key: str = API_KEY, model: str = MODEL) -> None:
+    """Run an agent swarm on TASK (or --resume DIR); prints the answer, the metrics and the run directory."""
+    import dataclasses
+
+    from k2lab.agents.llm import LLM
+    from k2lab.agents.swarm import SwarmLimits, run_swarm
+
+    if resume is None:
+        _task(task)
+    elif task:
+        raise typer.BadParameter("--resume continues the journaled task; give no TASK with it")
+    llm = LLM(base_url=base_url, api_key=api_key, model=model)
+    res = run_swarm(task, llm, resume or run_dir, resume is not None,
+                    SwarmLimits(max_subagents, max_tool_calls, max_concurrency), mcp)
+    metrics = "  ".join(f"{k} {v}" for k, v in dataclasses.asdict(res.metrics).items())
+    typer.echo(f"\n{res.output}\n\noutcome: {res.outcome} {res.reason}\n{metrics}\nrun dir: {res.run_dir}")
 
 
 @app.command()
-def trace(run_dir: Path) -> None:
+def trace(run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="an agent or swarm run directory")) -> None:
     """Print the span tree of a run with per-agent cost."""
     from k2lab.agents.trace import render_tree
     typer.echo(render_tree(run_dir))
 
 
 # ---- evals (issue 8) ----------------------------------------------------------------------------------------
-eval_app = typer.Typer(help="Evaluations: calibration, tool calls, coding.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluations: calibration, tool calls, coding.", no_args_is_help=True,
+                       rich_markup_mode=None)
 app.add_typer(eval_app, name="eval")
-_ON_ERROR = typer.Option("stop", help="bad dataset row: 'stop' the run or 'skip' it (reported with its line)")
+ON_ERROR = typer.Option("stop", metavar="stop|skip", help="a bad dataset row stops the run, or is skipped and reported")
+RESUME = typer.Option(False, "--resume", help="continue the run in --run-dir without redoing finished items")
+CONCURRENCY = typer.Option(8, min=1, metavar="N", help="requests at once")
+MAX_TOKENS = typer.Option(512, min=1, metavar="N", help="cap on each generated reply")
+
+
+def _settings(cls, **kw):
+    """A settings dataclass from the options; what its checks refuse is a usage error."""
+    try:
+        return cls(**kw)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 @eval_app.command("calibration")
 def eval_calibration(
-    dataset: str = typer.Option(None, help="JSONL/CSV of domain, topic, question, answer (default: shipped seed)"),
-    model: str = typer.Option(None, help="model to evaluate (default K2LAB_MODEL / OPENAI_MODEL)"),
-    judge_model: list[str] = typer.Option(None, help="judge model; repeat for several judges that vote"),
-    base_url: str = typer.Option(None, help="endpoint of the model (default K2LAB_BASE_URL / OPENAI_BASE_URL)"),
-    judge_base_url: str = typer.Option(None, help="endpoint of the judges (default: --base-url)"),
-    judge_api_key: str = typer.Option(None, envvar="K2LAB_JUDGE_API_KEY", help="key for the judge endpoint"),
-    run_dir: str = typer.Option("runs/eval-calibration"),
-    partial: str = typer.Option("incorrect", help="count PARTIAL_ANSWER as 'incorrect' or 'abstain'"),
-    resume: bool = typer.Option(False, help="continue a run without re-asking answered items"),
-    on_error: str = _ON_ERROR,
-    concurrency: int = typer.Option(8),
-    grader: str = typer.Option("judge", help="'judge' (LLM judges, free-form answers) or 'rules' (deterministic, "
-                               "offline: normalized match and abstention detection, closed-form answers)"),
+    dataset: str = typer.Option(None, metavar="FILE", help="JSONL/CSV of domain, topic, question, answer (default: "
+                                                           "the shipped seed set)"),
+    model: str = MODEL, base_url: str = BASE_URL, api_key: str = API_KEY,
+    judge_model: list[str] = typer.Option([], metavar="NAME", help="judge model; repeat for several judges that vote"),
+    judge_base_url: str = typer.Option(None, metavar="URL", help="endpoint of the judges (default: --base-url)"),
+    judge_api_key: str = typer.Option(None, envvar="K2LAB_JUDGE_API_KEY", metavar="KEY",
+                                      help="key for the judge endpoint (default: --api-key on the same endpoint)"),
+    run_dir: str = typer.Option("runs/eval-calibration", metavar="DIR"),
+    partial: str = typer.Option("incorrect", metavar="incorrect|abstain",
+                                help="count PARTIAL_ANSWER as a wrong answer or as not attempted"),
+    resume: bool = RESUME, on_error: str = ON_ERROR, concurrency: int = CONCURRENCY, max_tokens: int = MAX_TOKENS,
+    grader: str = typer.Option("judge", metavar="judge|rules",
+                               help="'judge' (LLM judges, free-form answers) or 'rules' (deterministic, offline: "
+                                    "normalized match and abstention detection, closed-form answers)"),
 ) -> None:
     """AA-Omniscience-style calibration: Omniscience Index, accuracy, hallucination rate per domain."""
     from k2lab.evals import calibration
 
-    r = calibration.main(dataset, model, judge_model or [], base_url, judge_base_url, judge_api_key, run_dir, partial,
-                         resume, on_error, concurrency, grader)
+    if not judge_model and grader == "judge":
+        raise typer.BadParameter("give at least one --judge-model (or --grader rules)")
+    r = calibration.main(_settings(
+        calibration.CalibrationSettings, judge_models=judge_model, dataset=dataset, model=model, base_url=base_url,
+        api_key=api_key, judge_base_url=judge_base_url, judge_api_key=judge_api_key, run_dir=run_dir,
+        partial=partial, resume=resume, on_error=on_error, concurrency=concurrency, max_tokens=max_tokens,
+        grader=grader))
     typer.echo(f"Omniscience Index {r['overall']['omniscience_index']}  accuracy {r['overall']['accuracy']}  "
                f"hallucination rate {r['overall']['hallucination_rate']}  -> {run_dir}/report.md")
 
@@ -233,44 +339,54 @@ def eval_compare_graders(
 
 @eval_app.command("toolcalls")
 def eval_toolcalls(
-    dataset: str = typer.Option(None, help="JSONL of chat-completion request bodies (default: shipped set)"),
-    model: str = typer.Option(None), base_url: str = typer.Option(None),
-    run_dir: str = typer.Option("runs/eval-toolcalls"),
-    reference: str = typer.Option(None, help="run dir of a reference run for finish_reason precision/recall"),
-    resume: bool = typer.Option(False, help="re-send only failed or unsent requests"),
-    on_error: str = _ON_ERROR,
-    concurrency: int = typer.Option(8), max_retries: int = typer.Option(6),
+    dataset: str = typer.Option(None, metavar="FILE", help="JSONL of chat-completion request bodies (default: the "
+                                                           "shipped set)"),
+    model: str = MODEL, base_url: str = BASE_URL, api_key: str = API_KEY,
+    run_dir: str = typer.Option("runs/eval-toolcalls", metavar="DIR"),
+    reference: str = typer.Option(None, metavar="DIR", help="a reference run for finish_reason precision/recall "
+                                                            "(default: the rows' expect)"),
+    resume: bool = RESUME, on_error: str = ON_ERROR, concurrency: int = CONCURRENCY,
+    max_retries: int = typer.Option(6, min=0, metavar="N", help="retries of a failed request"),
+    max_tokens: int = typer.Option(512, min=1, metavar="N", help="cap for requests that set no max_tokens"),
 ) -> None:
     """K2-Vendor-Verifier-style tool-call accuracy: schema_accuracy and finish_reason F1."""
     from k2lab.evals import toolcall
 
-    r = toolcall.main(dataset, model, base_url, run_dir, reference, resume, on_error, concurrency, max_retries)
+    r = toolcall.main(_settings(
+        toolcall.ToolcallSettings, dataset=dataset, model=model, base_url=base_url, api_key=api_key,
+        run_dir=run_dir, reference=reference, resume=resume, on_error=on_error, concurrency=concurrency,
+        max_retries=max_retries, max_tokens=max_tokens))
     typer.echo(f"schema_accuracy {r['schema_accuracy']}  finish_reason F1 {(r.get('finish_reason') or {}).get('f1')}"
                f"  -> {run_dir}/report.md")
 
 
 @eval_app.command("coding")
 def eval_coding(
-    dataset: str = typer.Option(None, help="JSONL of id, prompt, tests (default: shipped set)"),
-    model: str = typer.Option(None), base_url: str = typer.Option(None),
-    run_dir: str = typer.Option("runs/eval-coding"),
-    n: int = typer.Option(1, help="samples per problem"), k: list[int] = typer.Option(None, help="pass@k; repeat"),
-    temperature: float = typer.Option(0.0),
-    resume: bool = typer.Option(False), on_error: str = _ON_ERROR, concurrency: int = typer.Option(8),
+    dataset: str = typer.Option(None, metavar="FILE", help="JSONL of id, prompt, tests (default: the shipped set)"),
+    model: str = MODEL, base_url: str = BASE_URL, api_key: str = API_KEY,
+    run_dir: str = typer.Option("runs/eval-coding", metavar="DIR"),
+    n: int = typer.Option(1, metavar="N", help="samples per problem"),
+    k: list[int] = typer.Option([1], metavar="K", help="pass@k; repeat for several"),
+    temperature: float = typer.Option(0.0, min=0.0, metavar="T"),
+    max_tokens: int = typer.Option(1024, min=1, metavar="N", help="cap on each solution"),
+    resume: bool = RESUME, on_error: str = ON_ERROR, concurrency: int = CONCURRENCY,
 ) -> None:
     """Sampled solutions run against unit tests in the sandbox; unbiased pass@k."""
     from k2lab.evals import coding
 
-    r = coding.main(dataset, model, base_url, run_dir, n, k, temperature, resume, on_error, concurrency)
+    r = coding.main(_settings(
+        coding.CodingSettings, dataset=dataset, model=model, base_url=base_url, api_key=api_key, run_dir=run_dir,
+        n=n, ks=tuple(k), temperature=temperature, max_tokens=max_tokens, resume=resume, on_error=on_error,
+        concurrency=concurrency))
     typer.echo(f"pass@k {r['pass_at_k']}  -> {run_dir}/report.md")
 
 
 @app.command("review")
 def review(
-    run_dir: str = typer.Argument(..., help="a calibration or synth run directory"),
+    run_dir: str = typer.Argument(..., metavar="RUN_DIR", help="a calibration or synth run directory"),
     web: bool = typer.Option(False, help="serve the local review page instead of the terminal UI"),
-    host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8765),
-    reviewer: str = typer.Option("human", help="name stored with each review"),
+    host: str = typer.Option("127.0.0.1", metavar="HOST"), port: int = typer.Option(8765, metavar="PORT"),
+    reviewer: str = typer.Option("human", metavar="NAME", help="name stored with each review"),
 ) -> None:
     """Accept or overrule judge grades; metrics and judge-human agreement are recomputed."""
     from k2lab.evals import review as review_mod
@@ -370,12 +486,12 @@ def qat(checkpoint: str = typer.Option(..., help="full-precision checkpoint dire
 
 
 @app.command()
-def quantize(checkpoint: str = typer.Option(..., help="full-precision checkpoint directory"),
-             out: str = typer.Option(..., help="output directory for the INT4 checkpoint")) -> None:
+def quantize(checkpoint: str = typer.Option(..., metavar="DIR", help="full-precision checkpoint directory"),
+             out: str = typer.Option(..., metavar="DIR", help="output directory for the INT4 checkpoint")) -> None:
     """Post-training INT4 quantization of the routed experts (compressed-tensors pack-quantized)."""
-    from k2lab.train.qat import quantize as run
+    from k2lab.report import quantize_summary
 
-    typer.echo(run(checkpoint, out))
+    typer.echo(quantize_summary(checkpoint, out))
 
 
 def main() -> None:

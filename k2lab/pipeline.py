@@ -57,7 +57,7 @@ def _quality(fp_dir: Path, int4_dir: Path, val_file: Path, new_tokens: int) -> d
 
 def _serve_and_evaluate(int4_dir: Path, run_dir: Path) -> dict:
     from k2lab.agents.llm import LLM
-    from k2lab.evals.toolcall import SEED_DATASET, run_toolcalls
+    from k2lab.evals.toolcall import ToolcallSettings, run_toolcalls
     from k2lab.serve.server import build_server, serve_in_thread
 
     server = build_server(int4_dir, max_len=1024, cache_mb=64, max_slots=16, model_name="k2lab-tiny-int4")
@@ -68,7 +68,9 @@ def _serve_and_evaluate(int4_dir: Path, run_dir: Path) -> dict:
             llm = LLM(base_url=base_url, api_key="none", model="k2lab-tiny-int4", max_concurrency=8)
             try:
                 eval_dir = run_dir / "eval_toolcalls"  # a rerun resumes it: only failed requests are re-sent
-                results = await run_toolcalls(SEED_DATASET, llm, eval_dir, resume=eval_dir.exists(), on_error="skip")
+                # 256 new tokens: the server holds 1,024 per request and the longest shipped prompt is ~650
+                results = await run_toolcalls(llm, ToolcallSettings(run_dir=str(eval_dir), resume=eval_dir.exists(),
+                                                                    on_error="skip", max_tokens=256))
                 chat = await llm.chat([{"role": "user", "content": "Write a Python function that adds two numbers."}],
                                       max_tokens=48, temperature=0.0)
                 return {"toolcalls": results, "chat_reply": chat.message.get("content"), "usage": vars(llm.usage)}

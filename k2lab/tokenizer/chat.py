@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
+from k2lab.data import DatasetError
 from k2lab.tokenizer.templates import K2_6, K2_6_TEMPLATE, K2_INSTRUCT, check_format
 from k2lab.tokenizer.tokenizer import Tokenizer
 from k2lab.tokenizer.tools_ts import deep_sort, tools_ts_str
@@ -251,16 +253,30 @@ def render_sft(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | N
     return ids, mask
 
 
-def load_conversation(messages_path: str, tools_path: str | None = None) -> tuple[list[dict], list[dict] | None]:
-    """Read a conversation file: a JSON list of messages, or an object with `messages` (and `tools`)."""
-    with open(messages_path, encoding="utf-8") as f:
-        data = json.load(f)
-    messages, tools = (data, None) if isinstance(data, list) else (data.get("messages"), data.get("tools"))
-    if not isinstance(messages, list):
-        raise ValueError(f"{messages_path}: expected a list of messages or an object with a 'messages' list")
-    if tools_path is not None:
-        with open(tools_path, encoding="utf-8") as f:
-            tools = json.load(f)
-        if not isinstance(tools, list):
-            raise ValueError(f"{tools_path}: expected a JSON list of tool declarations")
-    return messages, tools
+def _json_arg(value: str, what: str):
+    """Inline JSON (starts with [ or {), else the path of a JSON file; DatasetError naming the value otherwise."""
+    text, where = value, f"{what} (inline JSON)"
+    if not value.lstrip().startswith(("[", "{")):
+        path, where = Path(value), f"{what} file {value}"
+        if not path.is_file():
+            raise DatasetError(f"{what} {value!r} is neither inline JSON nor an existing file")
+        text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{where} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+
+
+def load_conversation(messages: str, tools: str | None = None) -> tuple[list[dict], list[dict] | None]:
+    """A conversation given inline or as a file: a JSON list of messages, or an object with `messages` (and
+    `tools`); `tools`, inline or a file, is a JSON list of tool declarations."""
+    data = _json_arg(messages, "--messages")
+    msgs, tls = (data, None) if isinstance(data, list) else (data.get("messages"), data.get("tools"))
+    if not isinstance(msgs, list):
+        raise DatasetError(f"--messages {messages[:80]!r}: expected a list of messages or an object with a "
+                           "'messages' list")
+    if tools is not None:
+        tls = _json_arg(tools, "--tools")
+        if not isinstance(tls, list):
+            raise DatasetError(f"--tools {tools[:80]!r}: expected a JSON list of tool declarations")
+    return msgs, tls

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from k2lab.data import DatasetError
 from k2lab.data.corpus import corpus_files
 from k2lab.runs import atomic_path
 
@@ -27,7 +28,7 @@ def embedded_corpus() -> list[Path]:
 def check_readable(paths: list[Path]) -> None:
     for p in paths:
         if not p.is_file() or not os.access(p, os.R_OK):
-            raise ValueError(f"cannot read corpus file {p}")
+            raise DatasetError(f"cannot read corpus file {p}: no such readable file; check --data")
 
 
 def read_document(path: Path) -> list[str]:
@@ -35,7 +36,7 @@ def read_document(path: Path) -> list[str]:
     try:
         raw = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
-        raise ValueError(f"cannot read corpus file {path}: {e.strerror or e}") from None
+        raise DatasetError(f"cannot read corpus file {path}: {e.strerror or e}") from None
     if path.suffix != ".jsonl":
         return [raw]
     docs = []
@@ -45,7 +46,7 @@ def read_document(path: Path) -> list[str]:
         try:
             docs.append(json.loads(line)["text"])
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}:{n} is not a JSON object with a \"text\" field") from None
+            raise DatasetError(f"{path}:{n} is not a JSON object with a \"text\" field") from None
     return docs
 
 
