@@ -41,6 +41,8 @@ SKIPPED = {  # command prefix -> why it does not run here (and what runs it inst
     "k2lab tokenizer train": "trains on 2 MB of text (~10 s here); tests/test_tokenizer.py trains the same way",
     "k2lab swarm --resume": "needs a killed run; tests/test_swarm.py kills one (-9) and resumes it",
     "k2lab review": "interactive (a terminal UI, or a page served until Ctrl-C); tests/test_review*.py drive both",
+    "k2lab synth": "tests/test_synth_cli.py and tests/test_synth_llm.py run it (embedded and LLM paths, kill -9 + resume)",
+    "k2lab eval compare-graders": "needs a judged calibration run; tests/test_evals_rules.py makes one and runs it",
     "k2lab eval coding": "10 samples x 12 problems in the sandbox take minutes; tests/test_evals_cli.py runs it on one",
 }
 
@@ -95,7 +97,7 @@ def test_vllm_and_sglang_commands_use_paths_that_make_run_writes():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A tiny checkpoint with a tokenizer (what DIR stands for) and its INT4 export (runs/demo/int4)."""
-    from k2lab.quant.qat import quantize
+    from k2lab.train.qat import quantize
     from k2lab.tokenizer import Tokenizer, train_tokenizer
 
     root = tmp_path_factory.mktemp("readme")
