@@ -33,11 +33,17 @@ from k2lab.train.metrics import MetricsLog, plot_run
 from k2lab.train.settings import TrainSettings
 
 
-def token_losses(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy per position: tokens [B, T+1] -> losses [B, T] (fp32)."""
-    logits = model(tokens[:, :-1])
+def token_losses(model, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy per position: tokens [B, T+1] -> losses [B, T] (fp32). document_ids [B, T+1]
+    (packed rows, SFT) keep attention and positions within each document."""
+    logits = model(tokens[:, :-1], document_ids=None if document_ids is None else document_ids[:, :-1])
     return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(
         tokens.shape[0], -1)
+
+
+def _extras(batch: dict) -> dict:
+    """The batch's per-row tensors other than tokens and the loss mask: keyword arguments of the loss."""
+    return {k: v for k, v in batch.items() if k not in ("tokens", "loss_mask")}
 
 
 def _mask(batch: dict) -> torch.Tensor:
@@ -51,8 +57,9 @@ def evaluate(model, batch: dict, micro: int, loss_fn=token_losses) -> float:
     """Mean per-token loss over the mask of `batch` ({"tokens": [N, T+1], optional "loss_mask": [N, T]})."""
     was_training = model.training
     model.eval()
-    mask = _mask(batch)
-    total = sum((loss_fn(model, t) * m).sum().item() for t, m in zip(batch["tokens"].split(micro), mask.split(micro)))
+    mask, extras = _mask(batch), _extras(batch)
+    total = sum((loss_fn(model, batch["tokens"][i:i + micro], **{k: v[i:i + micro] for k, v in extras.items()})
+                 * mask[i:i + micro]).sum().item() for i in range(0, len(mask), micro))
     model.train(was_training)
     return total / max(mask.sum().item(), 1.0)
 
@@ -101,7 +108,8 @@ def train(s: TrainSettings, run_dir: Path, init_model: Callable[[], torch.nn.Mod
 
     init_model() builds the starting model of a new run (the RNG is seeded with s.seed first); a run with a
     checkpoint resumes from it instead. batches(step) gives the step's global batch: {"tokens": [B, T+1],
-    optional "loss_mask": [B, T]}; loss_fn(model, tokens) the per-token losses [b, T]. val: a held-out batch
+    optional "loss_mask": [B, T], and any other per-row tensors}; loss_fn(model, tokens, **others) the per-token
+    losses [b, T] of a micro-batch (the other tensors, e.g. SFT's document_ids, are passed by name). val: a held-out batch
     of the same form, evaluated every s.eval_every steps. tokenizer_dir is copied into each checkpoint.
     """
     s.check()
@@ -142,15 +150,18 @@ def train(s: TrainSettings, run_dir: Path, init_model: Callable[[], torch.nn.Mod
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
         batch = batches(step)
-        tokens = batch["tokens"].view(world, s.grad_accum, micro, -1)[rank].to(device)
-        mask = _mask(batch).view(world, s.grad_accum, micro, -1)[rank].to(device)
+        def mine(x: torch.Tensor) -> torch.Tensor:  # this rank's rows, as grad_accum micro-batches
+            return x.view(world, s.grad_accum, micro, *x.shape[1:])[rank].to(device)
+
+        tokens, mask = mine(batch["tokens"]), mine(_mask(batch))
+        extras = {k: mine(v) for k, v in _extras(batch).items()}
         n_tokens = mask.sum().clamp(min=1)  # the step's loss is the mean over all its masked tokens
         max_logits = [torch.full((m.n_heads,), -math.inf, device=device) for m in mla_layers(model)]
         loads = [torch.zeros(m.experts.n_experts, device=device) for m in moe_layers(model)]
         loss_sum = torch.zeros((), device=device)
-        for mb, mb_mask in zip(tokens, mask):
+        for j, (mb, mb_mask) in enumerate(zip(tokens, mask)):
             with autocast:
-                loss = (loss_fn(model, mb) * mb_mask).sum() / n_tokens
+                loss = (loss_fn(model, mb, **{k: v[j] for k, v in extras.items()}) * mb_mask).sum() / n_tokens
             loss_sum += loss.detach()
             if aux is not None:
                 loss = loss + aux.loss(mb.shape[0], s.aux_loss_alpha) / s.grad_accum
