@@ -37,8 +37,40 @@ def user_message(e: BaseException) -> str:
     return str(e)
 
 
+def _placeholder(param) -> str:
+    """A readable placeholder for an option's value, from its name and type (typer would print `<int>`)."""
+    name = param.name or ""
+    if name.endswith(("dir", "checkpoint", "workspace")) or name in ("out", "resume"):
+        return "DIR"
+    if name in ("data", "dataset", "tools", "messages") or name.endswith("file"):
+        return "FILE"
+    for part, label in (("url", "URL"), ("key", "KEY"), ("host", "HOST"), ("model", "NAME"), ("name", "NAME")):
+        if part in name:
+            return label
+    annotation = str(getattr(getattr(param, "type_descriptor", None), "annotation", ""))
+    return "N" if "int" in annotation else "X" if "float" in annotation else "TEXT"
+
+
+def _label_options(command) -> None:
+    for param in command.params:
+        if getattr(param, "param_type_name", "") == "argument":  # `TASK  what ...`, not `TASK <str>`
+            param.display_type_rich = lambda ctx: ""
+        elif getattr(param, "param_type_name", "") == "option" and not getattr(param, "is_flag", False) and \
+                param.metavar is None:
+            param.metavar = _placeholder(param)
+    for sub in getattr(command, "commands", {}).values():
+        _label_options(sub)
+
+
 class Group(typer.core.TyperGroup):
-    """The top-level command group: turns user mistakes raised by any command into one line."""
+    """The top-level command group: turns user mistakes raised by any command into one line, and gives every
+    option without its own placeholder a readable one."""
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _label_options(command)
+        return command
 
     def invoke(self, ctx):
         try:

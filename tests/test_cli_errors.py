@@ -174,3 +174,18 @@ def test_a_bug_keeps_its_traceback():
     assert isinstance(r.exception, KeyError)
     r = runner.invoke(demo, ["mistake"])
     assert r.exit_code == 1 and r.output == "error: runs/x holds another run; use another --run-dir\n"
+
+
+def test_help_has_no_type_labels():
+    """Every command's --help reads `--port N` / `TASK  what...`, never typer's `<int>` or `<str>`."""
+    import re
+
+    import typer.main
+
+    group = typer.main.get_command(app)
+    names = [[n] for n in group.commands if n not in ("tokenizer", "eval")]
+    names += [["tokenizer", "train"]] + [["eval", n] for n in ("calibration", "toolcalls", "coding")]
+    for name in names:
+        out = CliRunner().invoke(app, [*name, "--help"]).output
+        label = re.search(r"\s<(int|str|float|path|bool|list|float range|int range)[^>]*>", out)
+        assert "Usage:" in out and not label, (name, out)
