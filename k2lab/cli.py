@@ -218,7 +218,12 @@ def render_cmd(
     """Print a conversation in a K2 chat format."""
     from k2lab.data import DatasetError
     from k2lab.tokenizer.chat import load_conversation, render
+    from k2lab.tokenizer.templates import check_format
 
+    try:
+        check_format(chat_format)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--format") from None
     msgs, tls = load_conversation(messages, tools)
     try:
         text = render(msgs, tls, add_generation_prompt=generation_prompt, chat_format=chat_format,

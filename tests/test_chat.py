@@ -268,7 +268,7 @@ def test_cli_render_and_parse_tool_calls(tmp_path):
     assert out.exit_code == 0 and out.output == render(conv["messages"], conv["tools"], chat_format=K2_INSTRUCT)
     (tmp_path / "bad.json").write_text(json.dumps([{"role": "robot", "content": "x"}]))
     out = CliRunner().invoke(app, ["render", "--messages", str(tmp_path / "bad.json")])
-    assert out.exit_code == 2 and "role must be one of" in out.output and "Traceback" not in out.output
+    assert out.exit_code == 1 and "role must be one of" in out.output and "Traceback" not in out.output
     out = CliRunner().invoke(app, ["render", "--messages", str(tmp_path / "c.json"), "--format", "k3"])
     assert out.exit_code == 2 and "unknown chat format 'k3'" in out.output
     text = ('ok<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{"a": 1}'

@@ -46,12 +46,14 @@ def test_chat_with_images_matches_the_models_own_generate(vl_checkpoint):
     messages = [{"role": "user", "content": [
         {"type": "text", "text": "Compare"}, {"type": "image_url", "image_url": {"url": data_url(56, 84, 1)}},
         {"type": "text", "text": "with"}, {"type": "image_url", "image_url": {"url": data_url(112, 56, 2)}}]}]
-    ids, pixels, grid = prepare_chat_media(messages, server.chat_ids(messages, None), model.media_pad_id,
+    no_thinking = {"thinking": False}  # the answer comes back as content (a random model never closes <think>)
+    ids, pixels, grid = prepare_chat_media(messages, server.chat_ids(messages, None, no_thinking), model.media_pad_id,
                                            ImageBudget.for_vision(VisionConfig.preset("tiny")))
     expected = model.generate(torch.tensor([ids]), pixels, grid, max_new_tokens=12)[0, len(ids):].tolist()
     with serve_in_thread(server) as base:
         client = openai.OpenAI(base_url=base, api_key="none")
-        resp = client.chat.completions.create(model="k2vl", messages=messages, max_tokens=12, temperature=0)
+        resp = client.chat.completions.create(model="k2vl", messages=messages, max_tokens=12, temperature=0,
+                                              extra_body={"chat_template_kwargs": no_thinking})
         assert resp.usage.prompt_tokens == len(ids)  # each image's placeholder expanded to its patch count
         stops = (server.tokenizer.eos_id, server.tokenizer.im_end_id)
         cut = next((i for i, t in enumerate(expected) if t in stops), len(expected))
