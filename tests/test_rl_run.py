@@ -82,14 +82,17 @@ def test_rl_command_runs_logs_metrics_and_resumes_after_kill_identically(ckpt, t
 
 
 def test_bad_rl_input_is_one_line(ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from k2lab.cli import app
+
+    base = ["rl", "--checkpoint", str(ckpt), "--run-dir", str(tmp_path / "bad")]
     for extra, needle in ((["--env", "chess"], "unknown environment"), (["--samples", "3"], "whole groups"),
-                          (["--loss", "ppo"], "unknown loss")):
-        p = _launch(ckpt, tmp_path / "bad", *extra)
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 1 and needle in err.decode() and "Traceback" not in err.decode(), err.decode()
-    p = subprocess.run([sys.executable, "-m", "k2lab.cli", "rl", "--checkpoint", str(tmp_path), "--run-dir",
-                        str(tmp_path / "bad2")], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 1 and "no config.json" in p.stderr and "Traceback" not in p.stderr
+                          (["--loss", "ppo"], "unknown loss"), (["--checkpoint", str(tmp_path)], "no config.json")):
+        r = CliRunner().invoke(app, base + extra)
+        assert r.exit_code == 1 and needle in r.output and "Traceback" not in r.output, r.output
+        assert len([ln for ln in r.output.splitlines() if ln.startswith("error: ")]) == 1, r.output
+    assert not (tmp_path / "bad").exists()  # nothing claimed for a run that could not start
 
 
 LOW = 64  # the "pattern": completion tokens with id < LOW earn reward
