@@ -86,7 +86,8 @@ def score(env: Environment, traj: Trajectory, over_budget: bool, budget_penalty:
 
 
 def run_episodes(generator: Generator, tokenizer, tasks: list[Task], k: int, params: RolloutParams,
-                 max_turns: int, context: int, budget_penalty: float, seed: int = 0) -> tuple[list[Trajectory], list[dict]]:
+                 max_turns: int, context: int, budget_penalty: float,
+                 seed: int = 0) -> tuple[list[Trajectory], list[dict]]:
     """K episodes of each task (prompt-major: K consecutive trajectories per task) and their grades. Turn t
     samples with seed sub_seed(seed, t), so the episodes are a function of (seed, tasks, weights)."""
     reg = registry()
