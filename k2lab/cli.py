@@ -137,15 +137,16 @@ def _user_errors(run):
         raise typer.Exit(1) from None
 
 
-def _settings_options(command):
-    """Give `command(**settings)` one option per PretrainSettings field (type, default and help from the field),
-    so the command line and the settings cannot drift apart."""
+def _settings_options(command, settings: str = "PretrainSettings"):
+    """Give `command(**settings)` one option per field of the settings class named `settings` in
+    k2lab.train.settings (type, default and help from the field), so the command line and the settings cannot
+    drift apart."""
     import inspect
 
-    from k2lab.train.settings import settings_fields
+    from k2lab.train import settings as settings_module
 
     params = []
-    for f, typ, optional in settings_fields():
+    for f, typ, optional in settings_module.settings_fields(getattr(settings_module, settings)):
         if f.name == "data":
             annotation, default, metavar = Optional[list[Path]], None, "FILE"
         else:
@@ -169,6 +170,20 @@ def pretrain(**settings):
     settings["data"] = [str(p) for p in settings["data"] or []]
     typer.echo(json.dumps(_user_errors(lambda: run(PretrainSettings(**settings)))))
 
+
+
+@app.command()
+@(lambda command: _settings_options(command, "RLSettings"))
+def rl(**settings):
+    """RL from a checkpoint on the embedded environments (--env arithmetic,knowledge,store,files,lookup) with the
+    K1.5 objective (or --loss k25 / grpo); rollouts in process; metrics, plots and checkpoints in --run-dir,
+    which a rerun resumes."""
+    import json
+
+    from k2lab.train.rl.run import rl as run
+    from k2lab.train.settings import RLSettings
+
+    typer.echo(json.dumps(_user_errors(lambda: run(RLSettings(**settings)))))
 
 @app.command()
 def demo(run_dir: Path = typer.Option(Path("runs/demo"), metavar="DIR", help="run directory (reruns resume it)"),

@@ -43,7 +43,7 @@ def token_losses(model, tokens: torch.Tensor, document_ids: torch.Tensor | None 
 
 def _extras(batch: dict) -> dict:
     """The batch's per-row tensors other than tokens and the loss mask: keyword arguments of the loss."""
-    return {k: v for k, v in batch.items() if k not in ("tokens", "loss_mask")}
+    return {k: v for k, v in batch.items() if k not in ("tokens", "loss_mask", "metrics")}
 
 
 def _mask(batch: dict) -> torch.Tensor:
@@ -103,14 +103,18 @@ class RouterScores:
 
 def train(s: TrainSettings, run_dir: Path, init_model: Callable[[], torch.nn.Module],
           batches: Callable[[int], dict], *, loss_fn=token_losses, val: dict | None = None,
-          tokenizer_dir: Path | None = None, desc: str = "train") -> dict:
+          tokenizer_dir: Path | None = None, desc: str = "train", on_model: Callable | None = None) -> dict:
     """Train (or resume) the run in `run_dir`; returns the last step's metrics.
 
     init_model() builds the starting model of a new run (the RNG is seeded with s.seed first); a run with a
     checkpoint resumes from it instead. batches(step) gives the step's global batch: {"tokens": [B, T+1],
     optional "loss_mask": [B, T], and any other per-row tensors}; loss_fn(model, tokens, **others) the per-token
-    losses [b, T] of a micro-batch (the other tensors, e.g. SFT's document_ids, are passed by name). val: a held-out batch
-    of the same form, evaluated every s.eval_every steps. tokenizer_dir is copied into each checkpoint.
+    losses [b, T] of a micro-batch (the other tensors, e.g. SFT's document_ids, are passed by name), or a 0-dim
+    tensor: the micro-batch's own mean loss (sequence-level RL losses), and the step's loss is then the mean over
+    micro-batches. A batch's "metrics" entry (a dict of numbers, not per-row) is added to the step's record.
+    val: a held-out batch of the same form, evaluated every s.eval_every steps. tokenizer_dir is copied into each
+    checkpoint. on_model(model) is called once with the model being trained (new or resumed) before the first
+    step, for callers whose batches come from the policy itself (RL rollouts).
     """
     s.check()
     check_unfinished(run_dir, s.max_steps)
@@ -131,6 +135,8 @@ def train(s: TrainSettings, run_dir: Path, init_model: Callable[[], torch.nn.Mod
     if s.qat:
         enable_qat_(model)
     model.to(device).train()
+    if on_model is not None:
+        on_model(model)
     track_max_logits(model)
     aux = RouterScores(model) if s.aux_loss_alpha > 0 else None
     model = dist_utils.shard(model, world)
@@ -161,7 +167,8 @@ def train(s: TrainSettings, run_dir: Path, init_model: Callable[[], torch.nn.Mod
         loss_sum = torch.zeros((), device=device)
         for j, (mb, mb_mask) in enumerate(zip(tokens, mask)):
             with autocast:
-                loss = (loss_fn(model, mb, **{k: v[j] for k, v in extras.items()}) * mb_mask).sum() / n_tokens
+                losses = loss_fn(model, mb, **{k: v[j] for k, v in extras.items()})
+                loss = losses / s.grad_accum if losses.dim() == 0 else (losses * mb_mask).sum() / n_tokens
             loss_sum += loss.detach()
             if aux is not None:
                 loss = loss + aux.loss(mb.shape[0], s.aux_loss_alpha) / s.grad_accum
@@ -183,7 +190,7 @@ def train(s: TrainSettings, run_dir: Path, init_model: Callable[[], torch.nn.Mod
                   "grad_norm": float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()),
                   "max_logit": [c["max_logit"] for c in clip_stats],
                   "heads_clipped": [c["heads_clipped"] for c in clip_stats],
-                  "imbalance": imbalance, "tokens_per_s": tokens_seen / elapsed}
+                  "imbalance": imbalance, "tokens_per_s": tokens_seen / elapsed, **batch.get("metrics", {})}
         if val is not None and (done % s.eval_every == 0 or done == s.max_steps):
             record["val_loss"] = evaluate(model, {k: v.to(device) for k, v in val.items()}, micro * s.grad_accum,
                                           loss_fn)

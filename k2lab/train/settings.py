@@ -84,11 +84,59 @@ class PretrainSettings(TrainSettings):
         return {**d, "model": config.to_dict()}
 
 
-def settings_fields() -> list[tuple[dataclasses.Field, type, bool]]:
-    """(field, scalar type, optional) of each PretrainSettings field, for the command-line parsers."""
-    hints = typing.get_type_hints(PretrainSettings)
+RL_ENVS = ("arithmetic", "knowledge", "store", "files", "lookup")  # the embedded domains (k2lab.synth.domains)
+RL_LOSSES = ("k15", "k25", "grpo")
+
+
+@dataclass
+class RLSettings(TrainSettings):
+    """`k2lab rl`: batch_size is the trajectories per step, batch_size / samples prompts with K = samples each."""
+
+    checkpoint: str = option("", "the policy to start from (a checkpoint directory with its tokenizer)")
+    env: str = option("arithmetic", f"environments, comma-separated, tasks dealt round-robin: {', '.join(RL_ENVS)}")
+    loss: str = option("k15", "k15 (the K1.5/K2 objective), k25 (token-level, log-ratio masking) or grpo")
+    samples: int = option(4, "K: samples per prompt (each micro-batch holds whole groups)")
+    tau: float = option(0.1, "k15/k25: weight of the log-ratio term")
+    max_new_tokens: int = option(48, "per assistant turn; a turn cut at this budget is penalized")
+    budget_penalty: float = option(0.5, "reward subtracted when a turn runs over max_new_tokens")
+    max_turns: int = option(4, "assistant messages per episode at most")
+    temperature_start: float = option(1.0, "sampling temperature at step 0 (cosine decay)")
+    temperature_end: float = option(0.6, "sampling temperature at the last step")
+    lr: float = option(3e-4, "peak learning rate")
+    max_steps: int = option(50, "optimizer steps (one rollout batch each); a larger value continues a finished run")
+    run_dir: str = option("runs/rl", "run directory; a rerun resumes from its last checkpoint")
+
+    CONTROL = (*TrainSettings.CONTROL, "run_dir")
+
+    @property
+    def envs(self) -> list[str]:
+        return [e.strip() for e in self.env.split(",") if e.strip()]
+
+    def check(self) -> None:
+        super().check()
+        if not self.checkpoint:
+            raise ValueError("no --checkpoint given; pass the directory of the policy to train")
+        unknown = [e for e in self.envs if e not in RL_ENVS]
+        if unknown or not self.envs:
+            raise ValueError(f"unknown environment(s) {unknown or [self.env]}; choose from {', '.join(RL_ENVS)}")
+        if self.loss not in RL_LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose k15, k25 or grpo")
+        if self.samples < 2 or (self.batch_size // self.grad_accum) % self.samples:
+            raise ValueError(f"each micro-batch ({self.batch_size} // {self.grad_accum} rows) must hold whole groups "
+                             f"of --samples {self.samples} >= 2; change --batch-size, --grad-accum or --samples")
+        if self.max_new_tokens < 1 or self.max_turns < 1:
+            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) and max_turns ({self.max_turns}) must be >= 1")
+
+    def identity(self, config: ModelConfig) -> dict:
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.CONTROL}
+        return {**d, "model": config.to_dict()}
+
+
+def settings_fields(cls: type = PretrainSettings) -> list[tuple[dataclasses.Field, type, bool]]:
+    """(field, scalar type, optional) of each field of a settings class, for the command-line parsers."""
+    hints = typing.get_type_hints(cls)
     out = []
-    for f in dataclasses.fields(PretrainSettings):
+    for f in dataclasses.fields(cls):
         args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
         optional = type(None) in typing.get_args(hints[f.name])
         out.append((f, args[0] if args else hints[f.name], optional))

@@ -1,0 +1,129 @@
+"""Multi-turn episodes against environments, token in and token out: the glue between a generator, the chat
+format and `k2lab.synth.env.Environment`.
+
+An episode: the environment's reset messages and tools are rendered in the K2.6 chat format with thinking off
+(the generation prompt ends with `<think></think>`, so a small model answers directly) and encoded once; the
+policy samples a completion (ending at `<|im_end|>`, or cut at the token budget, then `<|im_end|>` is written
+for it as an environment token); the completion's text is parsed into an assistant message (content and tool
+calls) which the environment steps; the observation (tool results, the next user turn) and the next generation
+prompt are rendered and appended as environment tokens (loss mask 0). Repeat until the environment is done,
+the turn cap, or the model's context is full. The trajectory's ids are what the policy saw and sampled; a
+completion's text is decoded only to step the environment, never re-encoded.
+
+The generator interface is `generate(prompts: list[list[int]], k, RolloutParams) -> list[RolloutSample]`
+(prompt-major, K consecutive samples per prompt) with a `policy_version`; `k2lab.serve.rollout.
+InProcessGenerator` is its in-process backend. An OpenAI-compatible server backend is not here yet (see the
+README's RL section for what it needs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from typing import Protocol, Sequence
+
+from k2lab.data.encyclopedia import questions
+from k2lab.evals import rules
+from k2lab.serve.rollout import RolloutParams, RolloutSample
+from k2lab.synth.env import Environment, Task
+from k2lab.synth.domains import registry
+from k2lab.tokenizer.chat import segments
+from k2lab.tokenizer.toolcalls import parse
+from k2lab.train.rl import rewards
+from k2lab.train.rl.trajectory import Trajectory
+
+
+class Generator(Protocol):
+    policy_version: int
+
+    def generate(self, prompts: Sequence[Sequence[int]], k: int = 1,
+                 params: RolloutParams = RolloutParams()) -> list[RolloutSample]: ...
+
+
+def encode_turns(tokenizer, messages: list[dict], tools: list[dict] | None = None,
+                 add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of rendered messages (thinking off): markers as their special ids, text encoded with special
+    tokens disallowed, so environment text that spells a marker stays text."""
+    ids: list[int] = []
+    for text, is_marker, _ in segments(messages, tools, add_generation_prompt, thinking=False):
+        ids += [tokenizer.special_tokens[text]] if is_marker else tokenizer.encode(text) if text else []
+    return ids
+
+
+def sub_seed(*parts) -> int:
+    """A 63-bit seed from its parts (seed, step, turn, ...), the same in every process."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+@functools.cache
+def _golds() -> dict[str, str]:
+    return {q["id"]: q["gold"] for q in questions()}
+
+
+def _gold(task: Task) -> str:
+    return _golds()[task.world["item_id"]]
+
+
+def score(env: Environment, traj: Trajectory, over_budget: bool, budget_penalty: float) -> dict:
+    """Reward components of a finished episode and its grade. Knowledge (calibration QA): the rules grader on
+    the final answer, +1 correct, -1 wrong, 0 abstained (seen and unseen entities alike: for an entity the model
+    never saw a guess is most likely wrong). Tool domains: the share of the rubric's checkpoints that pass
+    (tool calls really executed, answers checked numerically). Every domain: the budget penalty."""
+    components = {"budget": rewards.budget(over_budget, budget_penalty)}
+    if env.task.domain == "knowledge":
+        answer = env.answers[0] if env.answers else ""
+        letter = rules.grade(answer, _gold(env.task))
+        components["calibration"] = rewards.calibration(answer, _gold(env.task))
+        grade = {"A": "correct", "B": "wrong", "D": "abstained"}[letter]
+    else:
+        verdicts = env.verdicts()
+        components["rubric"] = sum(v["passed"] for v in verdicts) / len(verdicts)
+        grade = "correct" if components["rubric"] == 1.0 else "wrong"
+    total, components = rewards.compose(components)
+    traj.set_reward(components, total)
+    return {"grade": grade, "domain": env.task.domain}
+
+
+def run_episodes(generator: Generator, tokenizer, tasks: list[Task], k: int, params: RolloutParams,
+                 max_turns: int, context: int, budget_penalty: float,
+                 seed: int = 0) -> tuple[list[Trajectory], list[dict]]:
+    """K episodes of each task (prompt-major: K consecutive trajectories per task) and their grades. Turn t
+    samples with seed sub_seed(seed, t), so the episodes are a function of (seed, tasks, weights)."""
+    reg = registry()
+    envs = [Environment(reg[t.domain], t, seed=seed, max_steps=max_turns) for t in tasks for _ in range(k)]
+    starts = [env.reset() for env in envs]
+    prompts = [encode_turns(tokenizer, msgs, tools or None) for msgs, tools in starts[::k]]
+    trajs = [Trajectory(prompt_ids=prompts[i // k], policy_version=generator.policy_version) for i in range(len(envs))]
+    over = [False] * len(envs)
+    live = list(range(len(envs)))
+    im_end = tokenizer.special_tokens["<|im_end|>"]
+    for turn in range(max_turns):
+        turn_params = dataclasses.replace(params, seed=sub_seed(seed, turn), stop_token_ids=(im_end,))
+        if turn == 0:
+            out = generator.generate(prompts, k, turn_params)
+        else:
+            out = generator.generate([trajs[i].prompt_ids + trajs[i].completion_ids for i in live], 1, turn_params)
+        still = []
+        for i, sample in zip(live, out):
+            traj, env = trajs[i], envs[i]
+            traj.add_sampled(sample.completion_ids, sample.logprobs)
+            traj.finish_reason = sample.finish_reason
+            text = tokenizer.decode(sample.completion_ids)
+            if sample.finish_reason == "length":  # the turn ran over its budget: close it for the policy
+                over[i] = True
+                traj.add_environment([im_end])
+            message = parse(text.removesuffix("<|im_end|>"), env.tools or None).to_message()
+            obs, _, done = env.step(message)
+            if not done:
+                traj.add_environment(encode_turns(tokenizer, obs))
+                done = len(traj.prompt_ids) + len(traj.completion_ids) + params.max_new_tokens > context
+            if not done:
+                still.append(i)
+        live = still
+        if not live:
+            break
+    grades = [score(env, traj, o, budget_penalty) for env, traj, o in zip(envs, trajs, over)]
+    for env in envs:
+        env.close()
+    return trajs, grades

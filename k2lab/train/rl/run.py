@@ -1,0 +1,118 @@
+"""`k2lab rl`: RL on the embedded environments with the one training loop (k2lab.train.loop).
+
+Each optimizer step: deal the step's tasks (a function of (seed, step)), play K episodes of each with the
+current weights through the in-process generator (k2lab.train.rl.episodes) at the step's temperature (cosine
+decay), score them, lay the trajectories out as tensors and take one update with the chosen loss (k15 default,
+k25, grpo), the sampling log-probs as the old policy's. The policy's log-probs in the loss are those of the
+sampled distribution (logits / temperature), so on-policy the log-ratio is 0 up to numerics.
+
+A step's rollouts are a pure function of (seed, step, weights) and the weights after step s are in the step-s
+checkpoint, so a run killed and rerun logs the same metrics (the loop's resume). Metrics per step: reward and
+its components, accuracy, abstention and hallucination rates (knowledge), response length, truncated share,
+entropy, the share of groups with all-equal rewards, log-ratio statistics, policy version, temperature.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from k2lab.config import ModelConfig
+from k2lab.runs import claim
+from k2lab.serve.rollout import InProcessGenerator, RolloutParams
+from k2lab.synth.domains import make_tasks
+from k2lab.train.loop import check_unfinished, train
+from k2lab.train.rl import rewards
+from k2lab.train.rl.episodes import run_episodes, sub_seed
+from k2lab.train.rl.losses import LOSSES, all_equal_share, entropy, log_ratio_stats
+from k2lab.train.rl.trajectory import collate
+from k2lab.train.settings import RLSettings
+
+
+def policy_logprobs(model, tokens: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """log pi(tokens[:, t+1] | ..t) under the sampled distribution softmax(logits / T): [B, T] float32."""
+    logits = model(tokens[:, :-1]).float() / temperature[:, None, None]
+    return logits.log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+
+def rl_loss(model, tokens, sampled, old_logprobs, rewards, temperature, *, loss: str, k: int, tau: float):
+    """The micro-batch's loss (whole groups of K rows): a 0-dim tensor, as the loop takes for sequence losses."""
+    logp = policy_logprobs(model, tokens, temperature)
+    kw = {} if loss == "grpo" else {"tau": tau}
+    return LOSSES[loss](logp, old_logprobs, sampled, rewards, k, **kw)
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def rollout_metrics(trajs, grades, k: int) -> dict:
+    r = torch.tensor([t.reward for t in trajs])
+    out = {"reward": float(r.mean()), "all_equal_groups": all_equal_share(r, k),
+           "response_tokens": _mean([t.sampled_tokens for t in trajs]),
+           "accuracy": _mean([g["grade"] == "correct" for g in grades])}
+    for name in sorted({c for t in trajs for c in t.rewards}):
+        out[f"reward_{name}"] = _mean([t.rewards[name] for t in trajs if name in t.rewards])
+    calib = [g["grade"] for g in grades if g["domain"] == "knowledge"]
+    if calib:
+        wrong, abstained = calib.count("wrong"), calib.count("abstained")
+        out["abstention_rate"] = abstained / len(calib)
+        out["hallucination_rate"] = wrong / (wrong + abstained) if wrong + abstained else 0.0
+    return out
+
+
+def _check_checkpoint(path: str) -> Path:
+    d = Path(path)
+    missing = [f for f in ("config.json", "tiktoken.model") if not (d / f).is_file()]
+    if missing:
+        raise ValueError(f"--checkpoint {path}: no {' or '.join(missing)} there; give a checkpoint directory "
+                         f"with its tokenizer (as pretrain writes under RUN_DIR/checkpoints/)")
+    return d
+
+
+def rl(s: RLSettings) -> dict:
+    """Train (or resume) the RL run in s.run_dir; returns the last step's metrics."""
+    import k2lab
+    from k2lab.tokenizer import Tokenizer
+
+    s.check()
+    ckpt = _check_checkpoint(s.checkpoint)
+    config = ModelConfig.load(ckpt)
+    tokenizer = Tokenizer.load(ckpt)
+    run_dir = Path(s.run_dir)
+    claim(run_dir, s.identity(config), "rl")
+    check_unfinished(run_dir, s.max_steps)
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    eos = tuple(i for i in (tokenizer.im_end_id, tokenizer.eos_id) if i is not None)
+    policy: dict = {}
+
+    def on_model(model):
+        policy["model"], policy["generator"] = model, InProcessGenerator(model, eos)
+
+    def batches(step: int) -> dict:
+        model, generator = policy["model"], policy["generator"]
+        generator.policy_version = step  # optimizer steps applied to the weights that sample now
+        temp = rewards.temperature(step, s.max_steps, s.temperature_start, s.temperature_end)
+        tasks = make_tasks(s.envs, s.batch_size // s.samples, seed=sub_seed(s.seed, "tasks", step))
+        trajs, grades = run_episodes(generator, tokenizer, tasks, s.samples,
+                                     RolloutParams(max_new_tokens=s.max_new_tokens, temperature=temp),
+                                     s.max_turns, config.max_position_embeddings, s.budget_penalty,
+                                     seed=sub_seed(s.seed, "rollout", step))
+        b = collate(trajs, s.samples, pad)
+        temperature = torch.full((len(trajs),), temp)
+        with torch.no_grad():  # the policy before this update: log-ratio to the sampler, entropy
+            logits = model(b.input_ids[:, :-1].to(model.device)).float().cpu() / temp
+            logp_all = logits.log_softmax(-1)
+            logp = logp_all.gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)
+        metrics = {**rollout_metrics(trajs, grades, s.samples), **log_ratio_stats(logp, b.old_logprobs, b.mask),
+                   "entropy": entropy(logp_all, b.mask), "policy_version": step, "temperature": temp}
+        return {"tokens": b.input_ids, "loss_mask": b.mask, "sampled": b.mask, "old_logprobs": b.old_logprobs,
+                "rewards": b.rewards, "temperature": temperature, "metrics": metrics}
+
+    def loss_fn(model, tokens, **batch):
+        return rl_loss(model, tokens, **batch, loss=s.loss, k=s.samples, tau=s.tau)
+
+    return train(s, run_dir, lambda: k2lab.load_model(str(ckpt), dtype=torch.float32), batches, loss_fn=loss_fn,
+                 tokenizer_dir=ckpt, desc=f"rl-{s.loss}", on_model=on_model)
+
