@@ -105,15 +105,15 @@ def _user_errors(run):
         raise typer.Exit(1) from None
 
 
-def _settings_options(command):
-    """Give `command(**settings)` one option per PretrainSettings field (type, default and help from the field),
-    so the command line and the settings cannot drift apart."""
+def _settings_options(command, cls_name: str = "PretrainSettings"):
+    """Give `command(**settings)` one option per field of a settings class of k2lab.train.settings (type, default
+    and help from the field), so the command line and the settings cannot drift apart."""
     import inspect
 
-    from k2lab.train.settings import settings_fields
+    from k2lab.train import settings as settings_module
 
     params = []
-    for f, typ, optional in settings_fields():
+    for f, typ, optional in settings_module.settings_fields(getattr(settings_module, cls_name)):
         if f.name == "data":
             annotation, default, metavar = Optional[list[Path]], None, "FILE"
         else:
@@ -136,6 +136,23 @@ def pretrain(**settings):
 
     settings["data"] = [str(p) for p in settings["data"] or []]
     typer.echo(json.dumps(_user_errors(lambda: run(PretrainSettings(**settings)))))
+
+
+# ---- post-training: SFT (issue 15) ----
+def sft(**settings):
+    """Supervised fine-tuning of --checkpoint on chat JSONL (--data): loss on assistant output only, packed rows
+    without attention across conversations, MuonClip (--qat for INT4 experts); held-out loss and the tool-call
+    eval every --eval-every steps; checkpoints, metrics.jsonl and plots in --run-dir, which a rerun resumes."""
+    import json
+
+    from k2lab.train.sft import sft as run
+    from k2lab.train.settings import SftSettings
+
+    settings["data"] = [str(p) for p in settings["data"] or []]
+    typer.echo(json.dumps(_user_errors(lambda: run(SftSettings(**settings)))))
+
+
+app.command("sft")(_settings_options(sft, "SftSettings"))
 
 
 @app.command()

@@ -103,14 +103,16 @@ class RouterScores:
 
 def train(s: TrainSettings, run_dir: Path, init_model: Callable[[], torch.nn.Module],
           batches: Callable[[int], dict], *, loss_fn=token_losses, val: dict | None = None,
-          tokenizer_dir: Path | None = None, desc: str = "train") -> dict:
+          evals: Callable[[torch.nn.Module], dict] | None = None, tokenizer_dir: Path | None = None,
+          desc: str = "train") -> dict:
     """Train (or resume) the run in `run_dir`; returns the last step's metrics.
 
     init_model() builds the starting model of a new run (the RNG is seeded with s.seed first); a run with a
     checkpoint resumes from it instead. batches(step) gives the step's global batch: {"tokens": [B, T+1],
     optional "loss_mask": [B, T], and any other per-row tensors}; loss_fn(model, tokens, **others) the per-token
     losses [b, T] of a micro-batch (the other tensors, e.g. SFT's document_ids, are passed by name). val: a held-out batch
-    of the same form, evaluated every s.eval_every steps. tokenizer_dir is copied into each checkpoint.
+    of the same form, evaluated every s.eval_every steps; evals(model): more metrics at those steps (SFT's
+    tool-call eval). tokenizer_dir is copied into each checkpoint.
     """
     s.check()
     check_unfinished(run_dir, s.max_steps)
@@ -187,6 +189,8 @@ def train(s: TrainSettings, run_dir: Path, init_model: Callable[[], torch.nn.Mod
         if val is not None and (done % s.eval_every == 0 or done == s.max_steps):
             record["val_loss"] = evaluate(model, {k: v.to(device) for k, v in val.items()}, micro * s.grad_accum,
                                           loss_fn)
+        if evals is not None and (done % s.eval_every == 0 or done == s.max_steps):
+            record.update(evals(model))
         if log is not None:
             log.write(record)
         bar.update(1)
