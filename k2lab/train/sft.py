@@ -22,6 +22,7 @@ started with even if the files changed. Every eval_every steps the held-out loss
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,19 +174,29 @@ def split(conversations: list[dict], val_fraction: float, seed: int) -> tuple[li
             [c for i, c in enumerate(conversations) if i in held])
 
 
-def prepare(s: SftSettings, tokenizer, data_dir: Path) -> None:
-    """Write data_dir/{train,val}.pt (packed rows) and heldout.jsonl (the held-out conversations)."""
+def prepare(s: SftSettings, tokenizer) -> dict:
+    """The run's data from the files: packed training and held-out rows, and the held-out conversations. Every
+    input error surfaces here, before the run directory is claimed."""
+    conversations = read_conversations(s.data)
+    if not conversations:
+        raise ValueError(f"no conversation in {', '.join(s.data)}; pass chat JSONL (one conversation per line)")
+    train_convs, val_convs = split(conversations, s.val_fraction, s.seed)
+    out = {"heldout": val_convs}
+    for name, convs in (("train", train_convs), ("val", val_convs)):
+        if convs:
+            out[name] = pack(render(tokenizer, convs), s.seq_len, tokenizer.pad_id)
+    return out
+
+
+def save_prepared(data: dict, data_dir: Path) -> None:
+    """data_dir/{train,val}.pt and heldout.jsonl (written last: its presence means the data is complete)."""
     from k2lab.runs import atomic_path
 
-    train_convs, val_convs = split(read_conversations(s.data), s.val_fraction, s.seed)
-    for name, convs in (("train", train_convs), ("val", val_convs)):
-        if not convs:
-            continue
-        packed = pack(render(tokenizer, convs), s.seq_len, tokenizer.pad_id)
-        with atomic_path(data_dir / f"{name}.pt") as tmp:
-            torch.save({"input_ids": packed.input_ids, "loss_mask": packed.loss_mask,
-                        "document_ids": packed.document_ids, "dropped": packed.dropped}, tmp)
-    rewrite_jsonl(data_dir / "heldout.jsonl", val_convs)
+    for name in ("train", "val"):
+        if name in data:
+            with atomic_path(data_dir / f"{name}.pt") as tmp:
+                torch.save(dataclasses.asdict(data[name]), tmp)
+    rewrite_jsonl(data_dir / "heldout.jsonl", data["heldout"])
 
 
 def load_packed(path: Path) -> Packed:
@@ -218,11 +229,12 @@ def sft(s: SftSettings) -> dict:
     config = ModelConfig.load(checkpoint)
     tokenizer = Tokenizer.load(checkpoint)
     _check_sizes(s, tokenizer, config)
-    claim(run_dir, s.identity(), "sft", inputs=("data",))
-    check_unfinished(run_dir, s.max_steps)  # before any data is rendered
     data_dir = run_dir / "data"
-    if not (data_dir / "heldout.jsonl").exists():
-        prepare(s, tokenizer, data_dir)
+    prepared = None if (data_dir / "heldout.jsonl").exists() else prepare(s, tokenizer)
+    claim(run_dir, s.identity(), "sft", inputs=("data",))
+    check_unfinished(run_dir, s.max_steps)
+    if prepared is not None:
+        save_prepared(prepared, data_dir)
     train_rows = load_packed(data_dir / "train.pt")
     heldout = read_jsonl(data_dir / "heldout.jsonl")
     val = loop_batch(load_packed(data_dir / "val.pt")) if heldout else None
