@@ -161,7 +161,7 @@ def loop_batch(packed: Packed, rows: torch.Tensor | slice = slice(None)) -> dict
     return {"tokens": ids, "loss_mask": mask.long(), "document_ids": docs}
 
 
-def split(conversations: list[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def split(conversations: list, val_fraction: float, seed: int) -> tuple[list, list]:
     """(training, held-out) conversations; the held-out ones drawn at random from (seed), order kept."""
     n_val = round(len(conversations) * val_fraction)
     if val_fraction > 0 and n_val == 0:
@@ -180,11 +180,12 @@ def prepare(s: SftSettings, tokenizer) -> dict:
     conversations = read_conversations(s.data)
     if not conversations:
         raise ValueError(f"no conversation in {', '.join(s.data)}; pass chat JSONL (one conversation per line)")
-    train_convs, val_convs = split(conversations, s.val_fraction, s.seed)
-    out = {"heldout": val_convs}
-    for name, convs in (("train", train_convs), ("val", val_convs)):
-        if convs:
-            out[name] = pack(render(tokenizer, convs), s.seq_len, tokenizer.pad_id)
+    rendered = [(conv, render(tokenizer, [conv])) for conv in conversations]  # every input error before the split
+    train_part, val_part = split(rendered, s.val_fraction, s.seed)
+    out = {"heldout": [conv for conv, _ in val_part]}
+    for name, part in (("train", train_part), ("val", val_part)):
+        if part:
+            out[name] = pack([e for _, examples in part for e in examples], s.seq_len, tokenizer.pad_id)
     return out
 
 
