@@ -225,3 +225,25 @@ def test_held_out_split_is_by_conversation_and_seeded():
     assert len(split(convs, 0.01, seed=0)[1]) == 1 and split(convs, 0.0, seed=0)[1] == []
     with pytest.raises(ValueError, match="none to train on"):
         split(convs[:1], 0.5, seed=0)
+
+
+def test_toolcall_eval_scores_reference_answers_as_perfect_and_silence_as_no_recall(tok):
+    """The in-training eval's parsing and scoring (k2lab.evals.toolcall's): the reference turns themselves, as
+    the model would generate them, score F1 1 and schema accuracy 1; answering nothing but text scores recall 0;
+    a call with arguments off the schema counts against schema accuracy."""
+    from k2lab.tokenizer.chat import render_assistant
+    from k2lab.train.toolcall_eval import ToolcallEval
+
+    ev = ToolcallEval(CONVERSATIONS, tok, max_new_tokens=16, max_len=4096)
+    assert [ev.reference[r["id"]] for r in ev.rows] == ["tool_calls", "stop", "stop"]
+    firsts = [next(m for m in c["messages"] if m["role"] == "assistant") for c in CONVERSATIONS]
+    perfect = [(tok.encode(render_assistant(m), allow_special=True), "stop") for m in firsts]
+    assert ev.score(perfect) == {"toolcall_f1": 1.0, "toolcall_precision": 1.0, "toolcall_recall": 1.0,
+                                 "toolcall_schema_accuracy": 1.0}
+    silent = [(tok.encode("</think>Sure."), "stop")] * 3
+    assert ev.score(silent) == {"toolcall_f1": 0.0, "toolcall_precision": None, "toolcall_recall": 0.0,
+                                "toolcall_schema_accuracy": None}
+    bad = dict(firsts[0], tool_calls=[{"id": "functions.get_weather:0", "type": "function",
+                                        "function": {"name": "get_weather", "arguments": "{\"city\": 3}"}}])
+    wrong = [(tok.encode(render_assistant(bad), allow_special=True), "stop")] + perfect[1:]
+    assert ev.score(wrong)["toolcall_f1"] == 1.0 and ev.score(wrong)["toolcall_schema_accuracy"] == 0.0

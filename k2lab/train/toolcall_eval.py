@@ -47,21 +47,28 @@ class ToolcallEval:
             self.prompts.append(ids)
             self.reference[row_id] = "tool_calls" if messages[first].get("tool_calls") else "stop"
 
-    def responses(self, model) -> dict[str, dict]:
-        """Greedy answers to the prompts, as `k2lab eval toolcalls` records a server's responses."""
+    def generate(self, model) -> list[tuple[list[int], str]]:
+        """Greedy answers to the prompts: (completion ids without the stop id, "stop" or "length")."""
         tok = self.tokenizer
         samples = InProcessGenerator(model, (tok.eos_id, tok.im_end_id)).generate(
             self.prompts, params=RolloutParams(max_new_tokens=self.max_new_tokens, temperature=0.0))
-        out = {}
-        for row, prompt, smp in zip(self.rows, self.prompts, samples):
-            ids = smp.completion_ids[:-1] if smp.finish_reason == "stop" else smp.completion_ids
+        return [(smp.completion_ids[:-1] if smp.finish_reason == "stop" else smp.completion_ids, smp.finish_reason)
+                for smp in samples]
+
+    def score(self, outputs: list[tuple[list[int], str]]) -> dict:
+        """The metrics of one answer per prompt, parsed and recorded as a server's responses would be."""
+        tok, responses = self.tokenizer, {}
+        for row, prompt, (ids, reason) in zip(self.rows, self.prompts, outputs, strict=True):
             text = b"".join(tok.id_to_bytes(i) for i in ids).decode("utf-8", errors="replace")
             parsed = parse(text, tools=row["tools"], in_reasoning=prompt[-1] == tok.special_tokens.get("<think>"))
             calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
                      for c in parsed.tool_calls]
-            out[row["id"]] = {"finish_reason": finish_reason(smp.finish_reason, bool(row["tools"] and calls)),
-                              "content": parsed.content, "tool_calls": calls}
-        return out
+            responses[row["id"]] = {"finish_reason": finish_reason(reason, bool(row["tools"] and calls)),
+                                    "content": parsed.content, "tool_calls": calls}
+        results = compute_results(self.rows, responses, self.reference)
+        prf = results["finish_reason"]
+        return {"toolcall_f1": prf["f1"], "toolcall_precision": prf["precision"], "toolcall_recall": prf["recall"],
+                "toolcall_schema_accuracy": results["schema_accuracy"]}
 
     def __call__(self, model) -> dict:
         if not self.rows:
@@ -69,12 +76,9 @@ class ToolcallEval:
         was_training = model.training
         model.eval()
         try:
-            results = compute_results(self.rows, self.responses(model), self.reference)
+            return self.score(self.generate(model))
         finally:
             model.train(was_training)
-        prf = results["finish_reason"]
-        return {"toolcall_f1": prf["f1"], "toolcall_precision": prf["precision"], "toolcall_recall": prf["recall"],
-                "toolcall_schema_accuracy": results["schema_accuracy"]}
 
 
 def plot_toolcalls(run_dir: Path, records: list[dict]) -> Path | None:
