@@ -31,7 +31,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from k2lab.runs import claim, read_jsonl, rewrite_jsonl
+from k2lab.runs import atomic_path, claim, read_jsonl, rewrite_jsonl
 from k2lab.tokenizer.chat import render_sft
 from k2lab.train.loop import check_unfinished, train
 from k2lab.train.settings import SftSettings
@@ -191,8 +191,6 @@ def prepare(s: SftSettings, tokenizer) -> dict:
 
 def save_prepared(data: dict, data_dir: Path) -> None:
     """data_dir/{train,val}.pt and heldout.jsonl (written last: its presence means the data is complete)."""
-    from k2lab.runs import atomic_path
-
     for name in ("train", "val"):
         if name in data:
             with atomic_path(data_dir / f"{name}.pt") as tmp:
@@ -239,7 +237,8 @@ def sft(s: SftSettings) -> dict:
     train_rows = load_packed(data_dir / "train.pt")
     heldout = read_jsonl(data_dir / "heldout.jsonl")
     val = loop_batch(load_packed(data_dir / "val.pt")) if heldout else None
-    evals = ToolcallEval(heldout, tokenizer, s.eval_max_new_tokens, config.max_position_embeddings) if heldout else None
+    evals = (ToolcallEval(heldout, tokenizer, s.eval_max_new_tokens, config.max_position_embeddings)
+             if heldout else None)
     record = train(s, run_dir, lambda: k2lab.load_model(checkpoint, dtype=torch.float32, text_only=True),
                    batches_from(train_rows, s.batch_size, s.seed), val=val, evals=evals, tokenizer_dir=checkpoint,
                    desc="sft")
