@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from k2lab.evals.toolcall import compute_results
 from k2lab.serve.rollout import InProcessGenerator, RolloutParams
 from k2lab.serve.streaming import finish_reason
