@@ -247,3 +247,9 @@ def test_toolcall_eval_scores_reference_answers_as_perfect_and_silence_as_no_rec
                                         "function": {"name": "get_weather", "arguments": "{\"city\": 3}"}}])
     wrong = [(tok.encode(render_assistant(bad), allow_special=True), "stop")] + perfect[1:]
     assert ev.score(wrong)["toolcall_f1"] == 1.0 and ev.score(wrong)["toolcall_schema_accuracy"] == 0.0
+    # a call cut off by the cap: the model decided to call (trigger), but the call is not valid
+    cut = [(perfect[0][0][:-3], "length")] + perfect[1:]
+    assert ev.score(cut)["toolcall_f1"] == 1.0 and ev.score(cut)["toolcall_schema_accuracy"] == 0.0
+    # without tools declared, call markup in the answer is not a tool call (as a server without tools treats it)
+    chatty = perfect[:1] + [perfect[0]] + perfect[2:]
+    assert ev.score(chatty)["toolcall_precision"] == 1.0

@@ -3,8 +3,10 @@
 For each held-out conversation the prompt is its messages up to the first assistant turn, rendered with its
 tools and the generation prompt exactly as the server renders a request; the model answers greedily (a short
 cap) through the in-process generator, and the output is parsed and scored as `k2lab eval toolcalls` scores a
-server's responses (k2lab.evals.toolcall.compute_results): trigger precision/recall/F1 of "called a tool"
-against the reference turn, and schema accuracy of the calls made.
+server's responses (k2lab.evals.toolcall.compute_results): trigger precision/recall/F1 of "decided to call a
+tool" (opened a tool-call section) against the reference turn, and schema accuracy: the share of those answers
+whose calls parse, name a declared tool and validate against its JSON schema (a cut-off or malformed call counts
+as triggered but not schema-valid, where a server would report finish_reason "length" or "stop").
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from k2lab.serve.streaming import finish_reason
 from k2lab.tokenizer.chat import segments
 from k2lab.tokenizer.toolcalls import parse
 
+TOOL_SECTION = "<|tool_calls_section_begin|>"
 METRICS = ("toolcall_f1", "toolcall_precision", "toolcall_recall", "toolcall_schema_accuracy")
 
 
@@ -61,7 +64,10 @@ class ToolcallEval:
             parsed = parse(text, tools=row["tools"], in_reasoning=prompt[-1] == tok.special_tokens.get("<think>"))
             calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
                      for c in parsed.tool_calls]
-            responses[row["id"]] = {"finish_reason": finish_reason(reason, bool(row["tools"] and calls)),
+            # the trigger is the decision to call (a tool-call section opened), even if the call is cut off or
+            # malformed; such a call then counts against schema accuracy (compute_results: no valid call)
+            attempted = bool(row["tools"]) and TOOL_SECTION in text
+            responses[row["id"]] = {"finish_reason": "tool_calls" if attempted else finish_reason(reason, False),
                                     "content": parsed.content, "tool_calls": calls}
         results = compute_results(self.rows, responses, self.reference)
         prf = results["finish_reason"]
