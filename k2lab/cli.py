@@ -185,6 +185,23 @@ def rl(**settings):
 
     typer.echo(json.dumps(_user_errors(lambda: run(RLSettings(**settings)))))
 
+
+def sft(**settings):
+    """Supervised fine-tuning of --checkpoint on chat JSONL (--data): loss on assistant output only, packed rows
+    without attention across conversations, MuonClip (--qat for INT4 experts); held-out loss and the tool-call
+    eval every --eval-every steps; checkpoints, metrics.jsonl and plots in --run-dir, which a rerun resumes."""
+    import json
+
+    from k2lab.train.sft import sft as run
+    from k2lab.train.settings import SftSettings
+
+    settings["data"] = [str(p) for p in settings["data"] or []]
+    typer.echo(json.dumps(_user_errors(lambda: run(SftSettings(**settings)))))
+
+
+app.command("sft")(_settings_options(sft, "SftSettings"))
+
+
 @app.command()
 def demo(run_dir: Path = typer.Option(Path("runs/demo"), metavar="DIR", help="run directory (reruns resume it)"),
          steps: int = typer.Option(300, min=1, metavar="N", help="pre-training steps")):

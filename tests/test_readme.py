@@ -39,6 +39,7 @@ SKIPPED = {  # command prefix -> why it does not run here (and what runs it inst
     "k2lab pretrain": "a training run; tests/test_pretrain.py runs it (resume, errors, determinism)",
     "k2lab qat": "a training run; tests/test_quant_qat.py runs it",
     "k2lab rl": "an RL run; tests/test_rl_run.py runs it (metrics, kill -9 resume, errors)",
+    "k2lab sft": "a training run; tests/test_sft_cli.py runs it (end to end, kill -9 + resume, errors)",
     "k2lab tokenizer train": "trains on 2 MB of text (~10 s here); tests/test_tokenizer.py trains the same way",
     "k2lab swarm --resume": "needs a killed run; tests/test_swarm.py kills one (-9) and resumes it",
     "k2lab review": "interactive (a terminal UI, or a page served until Ctrl-C); tests/test_review*.py drive both",

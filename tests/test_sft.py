@@ -1,6 +1,6 @@
 """SFT data side: packed rows compute exactly what each conversation computes alone (block-diagonal mask,
 positions restarting per document), loss masks select exactly the assistant's output, batches are a pure
-function of (seed, step), and sft_loss is the masked cross-entropy."""
+function of (seed, step), and the loop's loss on them is the masked cross-entropy of each conversation."""
 
 import json
 
@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from k2lab.optim.qk_clip import track_max_logits
 from k2lab.tokenizer.chat import render_assistant
-from k2lab.train.sft import PAD_DOCUMENT, batches_from, pack, read_conversations, sft_batches, sft_loss
+from k2lab.train.loop import evaluate, token_losses
+from k2lab.train.sft import PAD_DOCUMENT, batches_from, pack, read_conversations, render, split
 from tests.conftest import random_model, tiny_config
 
 
@@ -100,7 +101,8 @@ def spans(ids, mask):
 
 def test_loss_mask_selects_exactly_assistant_tokens(tok, tmp_path):
     data = write_jsonl(tmp_path / "chat.jsonl", CONVERSATIONS)
-    batches, packed = sft_batches([data], tok, seq_len=400, batch_size=2, seed=0)
+    packed = pack(render(tok, read_conversations([data])), seq_len=400, pad_id=tok.pad_id)
+    batches = batches_from(packed, batch_size=2, seed=0)
     assert packed.dropped == []
     seen = set()
     for r in range(len(packed.input_ids)):
@@ -113,7 +115,15 @@ def test_loss_mask_selects_exactly_assistant_tokens(tok, tmp_path):
             seen.add(doc)
     assert seen == {0, 1, 2}
     assert (packed.loss_mask[packed.document_ids == PAD_DOCUMENT] == 0).all()
-    assert set(batches(0)) == {"input_ids", "loss_mask", "document_ids"} and batches(0)["input_ids"].shape == (2, 400)
+    b = batches(0)
+    assert set(b) == {"tokens", "loss_mask", "document_ids"}
+    assert b["tokens"].shape == b["document_ids"].shape == (2, 400) and b["loss_mask"].shape == (2, 399)
+    # the loop's mask is on targets: token t+1 is trained when it is assistant output of t's conversation
+    for r in range(2):
+        for t in range(399):
+            same = b["document_ids"][r, t] == b["document_ids"][r, t + 1]
+            row = int((packed.input_ids == b["tokens"][r]).all(1).nonzero()[0])
+            assert b["loss_mask"][r, t] == int(bool(packed.loss_mask[row, t + 1]) and bool(same))
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():
@@ -121,17 +131,23 @@ def test_batches_are_a_pure_function_of_seed_and_step():
     b = batches_from(packed, batch_size=2, seed=7)
     again = batches_from(packed, batch_size=2, seed=7)
     for step in (0, 3, 11):
-        for key in ("input_ids", "loss_mask", "document_ids"):
+        for key in ("tokens", "loss_mask", "document_ids"):
             assert torch.equal(b(step)[key], again(step)[key])
-    epoch = torch.cat([b(s)["input_ids"] for s in range(5)])  # 10 rows = two epochs of 5
+    epoch = torch.cat([b(s)["tokens"] for s in range(5)])  # 10 rows = two epochs of 5
     for half in (epoch[:5], epoch[5:]):
         assert sorted(map(tuple, half.tolist())) == sorted(map(tuple, packed.input_ids.tolist()))
     assert not torch.equal(epoch[:5], epoch[5:])  # each epoch is its own permutation
     other = batches_from(packed, batch_size=2, seed=8)
-    assert any(not torch.equal(b(s)["input_ids"], other(s)["input_ids"]) for s in range(5))
+    assert any(not torch.equal(b(s)["tokens"], other(s)["tokens"]) for s in range(5))
 
 
-def test_sft_loss_is_masked_cross_entropy_per_conversation(model):
+def masked_loss(model, batch):
+    """The loop's per-step loss: token_losses with the document ids, averaged over the loss mask."""
+    losses = token_losses(model, batch["tokens"], document_ids=batch["document_ids"])
+    return (losses * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+
+
+def test_loop_loss_is_masked_cross_entropy_per_conversation(model):
     docs = random_docs([6, 9, 4], seed=2)
     docs[1] = (docs[1][0], [0, 0, 0, 1, 1, 0, 1, 1, 1])
     packed = pack(docs, seq_len=20, pad_id=511)
@@ -143,13 +159,14 @@ def test_sft_loss_is_masked_cross_entropy_per_conversation(model):
             m = torch.tensor(mask[1:]).bool()
             total += float(F.cross_entropy(logits[m], torch.tensor(ids[1:])[m], reduction="sum"))
             count += int(m.sum())
-        assert float(sft_loss(model, batch)) == pytest.approx(total / count, rel=1e-5)
+        assert float(masked_loss(model, batch)) == pytest.approx(total / count, rel=1e-5)
+        assert evaluate(model, batch, micro=1) == pytest.approx(total / count, rel=1e-5)
     # it trains: a few steps on the batch lower it
     trained = random_model(tiny_config(), seed=3).train()
     opt = torch.optim.Adam(trained.parameters(), lr=3e-3)
     losses = []
     for _ in range(5):
-        loss = sft_loss(trained, batch)
+        loss = masked_loss(trained, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -173,10 +190,10 @@ def test_bad_input_names_file_and_line(tmp_path, tok):
         read_conversations([tmp_path / "missing.jsonl"])
     no_answer = write_jsonl(tmp_path / "q.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(ValueError, match=r"q.jsonl:1: no assistant message"):
-        sft_batches([no_answer], tok, seq_len=64, batch_size=1)
+        render(tok, read_conversations([no_answer]))
     bad_role = write_jsonl(tmp_path / "r.jsonl", [{"messages": [{"role": "robot", "content": "hi"}]}])
     with pytest.raises(ValueError, match=r"r.jsonl:1: messages\[0\]: role"):
-        sft_batches([bad_role], tok, seq_len=64, batch_size=1)
+        render(tok, read_conversations([bad_role]))
 
 
 def test_turns_with_reasoning_are_trained_in_their_own_context(tok):
@@ -198,3 +215,41 @@ def test_turns_with_reasoning_are_trained_in_their_own_context(tok):
     # the second example's context is what a server renders for that turn: earlier reasoning dropped
     prompt = render(messages[:3], add_generation_prompt=True)
     assert tok.decode(ids2).startswith(prompt) and "add them" not in tok.decode(ids2)
+
+
+def test_held_out_split_is_by_conversation_and_seeded():
+    convs = [{"messages": [], "i": i} for i in range(20)]
+    train, val = split(convs, 0.25, seed=3)
+    assert len(val) == 5 and sorted(c["i"] for c in train + val) == list(range(20))
+    assert split(convs, 0.25, seed=3) == (train, val) and split(convs, 0.25, seed=4)[1] != val
+    assert len(split(convs, 0.01, seed=0)[1]) == 1 and split(convs, 0.0, seed=0)[1] == []
+    with pytest.raises(ValueError, match="none to train on"):
+        split(convs[:1], 0.5, seed=0)
+
+
+def test_toolcall_eval_scores_reference_answers_as_perfect_and_silence_as_no_recall(tok):
+    """The in-training eval's parsing and scoring (k2lab.evals.toolcall's): the reference turns themselves, as
+    the model would generate them, score F1 1 and schema accuracy 1; answering nothing but text scores recall 0;
+    a call with arguments off the schema counts against schema accuracy."""
+    from k2lab.tokenizer.chat import render_assistant
+    from k2lab.train.toolcall_eval import ToolcallEval
+
+    ev = ToolcallEval(CONVERSATIONS, tok, max_new_tokens=16, max_len=4096)
+    assert [ev.reference[r["id"]] for r in ev.rows] == ["tool_calls", "stop", "stop"]
+    firsts = [next(m for m in c["messages"] if m["role"] == "assistant") for c in CONVERSATIONS]
+    perfect = [(tok.encode(render_assistant(m), allow_special=True), "stop") for m in firsts]
+    assert ev.score(perfect) == {"toolcall_f1": 1.0, "toolcall_precision": 1.0, "toolcall_recall": 1.0,
+                                 "toolcall_schema_accuracy": 1.0}
+    silent = [(tok.encode("</think>Sure."), "stop")] * 3
+    assert ev.score(silent) == {"toolcall_f1": 0.0, "toolcall_precision": None, "toolcall_recall": 0.0,
+                                "toolcall_schema_accuracy": None}
+    bad = dict(firsts[0], tool_calls=[{"id": "functions.get_weather:0", "type": "function",
+                                        "function": {"name": "get_weather", "arguments": "{\"city\": 3}"}}])
+    wrong = [(tok.encode(render_assistant(bad), allow_special=True), "stop")] + perfect[1:]
+    assert ev.score(wrong)["toolcall_f1"] == 1.0 and ev.score(wrong)["toolcall_schema_accuracy"] == 0.0
+    # a call cut off by the cap: the model decided to call (trigger), but the call is not valid
+    cut = [(perfect[0][0][:-3], "length")] + perfect[1:]
+    assert ev.score(cut)["toolcall_f1"] == 1.0 and ev.score(cut)["toolcall_schema_accuracy"] == 0.0
+    # without tools declared, call markup in the answer is not a tool call (as a server without tools treats it)
+    chatty = perfect[:1] + [perfect[0]] + perfect[2:]
+    assert ev.score(chatty)["toolcall_precision"] == 1.0

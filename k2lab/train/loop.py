@@ -103,7 +103,8 @@ class RouterScores:
 
 def train(s: TrainSettings, run_dir: Path, init_model: Callable[[], torch.nn.Module],
           batches: Callable[[int], dict], *, loss_fn=token_losses, val: dict | None = None,
-          tokenizer_dir: Path | None = None, desc: str = "train", on_model: Callable | None = None) -> dict:
+          evals: Callable[[torch.nn.Module], dict] | None = None, tokenizer_dir: Path | None = None,
+          desc: str = "train", on_model: Callable | None = None) -> dict:
     """Train (or resume) the run in `run_dir`; returns the last step's metrics.
 
     init_model() builds the starting model of a new run (the RNG is seeded with s.seed first); a run with a
@@ -112,9 +113,10 @@ def train(s: TrainSettings, run_dir: Path, init_model: Callable[[], torch.nn.Mod
     losses [b, T] of a micro-batch (the other tensors, e.g. SFT's document_ids, are passed by name), or a 0-dim
     tensor: the micro-batch's own mean loss (sequence-level RL losses), and the step's loss is then the mean over
     micro-batches. A batch's "metrics" entry (a dict of numbers, not per-row) is added to the step's record.
-    val: a held-out batch of the same form, evaluated every s.eval_every steps. tokenizer_dir is copied into each
-    checkpoint. on_model(model) is called once with the model being trained (new or resumed) before the first
-    step, for callers whose batches come from the policy itself (RL rollouts).
+    val: a held-out batch of the same form, evaluated every s.eval_every steps; evals(model): more metrics at those
+    steps (SFT's tool-call eval). tokenizer_dir is copied into each checkpoint. on_model(model) is called once with
+    the model being trained (new or resumed) before the first step, for callers whose batches come from the
+    policy itself (RL rollouts).
     """
     s.check()
     check_unfinished(run_dir, s.max_steps)
@@ -194,6 +196,8 @@ def train(s: TrainSettings, run_dir: Path, init_model: Callable[[], torch.nn.Mod
         if val is not None and (done % s.eval_every == 0 or done == s.max_steps):
             record["val_loss"] = evaluate(model, {k: v.to(device) for k, v in val.items()}, micro * s.grad_accum,
                                           loss_fn)
+        if evals is not None and (done % s.eval_every == 0 or done == s.max_steps):
+            record.update(evals(model))
         if log is not None:
             log.write(record)
         bar.update(1)

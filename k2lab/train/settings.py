@@ -84,6 +84,38 @@ class PretrainSettings(TrainSettings):
         return {**d, "model": config.to_dict()}
 
 
+@dataclass
+class SftSettings(TrainSettings):
+    """`k2lab sft`: fine-tune a checkpoint on chat JSONL (the loop's settings, with SFT's defaults)."""
+
+    checkpoint: str | None = option(None, "checkpoint to start from (its weights, config and tokenizer)")
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "chat JSONL files: {messages, tools} per line (e.g. k2lab synth's kept.jsonl)"})
+    max_steps: int = option(300, "optimizer steps; a larger value continues a finished run")
+    lr: float = option(1e-3, "peak learning rate")
+    seq_len: int = option(1024, "tokens per packed row (longer conversations are left out)")
+    val_fraction: float = option(0.1, "share of the conversations held out for the held-out loss and tool-call eval")
+    eval_max_new_tokens: int = option(96, "tool-call eval: generation cap of each held-out first answer")
+    run_dir: str = option("runs/sft", "run directory; a rerun resumes from its last checkpoint")
+
+    CONTROL = (*TrainSettings.CONTROL, "run_dir")
+
+    def check(self) -> None:
+        super().check()
+        if not self.checkpoint:
+            raise ValueError("pass --checkpoint DIR (the model to fine-tune)")
+        if not self.data:
+            raise ValueError("pass --data FILE (chat JSONL; repeat for several files)")
+        if self.seq_len < 2 or not 0 <= self.val_fraction < 1 or self.eval_max_new_tokens < 1:
+            raise ValueError(f"need seq_len >= 2 ({self.seq_len}), 0 <= val_fraction < 1 ({self.val_fraction}), "
+                             f"eval_max_new_tokens >= 1 ({self.eval_max_new_tokens})")
+
+    def identity(self) -> dict:
+        """What makes two runs the same run: every setting but run control."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.CONTROL}
+
+
+
 RL_ENVS = ("arithmetic", "knowledge", "store", "files", "lookup")  # the embedded domains (k2lab.synth.domains)
 RL_LOSSES = ("k15", "k25", "grpo")
 

@@ -1,4 +1,6 @@
-"""SFT data: chat JSONL -> K2-format token ids with assistant-only loss masks -> packed fixed-length rows.
+"""`k2lab sft`: supervised fine-tuning on chat JSONL, through the one training loop (k2lab.train.loop).
+
+Data: chat JSONL -> K2-format token ids with assistant-only loss masks -> packed fixed-length rows.
 
 A conversation is one JSONL line `{"messages": [...], "tools": [...]}` (the shape the synthesis stage writes
 and the server accepts). `chat.render_sft` gives its ids and a mask that is 1 on what the assistant produces
@@ -7,13 +9,20 @@ and the server accepts). `chat.render_sft` gives its ids and a mask that is 1 on
 so the model attends only within a conversation and restarts positions per conversation
 (`K2ForCausalLM(..., document_ids=...)`): a packed row computes what each conversation computes alone.
 
-`sft_batches(...)` returns `batches(step)`, a pure function of (seed, step): the rows of step s are positions
-[s*B, (s+1)*B) of an endless sequence of epochs, each epoch a permutation of the rows drawn from (seed, epoch).
-`sft_loss(model, batch)` is the cross-entropy averaged over the trained tokens of the batch.
+`batches_from(...)` gives the loop's `batches(step)`, a pure function of (seed, step): the rows of step s are
+positions [s*B, (s+1)*B) of an endless sequence of epochs, each epoch a permutation of the rows drawn from
+(seed, epoch). The loop's `token_losses` with the rows' document ids is the loss; the loss mask is 1 on a target
+that is assistant output of the same conversation as the token before it.
+
+A run (`sft`): held-out conversations are drawn from the data before packing; the run directory keeps the
+prepared data (data/: packed rows and held-out conversations), so a resumed run trains on exactly what it
+started with even if the files changed. Every eval_every steps the held-out loss and the tool-call eval
+(k2lab.train.toolcall_eval) are logged to metrics.jsonl and plotted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +30,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from k2lab.runs import atomic_path, claim, read_jsonl, rewrite_jsonl
 from k2lab.tokenizer.chat import render_sft
+from k2lab.train.loop import check_unfinished, train
+from k2lab.train.settings import SftSettings
 
 PAD_DOCUMENT = -1
 
@@ -128,7 +139,7 @@ def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int)
 
 
 def batches_from(packed: Packed, batch_size: int, seed: int) -> Callable[[int], dict[str, torch.Tensor]]:
-    """`batches(step)` over packed rows: deterministic in (seed, step), epochs reshuffled, no state."""
+    """The loop's `batches(step)` over packed rows: deterministic in (seed, step), epochs reshuffled, no state."""
     n = len(packed.input_ids)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -137,25 +148,99 @@ def batches_from(packed: Packed, batch_size: int, seed: int) -> Callable[[int], 
         flat = np.arange(step * batch_size, (step + 1) * batch_size)
         epochs, pos = flat // n, flat % n
         order = {e: np.random.default_rng([seed, int(e)]).permutation(n) for e in np.unique(epochs)}
-        rows = torch.as_tensor(np.array([order[e][p] for e, p in zip(epochs, pos)]))
-        return {"input_ids": packed.input_ids[rows], "loss_mask": packed.loss_mask[rows],
-                "document_ids": packed.document_ids[rows]}
+        return loop_batch(packed, torch.as_tensor(np.array([order[e][p] for e, p in zip(epochs, pos)])))
 
     return batches
 
 
-def sft_batches(paths: list[str | Path], tokenizer, seq_len: int, batch_size: int,
-                seed: int = 0) -> tuple[Callable[[int], dict[str, torch.Tensor]], Packed]:
-    """Read, render and pack chat JSONL files; (batches(step), the packed rows for statistics)."""
-    packed = pack(render(tokenizer, read_conversations(paths)), seq_len, tokenizer.pad_id)
-    return batches_from(packed, batch_size, seed), packed
+def loop_batch(packed: Packed, rows: torch.Tensor | slice = slice(None)) -> dict[str, torch.Tensor]:
+    """Packed rows in the loop's form: tokens [B, T+1], loss_mask [B, T] on the targets (assistant output whose
+    previous token is in the same conversation), document_ids [B, T+1]."""
+    ids, docs = packed.input_ids[rows], packed.document_ids[rows]
+    mask = packed.loss_mask[rows][:, 1:].bool() & (docs[:, 1:] == docs[:, :-1])
+    return {"tokens": ids, "loss_mask": mask.long(), "document_ids": docs}
 
 
-def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the batch's trained tokens (assistant output), within documents."""
-    ids, docs = batch["input_ids"], batch["document_ids"]
-    logits = model(ids, document_ids=docs)[:, :-1]
-    target_mask = batch["loss_mask"][:, 1:].bool() & (docs[:, 1:] == docs[:, :-1])
-    if not target_mask.any():
-        raise ValueError("sft_loss: the batch has no trained token")
-    return F.cross_entropy(logits[target_mask].float(), ids[:, 1:][target_mask])
+def split(conversations: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """(training, held-out) conversations; the held-out ones drawn at random from (seed), order kept."""
+    n_val = round(len(conversations) * val_fraction)
+    if val_fraction > 0 and n_val == 0:
+        n_val = 1
+    if n_val >= len(conversations):
+        raise ValueError(f"{len(conversations)} conversations leave none to train on after holding out "
+                         f"{n_val}; lower --val-fraction or give more data")
+    held = set(np.random.default_rng([seed, 1]).permutation(len(conversations))[:n_val].tolist())
+    return ([c for i, c in enumerate(conversations) if i not in held],
+            [c for i, c in enumerate(conversations) if i in held])
+
+
+def prepare(s: SftSettings, tokenizer) -> dict:
+    """The run's data from the files: packed training and held-out rows, and the held-out conversations. Every
+    input error surfaces here, before the run directory is claimed."""
+    conversations = read_conversations(s.data)
+    if not conversations:
+        raise ValueError(f"no conversation in {', '.join(s.data)}; pass chat JSONL (one conversation per line)")
+    rendered = [(conv, render(tokenizer, [conv])) for conv in conversations]  # every input error before the split
+    train_part, val_part = split(rendered, s.val_fraction, s.seed)
+    out = {"heldout": [conv for conv, _ in val_part]}
+    for name, part in (("train", train_part), ("val", val_part)):
+        if part:
+            out[name] = pack([e for _, examples in part for e in examples], s.seq_len, tokenizer.pad_id)
+    return out
+
+
+def save_prepared(data: dict, data_dir: Path) -> None:
+    """data_dir/{train,val}.pt and heldout.jsonl (written last: its presence means the data is complete)."""
+    for name in ("train", "val"):
+        if name in data:
+            with atomic_path(data_dir / f"{name}.pt") as tmp:
+                torch.save(dataclasses.asdict(data[name]), tmp)
+    rewrite_jsonl(data_dir / "heldout.jsonl", data["heldout"])
+
+
+def load_packed(path: Path) -> Packed:
+    return Packed(**torch.load(path))
+
+
+def _check_sizes(s: SftSettings, tokenizer, config) -> None:
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{s.checkpoint}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                         f"{config.vocab_size}; use the tokenizer the checkpoint was trained with")
+    if s.seq_len > config.max_position_embeddings:
+        raise ValueError(f"--seq-len {s.seq_len} exceeds the model's {config.max_position_embeddings} positions")
+
+
+def sft(s: SftSettings) -> dict:
+    """Fine-tune s.checkpoint on s.data in s.run_dir (a rerun resumes); returns the last step's metrics."""
+    import k2lab
+    from k2lab.config import ModelConfig
+    from k2lab.tokenizer import Tokenizer
+    from k2lab.train.metrics import read_metrics
+    from k2lab.train.toolcall_eval import ToolcallEval, plot_toolcalls
+
+    s.check()
+    checkpoint, run_dir = Path(s.checkpoint), Path(s.run_dir)
+    if not (checkpoint / "config.json").is_file():
+        raise ValueError(f"{checkpoint}: not a checkpoint directory (no config.json); pass --checkpoint DIR")
+    if not (checkpoint / "tiktoken.model").is_file():
+        raise ValueError(f"{checkpoint} has no tokenizer (tiktoken.model); SFT renders chats with the "
+                         f"checkpoint's own tokenizer")
+    config = ModelConfig.load(checkpoint)
+    tokenizer = Tokenizer.load(checkpoint)
+    _check_sizes(s, tokenizer, config)
+    data_dir = run_dir / "data"
+    prepared = None if (data_dir / "heldout.jsonl").exists() else prepare(s, tokenizer)
+    claim(run_dir, s.identity(), "sft", inputs=("data",))
+    check_unfinished(run_dir, s.max_steps)
+    if prepared is not None:
+        save_prepared(prepared, data_dir)
+    train_rows = load_packed(data_dir / "train.pt")
+    heldout = read_jsonl(data_dir / "heldout.jsonl")
+    val = loop_batch(load_packed(data_dir / "val.pt")) if heldout else None
+    evals = (ToolcallEval(heldout, tokenizer, s.eval_max_new_tokens, config.max_position_embeddings)
+             if heldout else None)
+    record = train(s, run_dir, lambda: k2lab.load_model(checkpoint, dtype=torch.float32, text_only=True),
+                   batches_from(train_rows, s.batch_size, s.seed), val=val, evals=evals, tokenizer_dir=checkpoint,
+                   desc="sft")
+    plot_toolcalls(run_dir, read_metrics(run_dir))
+    return record

@@ -1,0 +1,120 @@
+"""`k2lab sft` end to end on a tiny random model, a test-made tokenizer and conversations synthesized in process
+by k2lab.synth's embedded domains (tool tasks and knowledge questions with "I don't know" abstentions): metrics,
+held-out loss, the in-training tool-call eval, plots; the loss falls on the training data; kill -9 and rerun give
+the same metrics as an uninterrupted run; bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import k2lab
+from k2lab.runs import read_jsonl
+from k2lab.tokenizer import Tokenizer
+from tests.conftest import random_model, tiny_config
+
+CLI = [sys.executable, "-m", "k2lab.cli", "sft"]
+FAST = ["--seq-len", "512", "--batch-size", "2", "--eval-max-new-tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tok_dir):
+    """(checkpoint with its tokenizer, chat JSONL from `k2lab synth` on the embedded domains)."""
+    from k2lab.synth.pipeline import run_embedded
+
+    d = tmp_path_factory.mktemp("sft")
+    tok = Tokenizer.load(tok_dir)
+    config = tiny_config(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id,
+                         eos_token_id=tok.eos_id)
+    k2lab.save_model(random_model(config, seed=0), d / "ckpt")
+    tok.save(d / "ckpt")
+    run_embedded("embedded", 30, d / "synth", seed=0)
+    return d / "ckpt", d / "synth" / "kept.jsonl"
+
+
+def sft(ckpt, data, run_dir, *args, **kw):
+    return subprocess.run(CLI + ["--checkpoint", str(ckpt), "--data", str(data), "--run-dir", str(run_dir),
+                                 *FAST, *args], capture_output=True, text=True, timeout=900, **kw)
+
+
+def test_sft_end_to_end_with_heldout_loss_and_toolcall_eval(inputs, tmp_path):
+    ckpt, data = inputs
+    kept = read_jsonl(data)
+    # the mix holds both tool tasks and abstentions on questions about entities the model cannot know
+    assert any(m.get("tool_calls") for c in kept for m in c["messages"])
+    assert any(c["messages"][-1]["content"].startswith("I don't know") for c in kept)
+    r = sft(ckpt, data, tmp_path / "run", "--max-steps", "4", "--eval-every", "2", "--val-fraction", "0.3")
+    assert r.returncode == 0, r.stderr
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in records] == [1, 2, 3, 4]
+    evals = [m for m in records if "val_loss" in m]
+    assert [m["step"] for m in evals] == [2, 4]
+    for m in evals:
+        assert m["val_loss"] > 0
+        assert 0 <= m["toolcall_f1"] <= 1 and 0 <= m["toolcall_recall"] <= 1  # held-out has tool-call turns
+        for key in ("toolcall_precision", "toolcall_schema_accuracy"):  # None: the model made no call
+            assert m[key] is None or 0 <= m[key] <= 1
+    assert json.loads(r.stdout.strip().splitlines()[-1])["step"] == 4
+    run = tmp_path / "run"
+    assert {p.name for p in (run / "plots").iterdir()} >= {"loss.png", "toolcalls.png"}
+    last = run / "checkpoints" / "step-000004"
+    assert (last / "tiktoken.model").is_file() and (last / "config.json").is_file()
+    heldout = read_jsonl(run / "data" / "heldout.jsonl")
+    assert len(heldout) == round(0.3 * len(kept))
+    assert "sft" in r.stderr  # the progress bar
+
+
+@pytest.mark.slow  # 30 steps: minutes on 2 shared cores
+def test_loss_falls_on_the_training_data(inputs, tmp_path):
+    ckpt, data = inputs
+    r = sft(ckpt, data, tmp_path / "run", "--max-steps", "30", "--eval-every", "100", "--val-fraction", "0",
+            "--lr", "3e-3")
+    assert r.returncode == 0, r.stderr
+    losses = [m["loss"] for m in read_jsonl(tmp_path / "run" / "metrics.jsonl")]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
+
+
+def test_kill_9_and_rerun_gives_the_metrics_of_an_uninterrupted_run(inputs, tmp_path):
+    ckpt, data = inputs
+    args = ["--max-steps", "6", "--save-every", "2", "--eval-every", "3", "--val-fraction", "0.2"]
+    assert sft(ckpt, data, tmp_path / "straight", *args).returncode == 0
+    run = tmp_path / "killed"
+    cmd = CLI + ["--checkpoint", str(ckpt), "--data", str(data), "--run-dir", str(run), *FAST, *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (run / "checkpoints" / "step-000002").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert max(m["step"] for m in read_jsonl(run / "metrics.jsonl")) < 6
+    r = sft(ckpt, data, run, *args)
+    assert r.returncode == 0, r.stderr
+
+    def comparable(path):
+        return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in read_jsonl(path / "metrics.jsonl")]
+    assert comparable(run) == comparable(tmp_path / "straight")
+
+
+def test_bad_input_is_one_line(inputs, tmp_path):
+    ckpt, data = inputs
+    not_jsonl = tmp_path / "notes.txt"
+    not_jsonl.write_text("hello\n")
+    no_answer = tmp_path / "q.jsonl"
+    no_answer.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    cases = [(tmp_path / "missing.jsonl", "no such file"), (not_jsonl, "notes.txt:1: not JSON"),
+             (no_answer, "q.jsonl:1: no assistant message")]
+    for path, message in cases:
+        r = sft(ckpt, path, tmp_path / "run", "--max-steps", "2")
+        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "run").exists()  # nothing claimed for a run that never started
+    r = sft(tmp_path, data, tmp_path / "run", "--max-steps", "2")
+    assert r.returncode == 1 and "not a checkpoint directory" in r.stderr
