@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from k2lab.config import ModelConfig
+from k2lab.model.loss import chunked_cross_entropy
 from k2lab.model.mla import MLA, CacheBatch, LatentCache
 from k2lab.model.moe import MLP, MoE
 from k2lab.model.norm import RMSNorm
@@ -110,6 +111,16 @@ class K2ForCausalLM(nn.Module):
         attend to what is cached there, absorbed (latent-only) for short inputs."""
         h = self.model(input_ids, inputs_embeds, positions, cache, rows, document_ids)
         return self.lm_head(h.to(self.lm_head.weight.device))
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
+             document_ids: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean cross-entropy of `targets` [B, T] over the tokens `mask` [B, T] keeps, per-token losses [B, T])
+        for inputs [B, T], with the head and loss in chunks (k2lab.model.loss): the [B, T, vocab] logits are
+        never built. normalizer: divide the summed loss by this instead of the counted tokens' number."""
+        h = self.model(input_ids, document_ids=document_ids)
+        return chunked_cross_entropy(h.to(self.lm_head.weight.device), self.lm_head.weight, targets, mask,
+                                     normalizer=normalizer)
 
     def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
         param = self.lm_head.weight
