@@ -36,13 +36,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             h_c, t_c = h[rows], targets[rows]
             logits = (h_c @ w.T).float()  # [chunk, V]: the only vocab-sized buffer
-            lse = logits.logsumexp(dim=-1)
-            losses[rows] = lse - logits.gather(1, t_c[:, None])[:, 0]
-            if need_grad:  # d loss / d logits = softmax - onehot, weighted per token; in place on the logits
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs[torch.arange(len(t_c), device=h.device), t_c] -= 1.0
-                dlogits = probs.mul_(token_weight[rows, None]).to(h.dtype)
-                grad_h[rows] = dlogits @ w
+            target_logit = logits.gather(1, t_c[:, None])[:, 0]
+            peak = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(peak).exp_()  # in place: one exp pass serves the loss and the gradient
+            total = probs.sum(dim=-1)
+            losses[rows] = total.log() + peak[:, 0] - target_logit
+            if need_grad:  # d loss / d logits = softmax - onehot, weighted per token
+                weight_c = token_weight[rows]
+                probs.mul_((weight_c / total)[:, None])
+                probs[torch.arange(len(t_c), device=h.device), t_c] -= weight_c
+                dlogits = probs.to(h.dtype)
+                torch.mm(dlogits, w, out=grad_h[rows])
                 if grad_w.dtype == h.dtype:
                     grad_w.addmm_(dlogits.T, h_c)
                 else:  # bf16 matmul, fp32 accumulation over chunks
