@@ -8,7 +8,8 @@ In one process, alternating every round (so load from elsewhere hits all alike),
   the chunked step in the compute dtype the start-up probe chose (k2lab.model.dtype) when that is not fp32;
 - transformers' DeepseekV3ForCausalLM on the same weights (fp32, full head);
 - the head alone (full vs chunked): time and its largest buffer;
-- the optimizer step: Muon (batched Newton-Schulz) vs AdamW on the same gradients.
+- the optimizer step: Muon (batched Newton-Schulz) vs AdamW on the same gradients, and the Newton-Schulz FLOPs
+  over the difference of the two steps (a GEMM rate: how efficiently Newton-Schulz runs).
 
 Model FLOPs per token (the usual 6N accounting, counted from the config; recomputation is not counted):
     6 * (active matmul weights: every 2-D weight but the embedding, routed experts scaled by k/E)
@@ -59,6 +60,19 @@ def flops_per_token(model: K2ForCausalLM, seq: int) -> dict:
             matmul -= routed - routed * c.num_experts_per_tok // c.n_routed_experts
     attention = 6 * c.num_hidden_layers * c.num_attention_heads * (c.qk_head_dim + c.v_head_dim) * seq // 2
     return {"matmul_weights": matmul, "per_token": 6 * matmul + attention, "attention_per_token": attention}
+
+
+def newton_schulz_gflop(opt, steps: int = 5) -> float:
+    """FLOPs of one Muon step's Newton-Schulz: per matrix [A, B] with A <= B (it iterates on the wide side),
+    each of `steps` iterations is X X^T (2A^2B), (X X^T)^2 (2A^3) and that times X (2A^2B)."""
+    total = 0
+    for group in opt.param_groups:
+        if "ns_dtype" not in group:  # AdamW groups
+            continue
+        for p in group["params"]:
+            a, b = sorted(p.shape[-2:])
+            total += p.numel() // (a * b) * steps * (4 * a * a * b + 2 * a**3)
+    return total / 1e9
 
 
 class LargestBuffer(TorchDispatchMode):
@@ -192,6 +206,10 @@ def main() -> None:
         return run
     optim = alternate({f"{k}_step_s": opt_run(o) for k, o in opts.items()}, args.repeats)
     optim.update({f"{k}_over_adamw": optim[f"{k}_step_s"] / optim["adamw_step_s"] for k in opts if k != "adamw"})
+    # Newton-Schulz is GEMM work: its FLOPs over the Muon step's extra time, against the GEMM rate
+    optim["newton_schulz_gflop"] = newton_schulz_gflop(opts["muon"])
+    optim["newton_schulz_gflops_fp32"] = optim["newton_schulz_gflop"] / (optim["muon_step_s"]
+                                                                         - optim["adamw_step_s"])
 
     gemm_rate = max(medians[f"gemm_fp32_{k}"] for k in gemms)
     steps = [k for k in medians if k.startswith("k2lab") or k == "transformers"]
@@ -226,7 +244,8 @@ def main() -> None:
            f"{'n/a' if compile_s is None else f'{compile_s:.0f} s'}. Head alone: full {head['head_full']:.3f} s, "
            f"largest buffer {head['head_full_largest_mb']:.0f} MB; chunked {head['head_chunked']:.3f} s, "
            f"{head['head_chunked_largest_mb']:.0f} MB. Optimizer step: Muon {optim['muon_step_s']:.3f} s, AdamW "
-           f"{optim['adamw_step_s']:.3f} s ({optim['muon_over_adamw']:.2f}x)"
+           f"{optim['adamw_step_s']:.3f} s ({optim['muon_over_adamw']:.2f}x; Newton-Schulz "
+           f"{optim['newton_schulz_gflop']:.1f} GFLOP, at {optim['newton_schulz_gflops_fp32']:.0f} GFLOP/s)"
            + (f"; Muon with bf16 Newton-Schulz {optim['muon_bf16_ns_step_s']:.3f} s "
               f"({optim['muon_bf16_ns_over_adamw']:.2f}x)." if "muon_bf16_ns" in opts else ".")]
     (RESULTS / "train_step.md").write_text("\n".join(md) + "\n")
