@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import k2lab
 from k2lab.config import ModelConfig
@@ -76,7 +77,7 @@ def newton_schulz_gflop(opt, steps: int = 5) -> float:
 
 
 class LargestBuffer(TorchDispatchMode):
-    """The largest tensor any op produces while active (forward and backward), in bytes."""
+    """The largest tensor any op allocates while active (forward and backward), in bytes."""
 
     def __init__(self):
         super().__init__()
@@ -84,8 +85,10 @@ class LargestBuffer(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:  # views and in-place results share an input's storage: no allocation
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 self.largest = max(self.largest, t.numel() * t.element_size())
         return out
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from k2lab.config import ModelConfig
 from k2lab.model import K2ForCausalLM
@@ -84,7 +85,7 @@ def test_model_loss_matches_logits_with_documents(tiny):
 
 
 class LargestBuffer(TorchDispatchMode):
-    """Records the largest tensor any op produces (forward and backward)."""
+    """Records the largest tensor any op allocates (forward and backward)."""
 
     def __init__(self):
         super().__init__()
@@ -92,8 +93,10 @@ class LargestBuffer(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:  # views and in-place results share an input's storage: no allocation
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 self.largest = max(self.largest, t.numel())
         return out
 
@@ -124,3 +127,13 @@ def test_shape_mismatch_is_refused(tiny):
     h, targets = hidden_and_targets(tiny)
     with pytest.raises(ValueError, match="must agree"):
         chunked_cross_entropy(h, tiny.lm_head.weight, targets[:, :-1])
+
+
+def test_no_grad_computes_no_gradients(tiny):
+    h, targets = hidden_and_targets(tiny)
+    with torch.no_grad():
+        ref, _ = reference(tiny, h, targets, torch.ones_like(targets, dtype=torch.bool))
+        with LargestBuffer() as mode:
+            loss, _ = chunked_cross_entropy(h, tiny.lm_head.weight, targets, chunk_size=16)
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
+    assert mode.largest == 16 * tiny.config.vocab_size  # no [V, D] weight gradient was built

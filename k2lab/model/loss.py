@@ -22,36 +22,39 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(64, (1 << 22) // vocab_size)
 
 
+def _head_chunks(h, weight, targets, token_weight, chunk_size, need_grad):
+    """h [N, D], weight [V, D], targets [N] (counted rows only), token_weight [N] (each row's weight in the
+    loss) -> (per-token losses [N] fp32, and if need_grad the loss's gradients w.r.t. h and weight, else None)."""
+    w = weight.to(h.dtype)
+    losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    grad_h = torch.empty_like(h) if need_grad else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
+    for start in range(0, h.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        h_c, t_c = h[rows], targets[rows]
+        logits = (h_c @ w.T).float()  # [chunk, V]: the only vocab-sized buffer
+        target_logit = logits.gather(1, t_c[:, None])[:, 0]
+        peak = logits.amax(dim=-1, keepdim=True)
+        probs = logits.sub_(peak).exp_()  # in place: one exp pass serves the loss and the gradient
+        total = probs.sum(dim=-1)
+        losses[rows] = total.log() + peak[:, 0] - target_logit
+        if need_grad:  # d loss / d logits = softmax - onehot, weighted per token
+            weight_c = token_weight[rows]
+            probs.mul_((weight_c / total)[:, None])
+            probs[torch.arange(len(t_c), device=h.device), t_c] -= weight_c
+            dlogits = probs.to(h.dtype)
+            torch.mm(dlogits, w, out=grad_h[rows])
+            if grad_w.dtype == h.dtype:
+                grad_w.addmm_(dlogits.T, h_c)
+            else:  # bf16 matmul, fp32 accumulation over chunks
+                grad_w += dlogits.T @ h_c
+    return losses, grad_h, None if grad_w is None else grad_w.to(weight.dtype)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, token_weight, chunk_size):
-        """h [N, D], weight [V, D], targets [N] (valid rows only), token_weight [N] (each row's weight in the
-        returned sum) -> (sum_n token_weight[n] * loss[n], per-token losses [N] fp32)."""
-        w = weight.to(h.dtype)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad else None
-        for start in range(0, h.shape[0], chunk_size):
-            rows = slice(start, start + chunk_size)
-            h_c, t_c = h[rows], targets[rows]
-            logits = (h_c @ w.T).float()  # [chunk, V]: the only vocab-sized buffer
-            target_logit = logits.gather(1, t_c[:, None])[:, 0]
-            peak = logits.amax(dim=-1, keepdim=True)
-            probs = logits.sub_(peak).exp_()  # in place: one exp pass serves the loss and the gradient
-            total = probs.sum(dim=-1)
-            losses[rows] = total.log() + peak[:, 0] - target_logit
-            if need_grad:  # d loss / d logits = softmax - onehot, weighted per token
-                weight_c = token_weight[rows]
-                probs.mul_((weight_c / total)[:, None])
-                probs[torch.arange(len(t_c), device=h.device), t_c] -= weight_c
-                dlogits = probs.to(h.dtype)
-                torch.mm(dlogits, w, out=grad_h[rows])
-                if grad_w.dtype == h.dtype:
-                    grad_w.addmm_(dlogits.T, h_c)
-                else:  # bf16 matmul, fp32 accumulation over chunks
-                    grad_w += dlogits.T @ h_c
-        ctx.grads = (grad_h, grad_w.to(weight.dtype) if need_grad else None)
+        losses, *ctx.grads = _head_chunks(h, weight, targets, token_weight, chunk_size, need_grad=True)
         ctx.mark_non_differentiable(losses)
         return (losses * token_weight).sum(), losses
 
@@ -88,8 +91,12 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     if torch.is_autocast_enabled(h.device.type):
         h_valid = h_valid.to(torch.get_autocast_dtype(h.device.type))
     token_weight = torch.full((rows.numel(),), 1.0, dtype=torch.float32, device=h.device) / n
-    with torch.autocast(h.device.type, enabled=False):
-        loss, losses = _ChunkedLinearCrossEntropy.apply(h_valid, weight, targets.flatten()[rows], token_weight,
-                                                        chunk_size or default_chunk_size(weight.shape[0]))
+    args = (h_valid, weight, targets.flatten()[rows], token_weight, chunk_size or default_chunk_size(weight.shape[0]))
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        with torch.autocast(h.device.type, enabled=False):
+            loss, losses = _ChunkedLinearCrossEntropy.apply(*args)
+    else:  # evaluation: no gradients computed or kept
+        losses = _head_chunks(*args, need_grad=False)[0]
+        loss = (losses * token_weight).sum()
     token_losses = torch.zeros(targets.numel(), dtype=torch.float32, device=h.device).index_copy_(0, rows, losses)
     return loss, token_losses.view(targets.shape)
