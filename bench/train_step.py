@@ -18,7 +18,7 @@ FLOP rate = FLOPs per token * tokens per step / step seconds; reported as a frac
 
     python bench/train_step.py [--preset tiny] [--batch 8] [--seq 512] [--repeats 5] [--threads N] [--quick]
 
-Writes bench/results/train_step.json and bench/results/train_step.md.
+Writes bench/results/train_step.{json,md} (other presets: train_step_PRESET.*; --quick: *_quick.*).
 """
 
 from __future__ import annotations
@@ -234,7 +234,9 @@ def main() -> None:
         "steps": rows, "best_fp32_step": best_fp32, "head": head, "optimizer": optim,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train_step.json").write_text(json.dumps(result, indent=1))
+    stem = "train_step" if args.preset == "tiny" and not args.quick else f"train_step_{args.preset}" + (
+        "_quick" if args.quick else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
     md = [f"Training step fwd+bwd, `{args.preset}` {args.batch}x{args.seq}, {torch.get_num_threads()} threads, "
           f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}. Model FLOPs {flops['per_token'] / 1e6:.1f} "
           f"M/token ({step_flops / 1e9:.1f} GFLOP/step). fp32 GEMM rate {gemm_rate:.0f} GFLOP/s "
@@ -251,7 +253,7 @@ def main() -> None:
            f"{optim['newton_schulz_gflop']:.1f} GFLOP, at {optim['newton_schulz_gflops_fp32']:.0f} GFLOP/s)"
            + (f"; Muon with bf16 Newton-Schulz {optim['muon_bf16_ns_step_s']:.3f} s "
               f"({optim['muon_bf16_ns_over_adamw']:.2f}x)." if "muon_bf16_ns" in opts else ".")]
-    (RESULTS / "train_step.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
