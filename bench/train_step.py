@@ -131,6 +131,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()
     torch.manual_seed(0)
     config = ModelConfig.preset(args.preset)
     model = K2ForCausalLM(config).train()
@@ -228,7 +229,8 @@ def main() -> None:
     result = {
         "preset": args.preset, "batch": args.batch, "seq": args.seq, "repeats": args.repeats,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor(),
-        "load_average_1_5_15_at_end": load, "compute_dtype": dtype_report, "flops": flops,
+        "load_average_1_5_15_at_start": load_at_start, "load_average_1_5_15_at_end": load,
+        "compute_dtype": dtype_report, "flops": flops,
         "step_gflop": step_flops / 1e9, "chunk_size": default_chunk_size(v), "compile_s": compile_s,
         "gemm_gflops": {k: medians[k] for k in medians if k.startswith("gemm")}, "gemm_rate_fp32": gemm_rate,
         "steps": rows, "best_fp32_step": best_fp32, "head": head, "optimizer": optim,
@@ -238,8 +240,8 @@ def main() -> None:
         "_quick" if args.quick else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
     md = [f"Training step fwd+bwd, `{args.preset}` {args.batch}x{args.seq}, {torch.get_num_threads()} threads, "
-          f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}. Model FLOPs {flops['per_token'] / 1e6:.1f} "
-          f"M/token ({step_flops / 1e9:.1f} GFLOP/step). fp32 GEMM rate {gemm_rate:.0f} GFLOP/s "
+          f"load average (1 min) {load_at_start[0]:.1f} at start, {load[0]:.1f} at end. Model FLOPs "
+          f"{flops['per_token'] / 1e6:.1f} M/token ({step_flops / 1e9:.1f} GFLOP/step). fp32 GEMM rate {gemm_rate:.0f} GFLOP/s "
           f"(" + ", ".join(f"{k} {medians['gemm_fp32_' + k]:.0f}" for k in gemms) + "). Compute dtype chosen: "
           f"{dtype_report['dtype']} ({dtype_report['reason']}).", "",
           "| step | s | tokens/s | GFLOP/s | of GEMM rate | vs transformers |", "|---|---:|---:|---:|---:|---:|"]
