@@ -241,7 +241,8 @@ def main() -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1))
     md = [f"Training step fwd+bwd, `{args.preset}` {args.batch}x{args.seq}, {torch.get_num_threads()} threads, "
           f"load average (1 min) {load_at_start[0]:.1f} at start, {load[0]:.1f} at end. Model FLOPs "
-          f"{flops['per_token'] / 1e6:.1f} M/token ({step_flops / 1e9:.1f} GFLOP/step). fp32 GEMM rate {gemm_rate:.0f} GFLOP/s "
+          f"{flops['per_token'] / 1e6:.1f} M/token ({step_flops / 1e9:.1f} GFLOP/step). fp32 GEMM rate "
+          f"{gemm_rate:.0f} GFLOP/s "
           f"(" + ", ".join(f"{k} {medians['gemm_fp32_' + k]:.0f}" for k in gemms) + "). Compute dtype chosen: "
           f"{dtype_report['dtype']} ({dtype_report['reason']}).", "",
           "| step | s | tokens/s | GFLOP/s | of GEMM rate | vs transformers |", "|---|---:|---:|---:|---:|---:|"]
