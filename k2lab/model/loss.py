@@ -75,8 +75,8 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     h [..., D] hidden states, weight [V, D] (the lm_head), targets [...] token ids; mask [...] (true/1 = counts)
     and targets == ignore_index leave a token out. Returns (loss, token_losses): loss = the sum of the counted
     tokens' losses / normalizer (default: their number, i.e. the mean; a training loop that averages over several
-    micro-batches passes the step's token count), differentiable w.r.t. h and weight; token_losses [...] fp32,
-    detached, 0 where a token does not count.
+    micro-batches passes the step's token count; 0 when no token counts), differentiable w.r.t. h and weight;
+    token_losses [...] fp32, detached, 0 where a token does not count.
     """
     if h.shape[:-1] != targets.shape or (mask is not None and mask.shape != targets.shape):
         raise ValueError(f"hidden states {tuple(h.shape)}, targets {tuple(targets.shape)} and mask "
