@@ -30,7 +30,7 @@ from k2lab.config import ModelConfig  # noqa: E402
 from k2lab.model import Experts, K2ForCausalLM  # noqa: E402
 from k2lab.quant import int4  # noqa: E402
 from k2lab.quant.experts import Int4Experts  # noqa: E402
-from k2lab.quant.qat import quantize  # noqa: E402
+from k2lab.train.qat import quantize  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "int4.json"
 

@@ -1,9 +1,13 @@
 """k2lab vs transformers on the same config and weights, on this machine: training step, prefill and decode
 throughput, and cache bytes per token. Runs alternate between the two implementations (so load from elsewhere hits both alike) and report medians.
+Also the cost of determinism: k2lab's training step with its deterministic MoE combine (permutations plus a sum
+over the k choices) against the scatter-add (index_add_) combine it replaced, and whether each gives bitwise
+identical gradients when a step is repeated at the default thread count.
 
-    python bench/model.py [--preset tiny] [--repeats 5] [--quick]
+    python bench/model.py [--preset tiny] [--repeats 5] [--quick] [--determinism-only]
 
-Writes bench/results/model.json and bench/results/model.md (the table the README shows).
+Writes bench/results/model.json and bench/results/model.md (the table the README shows), and
+bench/results/model_determinism.json.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import torch.nn.functional as F
 
 import k2lab
 from k2lab.config import ModelConfig
-from k2lab.model import K2ForCausalLM
+from k2lab.model import Experts, K2ForCausalLM
+from k2lab.runs import write_json
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -52,6 +57,50 @@ def train_step(forward, params, ids):
         logits = forward(ids[:, :-1])
         F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).backward()
     return step
+
+
+def scatter_add_combine(self, x, idx, weight):
+    """The MoE combine k2lab used before (the reference): gather by index, then index_add_ into the tokens,
+    whose backward adds repeated indices in a thread-dependent order."""
+    flat = idx.flatten()
+    order = flat.argsort(stable=True)
+    token = order // idx.shape[1]
+    y = self.grouped_ffn(x[token], torch.bincount(flat, minlength=self.n_experts))
+    y = y * weight.flatten()[order, None].to(y.dtype)
+    return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+
+def determinism_cost(config: ModelConfig, batch: int, seq: int, repeats: int) -> dict:
+    """Training step (fwd+bwd) with the deterministic combine vs the scatter-add one, alternating; medians."""
+    torch.manual_seed(0)
+    model = K2ForCausalLM(config).train()
+    model.init_weights(seed=0)
+    ids = torch.randint(0, config.vocab_size, (batch, seq + 1))
+    step = train_step(model, list(model.parameters()), ids)
+    deterministic = Experts.forward
+
+    def with_combine(forward):
+        def run():
+            Experts.forward = forward
+            try:
+                return clock(step)()
+            finally:
+                Experts.forward = deterministic
+        return run
+
+    def reproducible(forward) -> bool:
+        grads = []
+        for _ in range(3):
+            with_combine(forward)()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        return all(torch.equal(a, b) for g in grads[1:] for a, b in zip(grads[0], g))
+
+    t_det, t_prev = paired(with_combine(deterministic), with_combine(scatter_add_combine), repeats)
+    return {"train_step_s_deterministic": t_det, "train_step_s_scatter_add": t_prev,
+            "deterministic_over_scatter_add_time": t_det / t_prev,
+            "bitwise_reproducible_deterministic": reproducible(deterministic),
+            "bitwise_reproducible_scatter_add": reproducible(scatter_add_combine),
+            "batch": batch, "seq_len": seq, "threads": torch.get_num_threads(), "repeats": repeats}
 
 
 def k2_decode(model, batch, context, steps):
@@ -94,7 +143,14 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke run")
+    parser.add_argument("--determinism-only", action="store_true", help="only the MoE combine comparison")
     args = parser.parse_args()
+    batch, seq = (2, 128) if args.quick else (8, 512)
+    cost = determinism_cost(ModelConfig.preset(args.preset), batch, seq, args.repeats)
+    write_json(RESULTS / "model_determinism.json", {"preset": args.preset, "torch": torch.__version__, **cost})
+    print(json.dumps(cost, indent=1), flush=True)
+    if args.determinism_only:
+        return
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -103,7 +159,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         k2lab.save_model(model, tmp)
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
-    batch, seq = (2, 128) if args.quick else (8, 512)
     steps = 16 if args.quick else 64
     contexts = [128, 512] if args.quick else [128, 2048]
     rows = []

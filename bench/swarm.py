@@ -58,11 +58,11 @@ async def run_k2lab(base_url: str, agents: int, tool_calls: int) -> dict:
     limits = SwarmLimits(max_subagents=agents, max_tool_calls=tool_calls, max_concurrency=agents)
     with tempfile.TemporaryDirectory() as run_dir:
         t0, c0 = time.perf_counter(), time.process_time()
-        res = await Swarm(llm, Path(run_dir), lambda name: [lookup], limits).run("sum all entries")
+        res = await Swarm(llm, lambda run_dir, name: [lookup], limits).run("sum all entries", Path(run_dir))
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     await llm.aclose()
-    return {"output": res.output, "wall_s": wall, "cpu_s": cpu, "tool_calls": res.metrics["tool_calls"],
-            "model_calls": res.metrics["model_calls"], "critical_steps": res.metrics["critical_steps"]}
+    return {"output": res.output, "wall_s": wall, "cpu_s": cpu, "tool_calls": res.metrics.tool_calls,
+            "model_calls": res.metrics.model_calls, "critical_steps": res.metrics.critical_steps}
 
 
 async def run_openai_agents(base_url: str, agents: int) -> dict:

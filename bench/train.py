@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from k2lab.config import ModelConfig
 from k2lab.model import K2ForCausalLM
 from k2lab.optim.muon import build_optimizer
+from k2lab.runs import write_json
 from k2lab.train.data import build_dataset, embedded_corpus
 from k2lab.train.metrics import read_metrics
 
@@ -92,8 +93,7 @@ def main() -> None:
     torch.set_num_threads(1)  # 2 threads on these 2 shared cores contend with other jobs (~15x slower)
     results = {"tiny": optimizer_bench("tiny", 8, 128, 5), "small": optimizer_bench("small", 2, 128, 3),
                "gloo_tiny": gloo_bench(), "note": "2 shared CPU cores, fp32; medians; noisy absolute numbers"}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=1))
+    write_json(OUT, results)
     print(json.dumps(results, indent=1))
 
 

@@ -3,7 +3,7 @@
 Claim under test (K2-Thinking): weight-only QAT recovers nearly all of what post-training quantization loses,
 and long generations are where PTQ fails.
 
-1. Train `tiny` in full precision (FP) with AdamW (k2lab.quant.qat.train, the loop `k2lab qat` runs) on random
+1. Train `tiny` in full precision (FP) with AdamW (k2lab.train.loop.train, the loop `k2lab qat` runs) on random
    byte windows of the Python stdlib's top-level source files (vocab cut to 512: the data are bytes).
 2. From FP: (a) PTQ -> INT4; (b) QAT for a short budget -> INT4; (c) the same budget without fake quantization
    (FP+, a control for "QAT just trained longer"), and its PTQ.
@@ -36,7 +36,10 @@ import k2lab  # noqa: E402
 from k2lab.config import ModelConfig  # noqa: E402
 from k2lab.model import K2ForCausalLM  # noqa: E402
 from k2lab.quant.checkpoint import quantize_experts_  # noqa: E402
-from k2lab.quant.qat import enable_qat_, lm_loss, train  # noqa: E402
+from k2lab.quant.qat import enable_qat_  # noqa: E402
+from k2lab.train.loop import token_losses, train  # noqa: E402
+from k2lab.train.metrics import read_metrics  # noqa: E402
+from k2lab.train.settings import TrainSettings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -68,7 +71,8 @@ def windows(data: torch.Tensor, args, seed: int):
 @torch.no_grad()
 def val_loss(model, data: torch.Tensor, batches: int = 8, batch: int = 8, seq_len: int = 256) -> float:
     gen = torch.Generator().manual_seed(1234)  # the same held-out windows for every model
-    return sum(lm_loss(model, sample_batch(data, batch, seq_len, gen)).item() for _ in range(batches)) / batches
+    return sum(token_losses(model, sample_batch(data, batch, seq_len, gen)).mean().item()
+               for _ in range(batches)) / batches
 
 
 def tiny_bytes() -> ModelConfig:
@@ -129,26 +133,31 @@ def main() -> None:
     fp = K2ForCausalLM(tiny_bytes())
     fp.init_weights(seed=0)
     curves = {}
+    runs_tmp = tempfile.TemporaryDirectory(prefix="int4_qat_runs.")  # the runs' checkpoints and metrics
+    runs = Path(runs_tmp.name)
 
-    def logger(name):
-        curves[name] = []
-        return lambda step, loss: curves[name].append((step, loss))
+    def fit(name, model, steps, lr, seed, loss_fn=token_losses, schedule="wsd"):
+        """The project's training loop (AdamW, default warm-up) on `model` in place; its loss curve is kept."""
+        s = TrainSettings(batch_size=args.batch, max_steps=steps, schedule=schedule, lr=lr, optimizer="adamw",
+                          eval_every=steps)
+        batches = windows(train_data, args, seed)
+        train(s, runs / name, lambda: model, lambda step: {"tokens": batches(step)}, loss_fn=loss_fn, desc=name)
+        curves[name] = [(r["step"], r["loss"]) for r in read_metrics(runs / name)]
 
-    train(fp, args.base_steps, args.lr, windows(train_data, args, 0), log=logger("fp"), desc="fp", cosine=True)
+    fit("fp", fp, args.base_steps, args.lr, 0, schedule="cosine")
     fp.requires_grad_(False)
 
-    def distill(student, tokens):  # KL(FP teacher || student) over next-byte distributions
+    def distill(student, tokens):  # KL(FP teacher || student) per next-byte position: [B, T]
         with torch.no_grad():
             teacher = F.log_softmax(fp(tokens[:, :-1]).float(), -1)
         student_logp = F.log_softmax(student(tokens[:, :-1]).float(), -1)
-        return F.kl_div(student_logp.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
+        return (teacher.exp() * (teacher - student_logp)).sum(-1)
 
     continued = {}
-    for name, qat_on, loss_fn in [("qat", True, lm_loss), ("qat-kd", True, distill), ("fp+", False, lm_loss)]:
+    for name, qat_on, loss_fn in [("qat", True, token_losses), ("qat-kd", True, distill), ("fp+", False, token_losses)]:
         model = copy.deepcopy(fp).requires_grad_(True)
         model = enable_qat_(model) if qat_on else model
-        train(model, args.qat_steps, args.qat_lr, windows(train_data, args, 1), log=logger(name), desc=name,
-              loss_fn=loss_fn)
+        fit(name, model, args.qat_steps, args.qat_lr, 1, loss_fn=loss_fn)
         continued[name] = model
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -17,6 +17,10 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
+class ConfigError(ValueError):
+    """A preset name or config.json that k2lab cannot use; the message names it."""
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 163840
@@ -69,7 +73,7 @@ class ModelConfig:
         if self.rope_scaling is not None and self.rope_scaling.get("type", "yarn") != "yarn":
             problems.append(f"only YaRN rope scaling is supported, got {self.rope_scaling!r}")
         if problems:
-            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+            raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
 
     # ---- derived sizes -------------------------------------------------------------------------------------
     @property
@@ -96,7 +100,7 @@ class ModelConfig:
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**PRESETS[name])
 
     # ---- config.json ---------------------------------------------------------------------------------------
@@ -106,7 +110,7 @@ class ModelConfig:
         wrapper = None
         if d.get("model_type") == "kimi_k25" or "text_config" in d:
             if "text_config" not in d:
-                raise ValueError("kimi_k25 config.json has no text_config")
+                raise ConfigError("kimi_k25 config.json has no text_config")
             wrapper = {k: v for k, v in d.items() if k not in ("text_config", "model_type")}
             d = d["text_config"]
         d = dict(d)
@@ -172,9 +176,9 @@ class ModelConfig:
         try:
             return cls.from_dict(json.loads(file.read_text()))
         except FileNotFoundError:
-            raise FileNotFoundError(f"no config.json at {file}") from None
+            raise FileNotFoundError(f"no config.json at {file}; is {path} a checkpoint directory?") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{file} is not valid JSON: {e}") from None
+            raise ConfigError(f"{file} is not valid JSON ({e}); is {path} a checkpoint directory?") from None
 
     def as_wrapper(self, vision_config: dict | None = None) -> "ModelConfig":
         """The same text model inside a K2.5/K2.6 `kimi_k25` multimodal wrapper config."""

@@ -31,8 +31,8 @@ def _quality(fp_dir: Path, int4_dir: Path, val_file: Path, new_tokens: int) -> d
     import k2lab
     from k2lab.model import MoE
     from k2lab.quant.checkpoint import has_int4_experts
-    from k2lab.quant.qat import evaluate
     from k2lab.train.data import PackedRows
+    from k2lab.train.loop import evaluate
 
     rows = PackedRows(val_file, seed=0).rows[:32]  # the held-out rows pre-training validates on
     fp, q = k2lab.load_model(fp_dir, dtype=torch.float32), k2lab.load_model(int4_dir)
@@ -49,14 +49,15 @@ def _quality(fp_dir: Path, int4_dir: Path, val_file: Path, new_tokens: int) -> d
                    for t in [*block.mlp.experts.parameters(), *block.mlp.experts.buffers()]]
         return sum(t.numel() * (bytes_per_value or t.element_size()) for t in tensors)
 
-    return {"val_loss_full_precision": evaluate(fp, rows), "val_loss_int4": evaluate(q, rows),
+    return {"val_loss_full_precision": evaluate(fp, {"tokens": rows}, 8),
+            "val_loss_int4": evaluate(q, {"tokens": rows}, 8),
             "greedy_agreement": same.mean().item(), "tokens_until_first_difference": first_diff,
             "expert_bytes_int4_over_bf16": expert_bytes(q) / expert_bytes(fp, 2)}
 
 
 def _serve_and_evaluate(int4_dir: Path, run_dir: Path) -> dict:
     from k2lab.agents.llm import LLM
-    from k2lab.evals.toolcall import SEED_DATASET, run_toolcalls
+    from k2lab.evals.toolcall import ToolcallSettings, run_toolcalls
     from k2lab.serve.server import build_server, serve_in_thread
 
     server = build_server(int4_dir, max_len=1024, cache_mb=64, max_slots=16, model_name="k2lab-tiny-int4")
@@ -67,7 +68,9 @@ def _serve_and_evaluate(int4_dir: Path, run_dir: Path) -> dict:
             llm = LLM(base_url=base_url, api_key="none", model="k2lab-tiny-int4", max_concurrency=8)
             try:
                 eval_dir = run_dir / "eval_toolcalls"  # a rerun resumes it: only failed requests are re-sent
-                results = await run_toolcalls(SEED_DATASET, llm, eval_dir, resume=eval_dir.exists(), on_error="skip")
+                # 256 new tokens: the server holds 1,024 per request and the longest shipped prompt is ~650
+                results = await run_toolcalls(llm, ToolcallSettings(run_dir=str(eval_dir), resume=eval_dir.exists(),
+                                                                    on_error="skip", max_tokens=256))
                 chat = await llm.chat([{"role": "user", "content": "Write a Python function that adds two numbers."}],
                                       max_tokens=48, temperature=0.0)
                 return {"toolcalls": results, "chat_reply": chat.message.get("content"), "usage": vars(llm.usage)}
@@ -77,7 +80,7 @@ def _serve_and_evaluate(int4_dir: Path, run_dir: Path) -> dict:
 
 
 def run_demo(run_dir: str | Path = "runs/demo", steps: int = 300) -> Path:
-    from k2lab.quant.qat import quantize
+    from k2lab.train.qat import quantize
     from k2lab.report import generate_text
     from k2lab.train.checkpoint import checkpoint_dirs
     from k2lab.train.pretrain import PretrainSettings, pretrain

@@ -1,11 +1,14 @@
-"""What the `info` and `generate` commands print: model sizes from a meta-device build, and text generation."""
+"""What the `info`, `generate` and `quantize` commands print: model sizes from a meta-device build, generated text,
+and what quantization did."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+import typer
 
+from k2lab.checkpoint import CheckpointError
 from k2lab.config import ModelConfig
 
 
@@ -39,26 +42,39 @@ def model_info(preset: str | None = None, checkpoint: str | Path | None = None) 
 
 def generate_text(checkpoint: str | Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> str:
+    """The continuation's text; for `prompt_ids`, its ids on the first line, then the text when the checkpoint
+    has a tokenizer."""
     import k2lab
+    from k2lab.tokenizer import Tokenizer
 
     model = k2lab.load_model(checkpoint, dtype=torch.float32, text_only=True)
-    tokenizer = None
+    tokenizer = Tokenizer.load(checkpoint) if (Path(checkpoint) / "tiktoken.model").exists() else None
     if prompt is not None:
-        from k2lab.tokenizer import Tokenizer
-
-        if not (Path(checkpoint) / "tiktoken.model").exists():
-            raise ValueError(f"{checkpoint} has no tiktoken.model; pass --prompt-ids instead of --prompt")
-        tokenizer = Tokenizer.load(checkpoint)
+        if tokenizer is None:
+            raise CheckpointError(f"{checkpoint} has no tiktoken.model; pass --prompt-ids instead of --prompt")
         ids = tokenizer.encode(prompt)
     else:
         try:
             ids = [int(x) for x in prompt_ids.split(",") if x.strip()]
         except ValueError:
-            raise ValueError(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}") from None
+            raise typer.BadParameter(f"--prompt-ids must be comma-separated integers, got {prompt_ids!r}") from None
     if not ids or not all(0 <= i < model.config.vocab_size for i in ids):
-        raise ValueError(f"prompt ids must be non-empty and in [0, {model.config.vocab_size})")
+        raise typer.BadParameter(f"prompt ids must be non-empty and in [0, {model.config.vocab_size})")
     out = model.generate(torch.tensor([ids]), max_new_tokens, temperature, top_p, seed,
                          eos_token_id=model.config.eos_token_id)[0, len(ids):].tolist()
-    if tokenizer is None:
-        return ",".join(map(str, out))
-    return tokenizer.decode(out)
+    if prompt is not None:
+        return tokenizer.decode(out)
+    return ",".join(map(str, out)) + (f"\n{tokenizer.decode(out)}" if tokenizer else "")
+
+
+def quantize_summary(checkpoint: str | Path, out: str | Path) -> str:
+    """`k2lab quantize`: PTQ of the routed experts, then what was written and how big it is against the input."""
+    from k2lab.train.qat import quantize
+
+    def size(d: Path) -> int:
+        return sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
+
+    quantize(checkpoint, out)
+    before, after = size(checkpoint), size(out)
+    return (f"INT4 routed experts (compressed-tensors pack-quantized, group 32) -> {out}\n"
+            f"weights {before:,} -> {after:,} bytes ({after / before:.2f}x of {checkpoint})")

@@ -149,11 +149,12 @@ def rewrite_jsonl(path: str | Path, records: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def claim(run_dir: str | Path, identity: dict, kind: str) -> Path:
+def claim(run_dir: str | Path, identity: dict, kind: str, inputs: tuple[str, ...] = ()) -> Path:
     """Make `run_dir` this run's directory: new -> write run.json; existing -> same kind and identity, or refuse.
 
     `identity` holds every setting that makes two runs the same run (not run control such as save intervals).
-    JSON round-trips it first so tuples and lists compare equal.
+    JSON round-trips it first so tuples and lists compare equal. `inputs`: entries a new run directory may
+    already hold because the caller prepared them (pre-training's packed `data` and `tokenizer`).
     """
     run_dir = Path(run_dir)
     identity = json.loads(json.dumps(identity))
@@ -172,7 +173,8 @@ def claim(run_dir: str | Path, identity: dict, kind: str) -> Path:
             raise RunDirError(f"{run_dir} holds a {kind} run with other settings ({shown}{more}); "
                               f"use another --run-dir or the same settings")
         return run_dir
-    if run_dir.exists() and any(p.name not in ("run.json",) and not p.name.startswith(".") for p in run_dir.iterdir()):
+    if run_dir.exists() and any(p.name not in ("run.json", *inputs) and not p.name.startswith(".")
+                                for p in run_dir.iterdir()):
         raise RunDirError(f"{run_dir} is not empty and is not a k2lab {kind} run (no run.json); "
                           f"use an empty or new --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -74,7 +74,8 @@ def run_closing(coro, *llms: LLM):
 def run_calibration(srv: ScriptedServer, dataset: Path, run_dir: Path, judges: list[str], **kw) -> dict:
     model = LLM(base_url=srv.base_url, api_key="test", model="answerer", max_retries=0)
     js = [Judge(LLM(base_url=srv.base_url, api_key="test", model=j, max_retries=0)) for j in judges]
-    return run_closing(calibration.run_calibration(dataset, model, js, run_dir, **kw), model, *[j.llm for j in js])
+    settings = calibration.CalibrationSettings(dataset=str(dataset), run_dir=str(run_dir), **kw)
+    return run_closing(calibration.run_calibration(model, js, settings), model, *[j.llm for j in js])
 
 
 def graded_run(tmp_path: Path, letters: dict[str, str], judges: dict[str, dict[str, str]] | None = None,

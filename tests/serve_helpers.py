@@ -52,7 +52,7 @@ class ScriptedModel(torch.nn.Module):
     def __init__(self, config, script: list[int], delay: float = 0.0):
         super().__init__()
         self.config, self.script, self.delay = config, script, delay
-        self.lm_head = torch.nn.Linear(1, 1, bias=False)
+        self.device, self.dtype = torch.device("cpu"), torch.float32  # the engine's model interface
         self.prompt_len = 0
 
     def new_cache(self, slots, max_len, dtype=None):
@@ -66,7 +66,7 @@ class ScriptedModel(torch.nn.Module):
         logits = torch.zeros(bsz, t, self.config.vocab_size)
         for b in range(bsz):
             k = int(positions[b, -1]) - self.prompt_len + 1  # how many tokens were generated before this one
-            logits[b, -1, self.script[min(k, len(self.script) - 1)]] = 1.0
+            logits[b, -1, self.script[min(k, len(self.script) - 1)]] = 100.0  # chosen at any temperature
         return logits
 
 

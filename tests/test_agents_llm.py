@@ -106,3 +106,25 @@ def test_rate_limits_shrink_concurrency_then_ramp_up():
     assert all(isinstance(e, openai.RateLimitError) for e in failed)
     assert low == 1.0  # halved on each of the 8 rate limits, floored at 1
     assert high == 32  # one more per success, capped
+
+
+def test_a_refused_connection_fails_fast_and_says_so():
+    """Nothing listens on the port: the client must not spend its retries (seconds of backoff) on it, and must
+    say "connection refused" (the openai client itself reports a connect timeout)."""
+    import socket
+    import time
+
+    from k2lab.agents.llm import EndpointError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    llm = LLM(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", model="m", max_retries=6, backoff=(1.0, 20.0))
+
+    async def go():
+        async with llm:
+            await llm.chat([{"role": "user", "content": "hi"}])
+    t0 = time.perf_counter()
+    with pytest.raises(EndpointError, match=f"127.0.0.1:{port}/v1: connection refused"):
+        asyncio.run(go())
+    assert time.perf_counter() - t0 < 3  # six retries with this backoff wait about 25 s on average

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from k2lab.serve.engine import Engine, EngineError
-from k2lab.serve.sampling import SamplingParams, choose
+from k2lab.model import sample
+from k2lab.serve.sampling import SamplingParams
 from tests.conftest import random_model, tiny_config
 
 EOS = 257
@@ -108,20 +109,42 @@ def test_sampling_options(model):
         engine.generate(p, greedy(16)).output
 
 
-def test_choose_penalties_topk_mask():
-    logits = torch.tensor([3.0, 2.9, 0.0, -1.0])
-    counts = torch.tensor([2.0, 0.0, 0.0, 0.0])
+def test_sampler_penalties_topk_mask():
+    """The shared batched sampler: penalties, grammar mask and top-k, each row with its own settings."""
+    logits = torch.tensor([3.0, 2.9, 0.0, -1.0]).expand(4, 4)
+    counts = torch.tensor([2.0, 0.0, 0.0, 0.0]).expand(4, 4)
+    # row 0 plain, row 1 frequency 0.1 (3.0 - 0.2 < 2.9), row 2 presence 0.2, row 3 plain
+    tokens, logp = sample(logits, 0.0, counts=counts, frequency_penalty=torch.tensor([0.0, 0.1, 0.0, 0.0]),
+                          presence_penalty=torch.tensor([0.0, 0.0, 0.2, 0.0]))
+    assert tokens.tolist() == [0, 1, 1, 0] and logp.tolist() == [0.0] * 4
+    allowed = torch.tensor([False, False, True, True]).expand(4, 4)
+    assert sample(logits, 0.0, allowed=allowed)[0].tolist() == [2] * 4
     g = torch.Generator().manual_seed(0)
-    assert choose(logits, SamplingParams(temperature=0.0), counts, None, g) == 0
-    # 3.0 - 0.1*2 (frequency) < 2.9; presence alone: 3.0 - 0.2 < 2.9
-    assert choose(logits, SamplingParams(temperature=0.0, frequency_penalty=0.1), counts, None, g) == 1
-    assert choose(logits, SamplingParams(temperature=0.0, presence_penalty=0.2), counts, None, g) == 1
-    allowed = torch.tensor([False, False, True, True])
-    assert choose(logits, SamplingParams(temperature=0.0), None, allowed, g) == 2
-    draws = {choose(logits, SamplingParams(temperature=2.0, top_k=2), None, None, g) for _ in range(200)}
-    assert draws == {0, 1}
+    top_k = torch.tensor([2, 0])
+    draws = [sample(logits[:2], 2.0, top_k=top_k, uniform=torch.rand(2, generator=g))[0] for _ in range(300)]
+    assert {int(d[0]) for d in draws} == {0, 1} and {int(d[1]) for d in draws} == {0, 1, 2, 3}
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+def test_sampler_draws_the_stated_distribution():
+    """Inverse-CDF draws follow softmax(logits / T) restricted to the nucleus, and the returned log-probability
+    is that of the renormalized distribution actually sampled from."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(20000, 4)
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(1))
+    tokens, logp = sample(logits, 1.0, top_p=0.7, uniform=u)
+    kept = torch.tensor([0.5, 0.3]) / 0.8
+    freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert freq[2:].sum() == 0 and (freq[:2] - kept).abs().max() < 0.015
+    assert torch.allclose(logp, kept.log()[tokens])
+    tokens, logp = sample(logits, 0.5, uniform=u)
+    sharp = torch.tensor([0.5, 0.3, 0.15, 0.05]) ** 2
+    sharp /= sharp.sum()
+    assert torch.allclose(logp, sharp.log()[tokens], atol=1e-6)
+    assert (torch.bincount(tokens, minlength=4).float() / len(tokens) - sharp).abs().max() < 0.015
+    # a draw at the very top of the CDF never lands on an id that was cut
+    token, logp = sample(torch.tensor([[3.0, 2.0, 1.0, 0.0]]), 1.0, top_k=2, uniform=torch.tensor([1.0]))
+    assert token.item() in (0, 1) and torch.isfinite(logp).all()
 
 
 def test_logprobs_are_the_model_distribution(model):

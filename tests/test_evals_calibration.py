@@ -13,7 +13,9 @@ import pytest
 
 from tests.evals_helpers import CalibrationScript, graded_run, rows_for, run_calibration, write_jsonl
 from k2lab.evals import calibration
+from k2lab.evals.judge import JudgeError
 from k2lab.evals.store import DatasetError
+from k2lab.runs import RunDirError
 from k2lab.testing.scripted_server import ScriptedServer
 
 LETTERS = {"q1": "A", "q2": "A", "q3": "B", "q4": "D", "q5": "C", "q6": "B"}
@@ -92,7 +94,7 @@ def test_resume_does_not_re_ask_answered_items(tmp_path):
     first = CalibrationScript(replies, fail={"q2", "q4"})  # the endpoint fails on two questions
     with ScriptedServer(first) as srv:
         r1 = run_calibration(srv, dataset, tmp_path / "run", ["j1"])
-        with pytest.raises(FileExistsError, match="resume"):
+        with pytest.raises(RunDirError, match="resume"):
             run_calibration(srv, dataset, tmp_path / "run", ["j1"])
     assert {u["id"] for u in r1["unanswered"]} == {"q2", "q4"} and r1["overall"]["total"] == 2
     # a crash while writing leaves a torn last line; it must not break the resumed run
@@ -166,3 +168,23 @@ def test_shipped_seed_dataset_facts_hold_in_this_python():
             except ImportError:  # a local name of the expression, not a module
                 pass
         assert eval(row["check"], env), f"{row['id']}: {row['check']}"  # the gold answer holds here
+
+
+def test_a_judge_whose_context_is_too_short_stops_the_run_with_a_clear_error(tmp_path):
+    """The scripted endpoint refuses the judge's prompt the way k2lab's server and vLLM do (HTTP 400, "maximum
+    context length"); the run stops at the first grade, before the other items are sent, instead of logging the
+    same error for every item."""
+    dataset = write_jsonl(tmp_path / "d.jsonl", rows_for({"q1": "A", "q2": "B"}))
+    answers = CalibrationScript({})
+
+    def reply(req):
+        if req.system.startswith("You are answering a question"):
+            return answers(req)
+        raise RuntimeError("This model's maximum context length is 256 tokens; the prompt has 700 tokens.")
+
+    with ScriptedServer(reply) as srv:
+        with pytest.raises(JudgeError, match="judge j1: the grading prompt .* does not fit"):
+            run_calibration(srv, dataset, tmp_path / "run", ["j1"])
+    assert not (tmp_path / "run" / "errors.jsonl").exists()
+    assert answers.asked == {"q1": 1}  # the first item alone, then the stop; its answer is kept for --resume
+    assert len((tmp_path / "run" / "answers.jsonl").read_text().splitlines()) == 1

@@ -24,7 +24,7 @@ def test_eval_calibration_cli_uses_k2lab_env(tmp_path, monkeypatch):
         out = CliRunner().invoke(app, args)
         assert out.exit_code == 0, out.output
         again = CliRunner().invoke(app, args)  # the same run dir without --resume is refused
-        assert again.exit_code != 0 and "resume" in str(again.exception)
+        assert again.exit_code == 1 and "--resume" in again.output and again.exception.code == 1
         assert CliRunner().invoke(app, args + ["--resume"]).exit_code == 0
     assert sum(script.asked.values()) == 3  # --resume asked nothing again
     r = json.loads((tmp_path / "run" / "results.json").read_text())

@@ -42,7 +42,8 @@ class Script:
 
 def run(srv, dataset, run_dir, **kw):
     llm = LLM(base_url=srv.base_url, api_key="test", model="coder", max_retries=0)
-    return run_closing(coding.run_coding(dataset, llm, run_dir, limits=FAST, **kw), llm)
+    settings = coding.CodingSettings(dataset=str(dataset), run_dir=str(run_dir), limits=FAST, **kw)
+    return run_closing(coding.run_coding(llm, settings), llm)
 
 
 def test_pass_at_k_from_sandboxed_samples(tmp_path):
@@ -82,7 +83,7 @@ def test_resume_keeps_finished_samples(tmp_path):
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="every k in 1..n"):
-        asyncio.run(coding.run_coding(coding.SEED_DATASET, None, tmp_path, n=2, ks=(3,)))
+        coding.CodingSettings(n=2, ks=(3,))
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"id": "a", "prompt": "p"}) + "\n")
     with pytest.raises(ValueError, match="p.jsonl:1: missing field 'tests'"):

@@ -105,11 +105,13 @@ def test_compare_graders_agreement_and_kappa(tmp_path):
 
 
 def test_grader_and_judge_models_must_agree(tmp_path):
+    base = dict(model="m", base_url="http://127.0.0.1:9/v1", run_dir=str(tmp_path), concurrency=1)
     with pytest.raises(ValueError, match="--grader rules"):
-        calibration.main(None, "m", [], "http://127.0.0.1:9/v1", None, None, tmp_path, "incorrect", False, "stop", 1)
+        calibration.main(calibration.CalibrationSettings(**base))
     with pytest.raises(ValueError, match="drop --judge-model"):
-        calibration.main(None, "m", ["j"], "http://127.0.0.1:9/v1", None, None, tmp_path, "incorrect", False, "stop", 1,
-                         "rules")
+        calibration.main(calibration.CalibrationSettings(judge_models=["j"], grader="rules", **base))
+    with pytest.raises(ValueError, match="--grader must be"):
+        calibration.CalibrationSettings(grader="vibes", **base)
 
 
 @given(st.text(max_size=80), st.sampled_from(["Paris", "42", "3.14", "os.makedirs", NX, "Grace Hopper"]))

@@ -13,6 +13,7 @@ from tests.evals_helpers import run_closing, write_jsonl
 from k2lab.agents.llm import LLM
 from k2lab.evals import toolcall
 from k2lab.evals.store import DatasetError
+from k2lab.runs import RunDirError
 from k2lab.testing.scripted_server import Faults, ScriptedServer
 
 SHIPPED = {r["id"]: r for r in toolcall.load_dataset(toolcall.SEED_DATASET).rows}
@@ -45,7 +46,11 @@ def handler(replies=REPLIES, fail=frozenset()):
 def run(srv, dataset, run_dir, **kw):
     llm = LLM(base_url=srv.base_url, api_key="test", model=kw.pop("model", "m"),
               max_retries=kw.pop("max_retries", 0), backoff=(0.01, 0.05))
-    return run_closing(toolcall.run_toolcalls(dataset, llm, run_dir, **kw), llm)
+    return run_closing(toolcall.run_toolcalls(llm, settings(dataset, run_dir, **kw)), llm)
+
+
+def settings(dataset, run_dir, **kw):
+    return toolcall.ToolcallSettings(dataset=str(dataset), run_dir=str(run_dir), **kw)
 
 
 @pytest.fixture
@@ -87,7 +92,7 @@ def test_incremental_mode_re_sends_only_failures(dataset, tmp_path):
     with ScriptedServer(handler()) as srv:
         run(srv, dataset, tmp_path / "run", resume=True)
         assert srv.stats.requests == 0
-        with pytest.raises(ValueError, match="holds a run of model 'm'; cannot resume it with 'other'"):
+        with pytest.raises(RunDirError, match="model: 'm' there, 'other' now"):
             run(srv, dataset, tmp_path / "run", resume=True, model="other")
 
 
@@ -96,7 +101,7 @@ def test_retries_and_bounded_concurrency(dataset, tmp_path):
     with ScriptedServer(handler(), latency=0.05, faults=faults) as srv:
         llm = LLM(base_url=srv.base_url, api_key="test", model="m", max_retries=8, backoff=(0.01, 0.05),
                   max_concurrency=2)
-        r = run_closing(toolcall.run_toolcalls(dataset, llm, tmp_path / "run"), llm)
+        r = run_closing(toolcall.run_toolcalls(llm, settings(dataset, tmp_path / "run")), llm)
         assert srv.stats.max_inflight <= 2
         assert sum(srv.stats.faults.values()) > 0
     check_hand_computed(r)

@@ -137,7 +137,7 @@ def test_generate_stops_rows_at_eos():
 def test_top_p_keeps_only_the_nucleus():
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
     gen = torch.Generator().manual_seed(0)
-    draws = {sample(logits, 1.0, 0.8, gen).item() for _ in range(200)}
+    draws = {sample(logits, 1.0, 0.8, uniform=torch.rand(1, generator=gen))[0].item() for _ in range(200)}
     assert draws == {0, 1}
 
 

@@ -61,12 +61,12 @@ def test_sequence_aux_loss_is_minimal_when_balanced():
 
 def test_sequence_aux_loss_on_the_real_router_reaches_the_gate_weights():
     from k2lab.model import K2ForCausalLM
-    from k2lab.train.pretrain import _RouterScores
+    from k2lab.train.loop import RouterScores
     from tests.conftest import tiny_config
 
     torch.manual_seed(0)
     model = K2ForCausalLM(tiny_config()).train()
-    hooks = _RouterScores(model)
+    hooks = RouterScores(model)
     ids = torch.randint(0, 500, (2, 16))
     model(ids)
     aux = hooks.loss(bsz=2, alpha=0.01)

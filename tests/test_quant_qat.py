@@ -12,7 +12,8 @@ from k2lab.cli import app
 from k2lab.quant import int4
 from k2lab.quant.checkpoint import quantize_experts_
 from k2lab.quant.experts import Int4Experts
-from k2lab.quant.qat import QATExperts, enable_qat_, lm_loss
+from k2lab.quant.qat import QATExperts, enable_qat_
+from k2lab.train.loop import token_losses
 from tests.conftest import random_model, tiny_config
 
 
@@ -33,7 +34,7 @@ def test_qat_forward_sees_int4_weights_and_gradients_pass_straight_through():
     assert {id(p) for p in model.parameters()} == params  # same parameter objects: optimizers keep working
     assert len(_experts(model, QATExperts)) == 2
     tokens = torch.randint(0, 256, (2, 17))
-    loss, ref_loss = lm_loss(model, tokens), lm_loss(reference, tokens)
+    loss, ref_loss = token_losses(model, tokens).mean(), token_losses(reference, tokens).mean()
     assert torch.equal(loss, ref_loss)
     loss.backward()
     ref_loss.backward()
@@ -83,4 +84,30 @@ def test_cli_qat_refuses_an_int4_checkpoint(fp_ckpt):
     runner.invoke(app, ["quantize", "--checkpoint", str(fp_ckpt / "fp"), "--out", str(fp_ckpt / "ptq")])
     res = runner.invoke(app, ["qat", "--checkpoint", str(fp_ckpt / "ptq"), "--run-dir", str(fp_ckpt / "r"),
                               "--max-steps", "1"])
-    assert res.exit_code != 0 and "already INT4" in str(res.exception)
+    assert res.exit_code == 1 and "already INT4" in res.output and "Traceback" not in res.output
+
+
+def test_pretrain_qat_mode_trains_through_int4_experts(tmp_path):
+    """`k2lab pretrain --qat`: the first logged loss is the loss of the initial model with its routed experts
+    replaced by their INT4 values (computed here by hand), and the checkpoint holds the full-precision latents."""
+    from k2lab.config import ModelConfig
+    from k2lab.model import K2ForCausalLM
+    from k2lab.train.checkpoint import checkpoint_dirs
+    from k2lab.train.data import PackedRows
+    from k2lab.train.pretrain import pretrain
+    from tests.test_pretrain import ByteTokenizer, settings
+
+    s = settings(tmp_path / "run", max_steps=1, warmup_steps=None, qat=True, grad_accum=1)
+    first = pretrain(s, tokenizer=ByteTokenizer())
+    torch.manual_seed(s.seed)
+    model = K2ForCausalLM(ModelConfig.preset(s.preset))
+    model.init_weights(seed=s.seed)
+    with torch.no_grad():
+        for ex in [m for m in model.modules() if type(m).__name__ == "Experts"]:
+            for p in ("gate_proj", "up_proj", "down_proj"):
+                getattr(ex, p).copy_(int4.fake_quantize(getattr(ex, p)))
+        rows = PackedRows(tmp_path / "run" / "data" / "train.npy", s.seed).batch(0, s.batch_size)
+        assert first["loss"] == pytest.approx(token_losses(model, rows).mean().item(), rel=1e-5)
+    saved = k2lab.load_model(checkpoint_dirs(tmp_path / "run")[-1])
+    w = saved.model.layers[1].mlp.experts.gate_proj
+    assert not torch.equal(w, int4.fake_quantize(w))  # latent weights, not the INT4 grid

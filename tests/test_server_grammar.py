@@ -39,7 +39,9 @@ def url():
 def run_all(url, requests):
     async def go():
         c = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0)
-        return await asyncio.gather(*(c.chat.completions.create(model="random", **r) for r in requests))
+        # thinking off: a random model would wander in its reasoning until max_tokens before any call
+        return await asyncio.gather(*(c.chat.completions.create(
+            model="random", extra_body={"chat_template_kwargs": {"thinking": False}}, **r) for r in requests))
     return asyncio.run(go())
 
 
@@ -86,3 +88,26 @@ def test_invalid_schema_is_a_400(url):
                                              "parameters": {"type": "object", "properties": {"a": {"type": 12}}}}}]
     with pytest.raises(openai.BadRequestError, match="invalid schema"):
         c.chat.completions.create(model="random", messages=[{"role": "user", "content": "x"}], tools=bad)
+
+
+def test_forced_calls_follow_the_schema_of_non_strict_tools(url):
+    """tool_choice required / named holds the arguments to the tool's schema even without strict (chat and
+    the Responses API)."""
+    loose = [{"type": "function", "function": {"name": t["function"]["name"], "parameters": t["function"]["parameters"]}}
+             for t in TOOLS]
+    msgs = [{"role": "user", "content": "Weather or search?"}]
+    out = run_all(url, [dict(messages=msgs, tools=loose, tool_choice="required", parallel_tool_calls=False,
+                             temperature=1.0, seed=i, max_tokens=200) for i in range(20)])
+    for r in out:
+        (call,) = r.choices[0].message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    for i in range(5):
+        resp = c.responses.create(model="random", input="Search.", temperature=1.0, max_output_tokens=200,
+                                  reasoning={"effort": "none"},  # no thinking: see run_all
+                                  tools=[{"type": "function", **t["function"]} for t in loose],
+                                  tool_choice={"type": "function", "name": "search"})
+        calls = [o for o in resp.output if o.type == "function_call"]
+        assert calls and all(o.name == "search" for o in calls)
+        for o in calls:
+            jsonschema.validate(json.loads(o.arguments), SEARCH)

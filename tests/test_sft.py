@@ -177,3 +177,24 @@ def test_bad_input_names_file_and_line(tmp_path, tok):
     bad_role = write_jsonl(tmp_path / "r.jsonl", [{"messages": [{"role": "robot", "content": "hi"}]}])
     with pytest.raises(ValueError, match=r"r.jsonl:1: messages\[0\]: role"):
         sft_batches([bad_role], tok, seq_len=64, batch_size=1)
+
+
+def test_turns_with_reasoning_are_trained_in_their_own_context(tok):
+    """K2.6 drops earlier turns' reasoning: a conversation with reasoning becomes one example per user turn, each
+    training only its trailing assistant turn, reasoning included, after the context the model saw then."""
+    from k2lab.tokenizer.chat import render
+    from k2lab.train.sft import render as render_examples, turns
+
+    messages = [{"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4", "reasoning_content": "add them"},
+                {"role": "user", "content": "times 3?"},
+                {"role": "assistant", "content": "12", "reasoning_content": "multiply"}]
+    assert [len(t) for t in turns(messages)] == [2, 4]
+    assert turns([{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages]) == \
+        [[{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages]]
+    (ids1, mask1), (ids2, mask2) = render_examples(tok, [{"messages": messages}])
+    assert [tok.decode(s) for s in spans(ids1, mask1)] == ["add them</think>4<|im_end|>"]
+    assert [tok.decode(s) for s in spans(ids2, mask2)] == ["multiply</think>12<|im_end|>"]
+    # the second example's context is what a server renders for that turn: earlier reasoning dropped
+    prompt = render(messages[:3], add_generation_prompt=True)
+    assert tok.decode(ids2).startswith(prompt) and "add them" not in tok.decode(ids2)

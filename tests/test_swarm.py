@@ -12,9 +12,10 @@ import time
 
 from k2lab.agents.agent import AgentLimits
 from k2lab.agents.llm import LLM
-from k2lab.agents.swarm import Swarm, SwarmLimits
+from k2lab.agents.swarm import ORCHESTRATOR_PROMPT, Swarm, SwarmLimits
 from k2lab.agents.tools import tool
-from k2lab.agents.trace import Journal, read_spans, render_tree
+from k2lab.agents.trace import read_spans, render_tree
+from k2lab.runs import read_jsonl
 from k2lab.testing.scripted_server import Faults, ScriptedServer
 from k2lab.testing.swarm_script import expected, handler, lookup, plan
 
@@ -22,7 +23,7 @@ from k2lab.testing.swarm_script import expected, handler, lookup, plan
 def run_swarm(srv, run_dir, tools, limits=SwarmLimits(), **llm_kw):
     async def go():
         async with LLM(base_url=srv.base_url, api_key="k", model="m", **llm_kw) as llm:
-            return await Swarm(llm, run_dir, lambda name: tools, limits).run("sum all entries")
+            return await Swarm(llm, lambda run_dir, name: tools, limits).run("sum all entries", run_dir)
     return asyncio.run(go())
 
 
@@ -35,13 +36,13 @@ def test_300_subagents_4000_tool_calls(tmp_path):
         wall = time.perf_counter() - t0
     m = res.metrics
     assert res.outcome == "completed" and res.output == f"total={total} completed=300/300"
-    assert m["subagents"] == 300 and m["subagent_outcomes"] == {"completed": 300}
-    assert m["tool_calls"] == 4000 and m["critical_steps"] == critical == 7
-    assert m["model_calls"] == 3 + sum(1 + i % 3 + 1 for i in range(300)) == srv.stats.requests
+    assert m.subagents == 300 and m.subagent_outcomes == {"completed": 300}
+    assert m.tool_calls == 4000 and m.critical_steps == critical == 7
+    assert m.model_calls == 3 + sum(1 + i % 3 + 1 for i in range(300)) == srv.stats.requests
     assert wall < 60
     spans = read_spans(tmp_path)
     assert sum(s["kind"] == "tool" for s in spans) == 4000 and sum(s["kind"] == "agent" for s in spans) == 301
-    assert sum(s.get("prompt_tokens", 0) + s.get("completion_tokens", 0) for s in spans) == m["tokens"]
+    assert sum(s.get("prompt_tokens", 0) + s.get("completion_tokens", 0) for s in spans) == m.tokens
     tree = render_tree(tmp_path)
     assert "agent orchestrator" in tree and "w299" in tree and "more" in tree
 
@@ -50,8 +51,8 @@ def test_critical_steps_follow_the_longest_subagent_of_each_stage(tmp_path):
     counts = plan(6, 40)  # workers 0..5 take 2, 3, 4, 2, 3, 4 steps
     with ScriptedServer(handler(counts)) as srv:
         res = run_swarm(srv, tmp_path, [lookup])
-    assert res.metrics["critical_steps"] == 1 + (1 + 4) + 1
-    assert res.metrics["model_calls"] == 3 + 2 + 3 + 4 + 2 + 3 + 4
+    assert res.metrics.critical_steps == 1 + (1 + 4) + 1
+    assert res.metrics.model_calls == 3 + 2 + 3 + 4 + 2 + 3 + 4
 
 
 def test_tool_call_limit_stops_the_swarm_cleanly(tmp_path):
@@ -59,20 +60,20 @@ def test_tool_call_limit_stops_the_swarm_cleanly(tmp_path):
     with ScriptedServer(handler(counts)) as srv:
         res = run_swarm(srv, tmp_path, [lookup], SwarmLimits(max_tool_calls=1000))
     m = res.metrics
-    assert m["tool_calls"] <= 1000 and res.outcome == "completed"
+    assert m.tool_calls <= 1000 and res.outcome == "completed"
     done = int(res.output.split("completed=")[1].split("/")[0])
-    assert 0 < done < 300 and m["subagent_outcomes"]["stopped"] == 300 - done
-    stopped = [e["summary"] for e in Journal.load(tmp_path / "journal.jsonl")
+    assert 0 < done < 300 and m.subagent_outcomes["stopped"] == 300 - done
+    stopped = [e["summary"] for e in read_jsonl(tmp_path / "journal.jsonl")
                if e["event"] == "subagent_done" and e["summary"]["outcome"] == "stopped"]
     assert all(s["reason"].startswith("tool call limit reached") for s in stopped)
-    assert m["subagents"] == 300
+    assert m.subagents == 300
 
 
 def test_subagent_limit_is_reported_to_the_orchestrator(tmp_path):
     counts = plan(12, 100)
     with ScriptedServer(handler(counts)) as srv:
         res = run_swarm(srv, tmp_path, [lookup], SwarmLimits(max_subagents=10))
-    assert res.metrics["subagents"] == 10 and res.outcome == "completed"
+    assert res.metrics.subagents == 10 and res.outcome == "completed"
     assert res.output.endswith("completed=10/10")
 
 
@@ -86,7 +87,7 @@ def test_twenty_percent_faults_still_complete_and_retries_are_traced(tmp_path):
     assert res.output == f"total={total} completed=40/40"
     assert all(injected[k] > 0 for k in ("429", "500", "timeout"))
     traced = sum(s.get("retries", 0) for s in read_spans(tmp_path) if s["kind"] == "model")
-    assert traced == res.metrics["retries"] == sum(injected.values())
+    assert traced == res.metrics.retries == sum(injected.values())
 
 
 def test_a_subagent_that_raises_or_hangs_fails_alone(tmp_path):
@@ -109,7 +110,7 @@ def test_a_subagent_that_raises_or_hangs_fails_alone(tmp_path):
         t0 = time.perf_counter()
         res = run_swarm(srv, tmp_path, [lookup, hang], limits)
     assert time.perf_counter() - t0 < 10
-    assert res.metrics["subagent_outcomes"] == {"completed": 6, "failed": 1, "timed_out": 1}
+    assert res.metrics.subagent_outcomes == {"completed": 6, "failed": 1, "timed_out": 1}
     assert res.output.endswith("completed=6/8")
 
 
@@ -151,7 +152,7 @@ def test_kill_9_then_resume_skips_completed_subagents(tmp_path):
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        done_before = {e["summary"]["agent"] for e in Journal.load(journal) if e["event"] == "subagent_done"}
+        done_before = {e["summary"]["agent"] for e in read_jsonl(journal) if e["event"] == "subagent_done"}
         assert 8 <= len(done_before) < KILL_WORKERS
         seen.clear()
         out = subprocess.run(cmd + ["--resume", str(run_dir), "--max-concurrency", "3"], env=env,
@@ -166,3 +167,29 @@ def test_kill_9_then_resume_skips_completed_subagents(tmp_path):
     assert result["metrics"]["tool_calls"] == 2 * KILL_WORKERS + 2 * KILL_WORKERS
     tree = subprocess.run(cmd[:-1] + ["trace", str(run_dir)], capture_output=True, text=True, timeout=60)
     assert tree.returncode == 0 and "agent orchestrator" in tree.stdout and "w29" in tree.stdout
+
+
+def test_two_swarms_at_once_keep_their_own_state(tmp_path):
+    """One Swarm, two overlapping runs on different tasks: each run's journal, metrics and answer are its own."""
+    plans = {"task a": plan(5, 40), "task b": plan(9, 60)}
+    scripts = {task: handler(counts) for task, counts in plans.items()}
+
+    def reply(req):  # orchestrators are told apart by their task; workers only need their own prompt
+        return scripts[req.user](req) if req.system == ORCHESTRATOR_PROMPT else scripts["task a"](req)
+
+    async def go(srv):
+        async with LLM(base_url=srv.base_url, api_key="k", model="m") as llm:
+            swarm = Swarm(llm, lambda run_dir, name: [lookup], SwarmLimits(max_tool_calls=80))
+            return await asyncio.gather(*(swarm.run(task, tmp_path / task.split()[1]) for task in plans))
+
+    with ScriptedServer(reply, latency=0.02) as srv:
+        results = asyncio.run(go(srv))
+    for (task, counts), res in zip(plans.items(), results):
+        total, critical = expected(counts)
+        assert res.output == f"total={total} completed={len(counts)}/{len(counts)}"
+        assert res.metrics.subagents == len(counts) and res.metrics.critical_steps == critical
+        assert res.metrics.tool_calls == sum(counts) + 2 * len(counts)  # each run has its own budget of 80
+        events = read_jsonl(res.run_dir / "journal.jsonl")
+        assert events[0] == {**events[0], "event": "start", "task": task}
+        assert sum(e["event"] == "subagent_done" for e in events) == len(counts)
+        assert sum(s["kind"] == "agent" for s in read_spans(res.run_dir)) == len(counts) + 1

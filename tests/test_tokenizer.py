@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from k2lab.data.corpus import corpus_files, iter_texts, read_corpus, stdlib_dir
 from k2lab.tokenizer import Tokenizer, train_tokenizer
-from k2lab.tokenizer.chat import CHAT_TEMPLATE
+from k2lab.tokenizer.chat import CHAT_TEMPLATE, K2_6, K2_INSTRUCT
+from k2lab.tokenizer.templates import K2_INSTRUCT_TEMPLATE
 from k2lab.tokenizer.tokenizer import MAX_ENCODE_CHARS, MAX_RUN_CHARS, _split_runs, default_special_names
 
 # REFERENCE.md section 7: the K2 special-token ids (vocab 163840).
@@ -84,7 +85,49 @@ def test_save_load_round_trip(tok, tmp_path):
     tok.save(tmp_path)
     again = Tokenizer.load(tmp_path)
     assert again.mergeable_ranks == tok.mergeable_ranks and again.special_tokens == tok.special_tokens
-    assert again.chat_template == CHAT_TEMPLATE
+    assert again.chat_template == CHAT_TEMPLATE and again.chat_format == K2_6
+    assert (tmp_path / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+
+
+def test_chat_format_is_recorded_and_inferred(tok, tmp_path):
+    Tokenizer(tok.mergeable_ranks, chat_format=K2_INSTRUCT).save(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert cfg["k2lab_chat_format"] == K2_INSTRUCT and cfg["chat_template"] == K2_INSTRUCT_TEMPLATE
+    assert Tokenizer.load(tmp_path).chat_format == K2_INSTRUCT
+    # Files k2lab did not write: Moonshot's K2.5/K2.6 template uses tools_ts_str; any other template is K2-Instruct.
+    for template, fmt in [("{{ tools_ts_str }}", K2_6), ("{{ messages }}", K2_INSTRUCT)]:
+        cfg.pop("k2lab_chat_format", None)
+        cfg["chat_template"] = template
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+        assert Tokenizer.load(tmp_path).chat_format == fmt
+    cfg["k2lab_chat_format"] = "k9"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="k2lab_chat_format: unknown chat format 'k9'"):
+        Tokenizer.load(tmp_path)
+
+
+NON_SPECIAL = ["<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
+               "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<think>", "</think>"]
+
+
+def test_tool_call_and_think_markers_survive_skip_special_tokens(tok, tok_dir):
+    """As in Moonshot's tokenizer_config: these markers are not special, so a client decoding with
+    skip_special_tokens (vLLM's default) still sees them; role markers are special and are skipped."""
+    from transformers import AutoTokenizer
+
+    cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    hf_json = json.loads((tok_dir / "tokenizer.json").read_text())
+    flags = {t["content"]: t["special"] for t in cfg["added_tokens_decoder"].values()}
+    assert flags == {t["content"]: t["special"] for t in hf_json["added_tokens"]}
+    assert [n for n, special in flags.items() if not special] == NON_SPECIAL
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = AutoTokenizer.from_pretrained(tok_dir)
+    text = ('<think>hm</think>ok<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0'
+            '<|tool_call_argument_begin|>{}<|tool_call_end|><|tool_calls_section_end|><|im_end|>')
+    ids = tok.encode(text, allow_special=True)
+    assert hf.encode(text, add_special_tokens=False) == ids
+    assert hf.decode(ids, skip_special_tokens=True) == text[:-len("<|im_end|>")]
 
 
 def test_load_takes_names_from_added_tokens_decoder(tok, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from k2lab.tokenizer.chat import render_assistant
+from k2lab.tokenizer.chat import K2_6, K2_INSTRUCT, render_assistant
 from k2lab.tokenizer.toolcalls import StreamingParser, collect, parse
 
 MARKERS = ["<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
@@ -41,6 +41,23 @@ def assistant(draw):
     return m
 
 
+# How each format's generation reads back: K2.6's thinking prompt ends with <think>, so its output starts inside
+# the reasoning; K2-Instruct output opens its own <think> block, if any.
+FORMATS = st.sampled_from([K2_6, K2_INSTRUCT])
+
+
+def generated(m, fmt):
+    return render_assistant(m, chat_format=fmt) + "<|im_end|>"
+
+
+def parse_as(text, fmt):
+    return parse(text, in_reasoning=fmt == K2_6)
+
+
+def expected_reasoning(m, fmt):
+    return (m.get("reasoning_content") or "") if fmt == K2_6 else m.get("reasoning_content")
+
+
 def expected_calls(m):
     return [(f"functions.{c['function']['name']}:{i}", c["function"]["name"],
              c["function"]["arguments"] if isinstance(c["function"]["arguments"], dict)
@@ -51,47 +68,47 @@ def got_calls(parsed):
     return [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parsed.tool_calls]
 
 
-def stream(pieces):
-    p = StreamingParser()
+def stream(pieces, **kw):
+    p = StreamingParser(**kw)
     events = [e for piece in pieces for e in p.feed(piece)] + p.finish()
     return collect(events), events
 
 
 @settings(max_examples=300, deadline=None)
-@given(assistant())
-def test_render_then_parse_returns_the_same_message(m):
-    parsed = parse(render_assistant(m) + "<|im_end|>")
+@given(assistant(), FORMATS)
+def test_render_then_parse_returns_the_same_message(m, fmt):
+    parsed = parse_as(generated(m, fmt), fmt)
     assert parsed.errors == []
     assert parsed.content == m["content"]
-    assert parsed.reasoning_content == m.get("reasoning_content")
+    assert parsed.reasoning_content == expected_reasoning(m, fmt)
     assert got_calls(parsed) == expected_calls(m)
     assert all(c["type"] == "function" for c in parsed.tool_calls)
 
 
 @settings(max_examples=200, deadline=None)
-@given(assistant(), st.data())
-def test_streaming_equals_one_shot_for_any_split(m, data):
-    text = render_assistant(m) + "<|im_end|>"
+@given(assistant(), FORMATS, st.data())
+def test_streaming_equals_one_shot_for_any_split(m, fmt, data):
+    text = generated(m, fmt)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=12)))
     pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
-    assert stream(pieces)[0] == parse(text)
+    assert stream(pieces, in_reasoning=fmt == K2_6)[0] == parse_as(text, fmt)
 
 
 @settings(max_examples=100, deadline=None)
-@given(assistant())
-def test_streaming_token_by_token(tok, m):
+@given(assistant(), FORMATS)
+def test_streaming_token_by_token(tok, m, fmt):
     """Feed what a server decodes token by token from the real token stream."""
-    text = render_assistant(m) + "<|im_end|>"
+    text = generated(m, fmt)
     dec = tok.decoder()
     pieces = [dec.add(i) for i in tok.encode(text, allow_special=True)] + [dec.flush()]
-    assert stream(pieces)[0] == parse(text)
+    assert stream(pieces, in_reasoning=fmt == K2_6)[0] == parse_as(text, fmt)
 
 
 def test_every_two_way_split_and_char_by_char():
     m = {"role": "assistant", "content": "Sure: ", "reasoning_content": "plan", "tool_calls": [
         {"function": {"name": "get_weather", "arguments": {"city": "北京 \"<|tool_call_end|>\"\n"}}},
         {"function": {"name": "noop", "arguments": "{}"}}]}
-    text = render_assistant(m) + "<|im_end|>"
+    text = generated(m, K2_INSTRUCT)
     whole = parse(text)
     assert len(whole.tool_calls) == 2 and not whole.errors
     for k in range(len(text) + 1):
@@ -128,8 +145,10 @@ GOOD = '<|tool_call_begin|>functions.ok:1<|tool_call_argument_begin|>{"x": 1}<|t
      "<|tool_call_end|><|tool_calls_section_end|>", "", 0, "not a JSON object"),
     ("<|tool_calls_section_begin|><|tool_call_begin|>functions.f<|tool_call_argument_begin|>{}<|tool_call_end|>"
      + GOOD + "<|tool_calls_section_end|>", "", 1, "malformed tool call id 'functions.f'"),
-    ("<|tool_calls_section_begin|><|tool_call_begin|>get_weather:0<|tool_call_argument_begin|>{}<|tool_call_end|>"
+    ("<|tool_calls_section_begin|><|tool_call_begin|>get.weather.0<|tool_call_argument_begin|>{}<|tool_call_end|>"
      "<|tool_calls_section_end|>", "", 0, "malformed tool call id"),
+    ("<|tool_calls_section_begin|><|tool_call_begin|>0<|tool_call_argument_begin|>{}<|tool_call_end|>"
+     "<|tool_calls_section_end|>", "", 0, "no tools were offered"),
     ("<|tool_calls_section_begin|><|tool_calls_section_begin|>" + GOOD + "<|tool_calls_section_end|>", "", 1, "nested"),
     ("<|tool_calls_section_begin|><|tool_call_begin|><|tool_call_end|>" + GOOD + "<|tool_calls_section_end|>", "", 1,
      "tool call '' has no"),
@@ -154,17 +173,27 @@ def test_malformed_output_is_recovered_and_reported(text, content, n_calls, erro
     assert stream(list(text))[0] == parsed
 
 
-FRAGMENTS = st.sampled_from(MARKERS + ["functions.f:0", "functions.g", ":1", '{"a": 1}', "{", "}", "[1]", " ", "\n"])
+FRAGMENTS = st.sampled_from(MARKERS + ["functions.f:0", "functions.g", ":1", "0", "g:2", '{"a": 1}', '{"x": 1}', "{",
+                             "}", "[1]", " ", "\n"])
+TOOL_SETS = st.sampled_from([None, [{"type": "function", "function": {"name": "f"}}],
+                             [{"type": "function", "function": {"name": n, "parameters": {
+                                 "type": "object", "properties": {k: {}}}}} for n, k in (("f", "a"), ("g", "x"))]])
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(FRAGMENTS | st.text(CHARS, max_size=6), max_size=25).map("".join), st.data())
-def test_no_input_crashes_and_streaming_agrees(text, data):
-    parsed = parse(text)
+@given(st.lists(FRAGMENTS | st.text(CHARS, max_size=6), max_size=25).map("".join), TOOL_SETS, st.booleans(),
+       st.data())
+def test_no_input_crashes_and_streaming_agrees(text, tools, in_reasoning, data):
+    parsed = parse(text, tools, in_reasoning)
     for c in parsed.tool_calls:
-        assert isinstance(json.loads(c["function"]["arguments"]), dict) and c["id"].startswith("functions.")
+        assert isinstance(json.loads(c["function"]["arguments"]), dict) and c["id"] == c["id"].strip()
+        assert c["function"]["arguments"] == c["function"]["arguments"].strip()
+    # a marker that opens calls never stays in the reasoning: it ends the reasoning and opens the section
+    opening = ("<|tool_calls_section_begin|>", "<|tool_call_begin|>")
+    assert not any(m in (parsed.reasoning_content or "") for m in opening)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=8)))
-    assert stream([text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])])[0] == parsed
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    assert stream(pieces, tools=tools, in_reasoning=in_reasoning)[0] == parsed
 
 
 @settings(max_examples=200, deadline=None)

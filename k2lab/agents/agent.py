@@ -10,16 +10,16 @@ characters / 4): the oldest tool results are truncated first, and the truncation
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from k2lab.agents.llm import LLM, Usage
+from k2lab.agents.llm import LLM, EndpointError, Usage
 from k2lab.agents.tools import Tool
 from k2lab.agents.trace import Tracer
+from k2lab.runs import write_json
 
 OUTCOMES = ("completed", "stopped", "failed", "timed_out")
 
@@ -35,6 +35,29 @@ class AgentLimits:
 
 
 @dataclass
+class AgentSummary:
+    """What an agent's run leaves for others (a swarm's orchestrator, the journal): everything but the messages."""
+
+    agent: str
+    outcome: str  # one of OUTCOMES
+    output: str
+    reason: str = ""
+    steps: int = 0
+    tool_calls: int = 0
+    wall_s: float = 0.0
+    usage: Usage = field(default_factory=Usage)
+
+    def as_dict(self) -> dict:
+        return {"agent": self.agent, "outcome": self.outcome, "reason": self.reason, "output": self.output,
+                "steps": self.steps, "tool_calls": self.tool_calls, "wall_s": round(self.wall_s, 4),
+                "usage": self.usage.as_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AgentSummary":
+        return cls(**{**d, "usage": Usage(**d["usage"])})
+
+
+@dataclass
 class AgentResult:
     name: str
     outcome: str  # one of OUTCOMES
@@ -46,10 +69,9 @@ class AgentResult:
     usage: Usage = field(default_factory=Usage)
     messages: list[dict] = field(default_factory=list)
 
-    def summary(self) -> dict:
-        return {"agent": self.name, "outcome": self.outcome, "reason": self.reason, "output": self.output,
-                "steps": self.steps, "tool_calls": self.tool_calls, "wall_s": round(self.wall_s, 4),
-                "usage": self.usage.as_dict()}
+    def summary(self) -> AgentSummary:
+        return AgentSummary(self.name, self.outcome, self.output, self.reason, self.steps, self.tool_calls,
+                            self.wall_s, self.usage)
 
 
 class ToolBudget:
@@ -104,7 +126,6 @@ class Agent:
         self.tracer, self.sampling = tracer, sampling or {}
         self.budget = budget or ToolBudget(limits.max_tool_calls)
         self.replay, self.on_message = list(replay), on_message  # resume: assistant messages already journaled
-        self.step = 0  # the step whose tool calls are running (read by the swarm's tools)
 
     def _span(self, kind: str, name: str, **fields):
         return self.tracer.span(kind, name, agent=self.name, **fields) if self.tracer else nullcontext({})
@@ -119,6 +140,8 @@ class Agent:
                     await self._loop(res)
             except TimeoutError:
                 res.outcome, res.reason = "timed_out", f"wall time over {self.limits.max_wall_s}s"
+            except EndpointError:  # nothing answers at the endpoint: a setup mistake that stops the whole run
+                raise
             except Exception as e:  # model endpoint gave up, or a bug in a tool source: this agent fails alone
                 res.outcome, res.reason = "failed", f"{type(e).__name__}: {e}"
             res.wall_s = time.perf_counter() - t0
@@ -147,8 +170,7 @@ class Agent:
             if res.tool_calls + len(calls) > lim.max_tool_calls or not self.budget.take(len(calls)):
                 return self._stop(res, f"tool call limit reached ({res.tool_calls} done, {len(calls)} more asked)")
             res.tool_calls += len(calls)
-            self.step = res.steps - 1
-            outputs = await asyncio.gather(*(self._tool(c) for c in calls))
+            outputs = await asyncio.gather(*(self._tool(c, res.steps - 1) for c in calls))
             stop = None
             for call, out in zip(calls, outputs, strict=True):
                 key = call["function"]["name"] + call["function"].get("arguments", "")
@@ -176,18 +198,18 @@ class Agent:
             self.on_message(step, r.message)
         return r.message
 
-    async def _tool(self, call: dict) -> str:
+    async def _tool(self, call: dict, step: int) -> str:
         name = call["function"]["name"]
         with self._span("tool", name):
             tool = self.tools.get(name)
             if tool is None:
                 return f"error: no tool named {name!r}; available: {sorted(self.tools)}"
-            return await tool(call["function"].get("arguments") or "{}")
+            return await tool(call["function"].get("arguments") or "{}", step)
 
 
-def run_agent(task: str, workspace: Path, mcp: list[str] = (), run_dir: Path | None = None,
+def run_agent(task: str, llm: LLM, workspace: Path, mcp: list[str] = (), run_dir: Path | None = None,
               max_steps: int = 50) -> AgentResult:
-    """`k2lab agent`: one agent with the workspace tools (+ MCP tools) against the configured endpoint."""
+    """`k2lab agent`: one agent with the workspace tools (+ MCP tools) against `llm`'s endpoint."""
     from k2lab.agents.mcp import MCPTools
     from k2lab.agents.sandbox import Sandbox
     from k2lab.agents.tools import workspace_tools
@@ -200,18 +222,15 @@ def run_agent(task: str, workspace: Path, mcp: list[str] = (), run_dir: Path | N
         print(f"[step {step}] " + (f"tools: {calls}" if calls else (m.get("content") or "")[:200]), flush=True)
 
     async def go() -> AgentResult:
-        llm = LLM()
-        async with MCPTools(list(mcp)) as mcp_tools:
+        async with llm, MCPTools(list(mcp)) as mcp_tools:
             agent = Agent("agent", llm, "You are a capable assistant. Use the tools when they help; the "
                           "workspace is your working directory.", workspace_tools(Sandbox(workspace)) + mcp_tools,
                           AgentLimits(max_steps=max_steps), tracer, on_message=show)
             with tracer.span("run", "agent", task=task[:200]):
-                res = await agent.run(task)
-        await llm.aclose()
-        return res
+                return await agent.run(task)
     try:
         res = asyncio.run(go())
     finally:
         tracer.close()
-    (run_dir / "result.json").write_text(json.dumps(res.summary(), indent=2))
+    write_json(run_dir / "result.json", res.summary().as_dict())
     return res

@@ -2,7 +2,9 @@
 
 Endpoint, key and model come from the arguments, else `K2LAB_BASE_URL` / `K2LAB_API_KEY` / `K2LAB_MODEL`, else
 `OPENAI_BASE_URL` / `OPENAI_API_KEY` / `OPENAI_MODEL`. Every call has a timeout; 429, 5xx, timeouts and dropped
-connections are retried with exponential backoff and full jitter (tenacity). A client-side concurrency limit
+connections are retried with exponential backoff and full jitter (tenacity). An endpoint that cannot be connected
+to at all (connection refused, unknown host) is a setup mistake, not a transient fault: it raises `EndpointError`
+at once instead of being retried. A client-side concurrency limit
 ramps back up after rate limiting: it halves on every 429 and grows by one per success up to
 `max_concurrency` (additive increase, multiplicative decrease). Token usage and cost are accounted per instance;
 agents keep their own totals from each `ChatResult.usage`. Close with `await llm.aclose()` or use
@@ -14,13 +16,38 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 
 import openai
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APITimeoutError, openai.APIConnectionError)
+
+
+class EndpointError(ValueError):
+    """The model endpoint is not configured, or nothing answers at its address; the message says what to set."""
+
+
+class ContextLengthError(ValueError):
+    """The endpoint refused a prompt longer than the model's context; the message is the server's."""
+
+
+def unreachable(e: BaseException | None) -> str | None:
+    """Why a connection could not be made at all ("connection refused", "unknown host"), or None when the error
+    is transient. The openai client reports a refused connection as a connect *timeout*, so look at the cause."""
+    while e is not None:
+        if isinstance(e, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(e, socket.gaierror):
+            return f"unknown host ({e.strerror})"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _retryable(e: BaseException) -> bool:
+    return isinstance(e, RETRYABLE) and unreachable(e) is None
 
 
 @dataclass
@@ -106,9 +133,10 @@ class LLM:
         self.api_key = api_key or _env("K2LAB_API_KEY", "OPENAI_API_KEY")
         self.model = model or _env("K2LAB_MODEL", "OPENAI_MODEL")
         if not self.base_url:
-            raise ValueError("LLM: no endpoint; pass base_url or set K2LAB_BASE_URL (or OPENAI_BASE_URL)")
+            raise EndpointError("no model endpoint configured; pass --base-url URL or set K2LAB_BASE_URL "
+                                "(or OPENAI_BASE_URL), e.g. http://127.0.0.1:8000/v1 for `k2lab serve`")
         if not self.model:
-            raise ValueError("LLM: no model; pass model or set K2LAB_MODEL (or OPENAI_MODEL)")
+            raise EndpointError("no model name configured; pass --model NAME or set K2LAB_MODEL (or OPENAI_MODEL)")
         if max_concurrency < 1 or max_retries < 0 or timeout <= 0:
             raise ValueError(f"LLM: need max_concurrency >= 1, max_retries >= 0, timeout > 0; got "
                              f"{max_concurrency}, {max_retries}, {timeout}")
@@ -155,22 +183,33 @@ class LLM:
         if tools:
             kwargs["tools"] = tools
         t0, retries, rate_limited = time.perf_counter(), 0, 0
-        retrying = AsyncRetrying(retry=retry_if_exception_type(RETRYABLE), reraise=True,
+        retrying = AsyncRetrying(retry=retry_if_exception(_retryable), reraise=True,
                                  stop=stop_after_attempt(self.max_retries + 1),
                                  wait=wait_random_exponential(multiplier=self.backoff[0], max=self.backoff[1]))
-        async for attempt in retrying:
-            with attempt:
-                if attempt.retry_state.attempt_number > 1:
-                    retries += 1
-                try:
-                    async with self.limiter:
-                        # plain JSON in and out: skips the SDK's per-call TypedDict transform of every message
-                        # (about 10 ms for a long conversation) and its pydantic model of the response
-                        raw = await self._client.post("/chat/completions", body=kwargs, cast_to=bytes)
-                except openai.RateLimitError:
-                    rate_limited += 1
-                    await self.limiter.feedback(rate_limited=True)
-                    raise
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    if attempt.retry_state.attempt_number > 1:
+                        retries += 1
+                    try:
+                        async with self.limiter:
+                            # plain JSON in and out: skips the SDK's per-call TypedDict transform of every message
+                            # (about 10 ms for a long conversation) and its pydantic model of the response
+                            raw = await self._client.post("/chat/completions", body=kwargs, cast_to=bytes)
+                    except openai.RateLimitError:
+                        rate_limited += 1
+                        await self.limiter.feedback(rate_limited=True)
+                        raise
+        except openai.BadRequestError as e:
+            # OpenAI and k2lab's server send code context_length_exceeded; vLLM only says so in the message
+            if e.code == "context_length_exceeded" or "maximum context length" in str(e):
+                raise ContextLengthError(str(e)) from e
+            raise
+        except openai.APIConnectionError as e:
+            if why := unreachable(e):
+                raise EndpointError(f"cannot reach the model endpoint {self.base_url}: {why}; start the server "
+                                    "(k2lab serve) or pass --base-url / set K2LAB_BASE_URL") from e
+            raise
         await self.limiter.feedback(rate_limited=False)
         resp = json.loads(raw)
         if not resp.get("choices"):

@@ -2,7 +2,8 @@
 
 A source is a URL (streamable HTTP) or a command line (stdio: the server runs as a subprocess). Each MCP tool
 becomes a `Tool` whose schema is the server's input schema; arguments are checked against it with jsonschema
-before the call, and an `is_error` result comes back as `error: ...` text.
+before the call, and an `is_error` result comes back as `error: ...` text. A server that cannot be started or
+reached raises `MCPStartError` naming it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,17 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
 from k2lab.agents.tools import ArgumentError, Tool
+
+
+class MCPStartError(ValueError):
+    """An MCP server that could not be started (stdio) or reached (HTTP); the message names it and why."""
+
+
+def _first_cause(e: BaseException) -> BaseException:
+    """The first leaf of (nested) exception groups: what actually went wrong inside the SDK's task groups."""
+    while isinstance(e, BaseExceptionGroup) and e.exceptions:
+        e = e.exceptions[0]
+    return e
 
 
 def server_target(spec: str) -> StdioServerParameters | str:
@@ -55,15 +67,22 @@ class MCPTools:
     """`async with MCPTools(["uvx mcp-server-time", "http://127.0.0.1:8000/mcp"]) as tools: ...`"""
 
     def __init__(self, specs: list[str]):
-        self.targets = [server_target(s) for s in specs]
+        self.targets = [(s, server_target(s)) for s in specs]
         self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> list[Tool]:
         tools: dict[str, Tool] = {}
         try:
-            for target in self.targets:
-                client = await self._stack.enter_async_context(Client(target))
-                for t in (await client.list_tools()).tools:
+            for spec, target in self.targets:
+                try:
+                    client = await self._stack.enter_async_context(Client(target))
+                    listed = (await client.list_tools()).tools
+                except Exception as e:
+                    cause = _first_cause(e)
+                    how = "reached" if isinstance(target, str) else "started"
+                    raise MCPStartError(f"MCP server {spec!r} could not be {how} ({type(cause).__name__}: "
+                                        f"{cause}); check that it runs on its own") from e
+                for t in listed:
                     if t.name in tools:
                         raise ValueError(f"MCP tool {t.name!r} is offered by two servers")
                     tools[t.name] = _tool(client, t)

@@ -10,6 +10,11 @@ client: retries with backoff, and a concurrency limit that halves on 429 and ram
 
 Critical steps (K2.5 report): sum over orchestrator steps t of (1 + the most steps of a sub-agent started at t).
 
+State: a `Swarm` holds what runs share (client, tool factory, limits, prompt); each `run()` keeps its own state
+(directory, journal, trace, tool budget, sub-agents, their results) in a `SwarmRun`, so one process can run
+several swarms at once. The orchestrator's step reaches `assign_task` as an argument (`tool(with_step=True)`);
+sub-agent results stay `AgentSummary` dataclasses until the journal and `result.json` are written.
+
 Resume: the journal records the task, every orchestrator message and every finished sub-agent. A resumed run
 replays the orchestrator's journaled messages instead of asking the model again and answers `assign_task`
 calls whose sub-agent already finished from the journal, so completed sub-agents are not run again. Hand-written
@@ -21,17 +26,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from k2lab.agents.agent import Agent, AgentLimits, AgentResult, ToolBudget
-from k2lab.agents.llm import LLM, Usage
+from k2lab.agents.agent import Agent, AgentLimits, AgentResult, AgentSummary, ToolBudget
+from k2lab.agents.llm import LLM, EndpointError, Usage
 from k2lab.agents.sandbox import Sandbox
 from k2lab.agents.tools import Tool, tool, workspace_tools
-from k2lab.agents.trace import Journal, Tracer
+from k2lab.agents.trace import Tracer
+from k2lab.runs import RunDirError, append_jsonl, claim, read_jsonl, write_json
 
 ORCHESTRATOR_PROMPT = (
     "You are the orchestrator of an agent swarm. Break the task into independent parts. Create specialised "
@@ -54,91 +60,136 @@ class SwarmLimits:
 
 
 @dataclass
+class SwarmMetrics:
+    subagents: int  # created
+    subagent_runs: int  # assign_task calls answered (run now or taken from the journal)
+    subagent_outcomes: dict[str, int]
+    reused_from_journal: int
+    tool_calls: int
+    model_calls: int
+    orchestrator_steps: int
+    critical_steps: int  # sum over orchestrator steps of (1 + the longest sub-agent started in it)
+    tokens: int
+    prompt_tokens: int
+    completion_tokens: int
+    retries: int
+    cost_usd: float
+    wall_s: float
+
+
+@dataclass
 class SwarmResult:
     output: str
     outcome: str
     reason: str
     run_dir: Path
-    metrics: dict = field(default_factory=dict)
+    metrics: SwarmMetrics
+
+    def as_dict(self) -> dict:
+        return {"output": self.output, "outcome": self.outcome, "reason": self.reason,
+                "metrics": asdict(self.metrics)}
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+ToolFactory = Callable[[Path, str], list[Tool]]  # (run dir, sub-agent name) -> its tools
+
+
+def workspace_tool_factory(run_dir: Path, name: str) -> list[Tool]:
+    """Each sub-agent gets the workspace tools in its own folder, run_dir/workspace/NAME."""
+    return workspace_tools(Sandbox(run_dir / "workspace" / name))
 
 
 class Swarm:
-    def __init__(self, llm: LLM, run_dir: Path, tools: Callable[[str], list[Tool]] | None = None,
-                 limits: SwarmLimits = SwarmLimits(), system_prompt: str = ORCHESTRATOR_PROMPT,
-                 on_event: Callable[[dict], None] | None = None):
-        self.llm, self.limits, self.system_prompt = llm, limits, system_prompt
-        self.run_dir = Path(run_dir)
-        self.tools = tools or (lambda name: workspace_tools(Sandbox(self.run_dir / "workspace" / name)))
+    """What every run shares: the client, the sub-agents' tool factory, limits, the orchestrator's prompt.
+    `await swarm.run(task, run_dir)`; runs may overlap (each has its own `SwarmRun`)."""
+
+    def __init__(self, llm: LLM, tools: ToolFactory = workspace_tool_factory, limits: SwarmLimits = SwarmLimits(),
+                 system_prompt: str = ORCHESTRATOR_PROMPT, on_event: Callable[[dict], None] | None = None):
+        self.llm, self.tools, self.limits, self.system_prompt = llm, tools, limits, system_prompt
         self.on_event = on_event or (lambda e: None)
 
-    async def run(self, task: str | None = None, resume: bool = False) -> SwarmResult:
-        """Run `task`, or with resume=True continue the run journaled in run_dir."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        journal_path = self.run_dir / "journal.jsonl"
-        events = Journal.load(journal_path) if resume and journal_path.exists() else []
+    async def run(self, task: str | None, run_dir: str | Path, resume: bool = False) -> SwarmResult:
+        """Run `task` in run_dir, or with resume=True continue the run journaled there."""
+        run_dir = Path(run_dir)
+        journal = run_dir / "journal.jsonl"
+        events = read_jsonl(journal)
         if resume:
             if not events or events[0].get("event") != "start":
-                raise FileNotFoundError(f"nothing to resume in {self.run_dir}: no journal.jsonl with a start event")
+                raise RunDirError(f"nothing to resume in {run_dir}: no journal.jsonl with a start event; "
+                                  "start a run there without --resume")
+            if events[-1].get("event") == "finish":
+                raise RunDirError(f"{run_dir} holds a finished swarm run (outcome {events[-1]['outcome']}); "
+                                  f"its answer is in {run_dir / 'result.json'}; use another --run-dir for a new run")
             task = events[0]["task"]
-        elif journal_path.exists():
-            raise FileExistsError(f"{self.run_dir} already holds a run; pass resume=True or use a new run dir")
-        if not task:
-            raise ValueError("Swarm.run: empty task")
-        replay = {e["step"]: e["message"] for e in events if e["event"] == "orchestrator_message"}
-        replay = [replay[i] for i in range(len(replay)) if i in replay]
-        self.done = {e["key"]: e["summary"] for e in events if e["event"] == "subagent_done"}
-        self.journal, self.tracer = Journal(journal_path), Tracer(self.run_dir / "trace.jsonl")
+        elif events:
+            raise RunDirError(f"{run_dir} already holds a swarm run; pass --resume to continue it or use another "
+                              "--run-dir")
+        if not task or not task.strip():
+            raise ValueError("the swarm's task is empty")
+        claim(run_dir, {"task": task}, "swarm")
         if not resume:
-            self.journal.append({"event": "start", "task": task, "time": time.time()})
+            append_jsonl(journal, {"event": "start", "task": task, "time": time.time()})
+        return await SwarmRun(self, run_dir, events).run(task, resume)
+
+
+class SwarmRun:
+    """The state of one run: its journal, trace, shared tool budget, sub-agents and their results."""
+
+    def __init__(self, swarm: Swarm, run_dir: Path, events: list[dict]):
+        self.swarm, self.limits, self.run_dir = swarm, swarm.limits, run_dir
+        self.journal = run_dir / "journal.jsonl"
+        self.done = {e["key"]: AgentSummary.from_dict(e["summary"]) for e in events if e["event"] == "subagent_done"}
+        replay = {e["step"]: e["message"] for e in events if e["event"] == "orchestrator_message"}
+        self.replay = [replay[i] for i in range(len(replay)) if i in replay]
         self.budget = ToolBudget(self.limits.max_tool_calls)
         self.subagents: dict[str, str] = {}  # name -> system prompt
         self.assigned: dict[str, int] = {}  # occurrences of each (agent, prompt), for journal keys
-        self.summaries: list[dict] = []
+        self.results: list[AgentSummary] = []
         self.sub_steps: dict[int, int] = {}  # orchestrator step -> most steps of a sub-agent started in it
         self.reused = 0
         self.running = asyncio.Semaphore(self.limits.max_concurrency)
-        self.orchestrator = Agent("orchestrator", self.llm, self.system_prompt, self._orchestrator_tools(),
-                                  self.limits.orchestrator, self.tracer, self.budget, replay=replay,
-                                  on_message=lambda step, m: self.journal.append(
-                                      {"event": "orchestrator_message", "step": step, "message": m}))
+        self.tracer = Tracer(run_dir / "trace.jsonl")
+        # journal records are fsync'd (~3 ms each here): one writer thread keeps them in order and off the event
+        # loop, where 300 sub-agents finishing together would otherwise wait ~1 s on the disk
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="swarm-journal")
+        self.written: list[Future] = []
+
+    def record(self, event: dict) -> None:
+        self.written.append(self.writer.submit(append_jsonl, self.journal, event))
+
+    async def run(self, task: str, resume: bool) -> SwarmResult:
+        orchestrator = Agent("orchestrator", self.swarm.llm, self.swarm.system_prompt, self._orchestrator_tools(),
+                             self.limits.orchestrator, self.tracer, self.budget, replay=self.replay,
+                             on_message=lambda step, m: self.record(
+                                 {"event": "orchestrator_message", "step": step, "message": m}))
         t0 = time.perf_counter()
         try:
             with self.tracer.span("run", "swarm", task=task[:200], resumed=resume):
-                res = await self.orchestrator.run(task)
+                res = await orchestrator.run(task)
         finally:
             self.tracer.close()
-        metrics = self._metrics(res, time.perf_counter() - t0)
-        result = SwarmResult(res.output, res.outcome, res.reason, self.run_dir, metrics)
-        self.journal.append({"event": "finish", "outcome": res.outcome, "output": res.output})
-        self.journal.close()
-        _write_json(self.run_dir / "result.json", {"output": res.output, "outcome": res.outcome,
-                                                   "reason": res.reason, "metrics": metrics})
+            self.writer.shutdown(wait=True)
+        for f in self.written:
+            f.result()  # a failed journal write (disk full...) is an error of the run
+        result = SwarmResult(res.output, res.outcome, res.reason, self.run_dir,
+                             self._metrics(res, time.perf_counter() - t0))
+        write_json(self.run_dir / "result.json", result.as_dict())
+        append_jsonl(self.journal, {"event": "finish", "outcome": res.outcome, "output": res.output})
         return result
 
-    def _metrics(self, orch: AgentResult, wall_s: float) -> dict:
+    def _metrics(self, orch: AgentResult, wall_s: float) -> SwarmMetrics:
         usage = Usage()
-        usage.add(orch.usage.prompt_tokens, orch.usage.completion_tokens, orch.usage.retries, orch.usage.cost_usd)
-        for s in self.summaries:
-            u = s["usage"]
-            usage.add(u["prompt_tokens"], u["completion_tokens"], u["retries"], u["cost_usd"])
+        for u in [orch.usage] + [s.usage for s in self.results]:
+            usage.add(u.prompt_tokens, u.completion_tokens, u.retries, u.cost_usd)
         outcomes: dict[str, int] = {}
-        for s in self.summaries:
-            outcomes[s["outcome"]] = outcomes.get(s["outcome"], 0) + 1
-        return {"subagents": len(self.subagents), "subagent_runs": len(self.summaries),
-                "subagent_outcomes": outcomes, "reused_from_journal": self.reused,
-                "tool_calls": orch.tool_calls + sum(s["tool_calls"] for s in self.summaries),
-                "model_calls": orch.steps + sum(s["steps"] for s in self.summaries),
-                "orchestrator_steps": orch.steps,
-                "critical_steps": orch.steps + sum(self.sub_steps.values()),
-                "tokens": usage.total_tokens, "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens, "retries": usage.retries,
-                "cost_usd": round(usage.cost_usd, 6), "wall_s": round(wall_s, 4)}
+        for s in self.results:
+            outcomes[s.outcome] = outcomes.get(s.outcome, 0) + 1
+        return SwarmMetrics(
+            subagents=len(self.subagents), subagent_runs=len(self.results), subagent_outcomes=outcomes,
+            reused_from_journal=self.reused, tool_calls=orch.tool_calls + sum(s.tool_calls for s in self.results),
+            model_calls=orch.steps + sum(s.steps for s in self.results), orchestrator_steps=orch.steps,
+            critical_steps=orch.steps + sum(self.sub_steps.values()), tokens=usage.total_tokens,
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, retries=usage.retries,
+            cost_usd=round(usage.cost_usd, 6), wall_s=round(wall_s, 4))
 
     def _orchestrator_tools(self) -> list[Tool]:
         @tool
@@ -151,50 +202,53 @@ class Swarm:
             self.subagents[name] = system_prompt
             return f"created sub-agent {name}"
 
-        @tool
-        async def assign_task(agent: str, prompt: str) -> str:
+        @tool(with_step=True)
+        async def assign_task(agent: str, prompt: str, step: int) -> str:
             """Give a sub-agent a task; returns its final output and outcome."""
             if agent not in self.subagents:
                 return f"error: no sub-agent named {agent!r}; create it first with create_subagent"
-            summary = await self._run_subagent(agent, prompt, self.orchestrator.step)
-            return json.dumps({k: summary[k] for k in ("agent", "outcome", "output", "reason") if summary[k]})
+            s = await self._run_subagent(agent, prompt, step)
+            return json.dumps({k: v for k, v in (("agent", s.agent), ("outcome", s.outcome), ("output", s.output),
+                                                 ("reason", s.reason)) if v})
 
         return [create_subagent, assign_task]
 
-    async def _run_subagent(self, name: str, prompt: str, orch_step: int) -> dict:
+    async def _run_subagent(self, name: str, prompt: str, orch_step: int) -> AgentSummary:
         ident = json.dumps([name, self.subagents[name], prompt])
         n = self.assigned[ident] = self.assigned.get(ident, 0) + 1
         key = hashlib.sha256(f"{ident}#{n}".encode()).hexdigest()[:24]
         if key in self.done:
             summary = self.done[key]
             self.reused += 1
-            self.budget.take(min(summary["tool_calls"], self.budget.left))
+            self.budget.take(min(summary.tool_calls, self.budget.left))
         else:
             async with self.running:
                 try:
-                    agent = Agent(name, self.llm, self.subagents[name], self.tools(name), self.limits.subagent,
-                                  self.tracer, self.budget)
+                    agent = Agent(name, self.swarm.llm, self.subagents[name], self.swarm.tools(self.run_dir, name),
+                                  self.limits.subagent, self.tracer, self.budget)
                     summary = (await agent.run(prompt)).summary()
+                except EndpointError:  # nothing answers at the endpoint: the whole run stops (and can resume)
+                    raise
                 except Exception as e:  # e.g. its tools could not be built: it fails alone
-                    summary = AgentResult(name, "failed", "", reason=f"{type(e).__name__}: {e}").summary()
-            self.journal.append({"event": "subagent_done", "key": key, "summary": summary})
-        self.summaries.append(summary)
-        self.sub_steps[orch_step] = max(self.sub_steps.get(orch_step, 0), summary["steps"])
-        self.on_event({"event": "subagent_done", **summary, "done": len(self.summaries)})
+                    summary = AgentSummary(name, "failed", "", reason=f"{type(e).__name__}: {e}")
+            self.record({"event": "subagent_done", "key": key, "summary": summary.as_dict()})
+        self.results.append(summary)
+        self.sub_steps[orch_step] = max(self.sub_steps.get(orch_step, 0), summary.steps)
+        self.swarm.on_event({"event": "subagent_done", **summary.as_dict(), "done": len(self.results),
+                             "run_dir": str(self.run_dir)})
         return summary
 
 
-def run_swarm(task: str | None, run_dir: Path | None = None, resume: bool = False, max_subagents: int = 300,
-              max_tool_calls: int = 4000, max_concurrency: int = 300, mcp: list[str] = ()) -> SwarmResult:
-    """`k2lab swarm`: a swarm against the configured endpoint; sub-agents get workspace (+ MCP) tools."""
+def run_swarm(task: str | None, llm: LLM, run_dir: Path | None = None, resume: bool = False,
+              limits: SwarmLimits = SwarmLimits(), mcp: list[str] = ()) -> SwarmResult:
+    """`k2lab swarm`: a swarm against `llm`'s endpoint; sub-agents get workspace (+ MCP) tools."""
     from tqdm import tqdm
 
     from k2lab.agents.mcp import MCPTools
 
     if resume and run_dir is None:
-        raise ValueError("--resume needs the run directory")
+        raise RunDirError("--resume needs the run directory")
     run_dir = Path(run_dir or f"runs/swarm-{time.strftime('%Y%m%d-%H%M%S')}")
-    limits = SwarmLimits(max_subagents, max_tool_calls, max_concurrency)
     bar = tqdm(desc="sub-agents done", unit="agent")
 
     def progress(e: dict) -> None:
@@ -202,13 +256,10 @@ def run_swarm(task: str | None, run_dir: Path | None = None, resume: bool = Fals
         bar.set_postfix_str(f"last: {e['agent']} {e['outcome']}")
 
     async def go() -> SwarmResult:
-        llm = LLM()
-        async with MCPTools(list(mcp)) as mcp_tools:
-            def tools(name: str) -> list[Tool]:
-                return workspace_tools(Sandbox(run_dir / "workspace" / name)) + mcp_tools
-            res = await Swarm(llm, run_dir, tools, limits, on_event=progress).run(task, resume=resume)
-        await llm.aclose()
-        return res
+        async with llm, MCPTools(list(mcp)) as mcp_tools:
+            def tools(run_dir: Path, name: str) -> list[Tool]:
+                return workspace_tool_factory(run_dir, name) + mcp_tools
+            return await Swarm(llm, tools, limits, on_event=progress).run(task, run_dir, resume=resume)
     try:
         return asyncio.run(go())
     finally:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import pydantic
 
 from k2lab.agents.sandbox import Sandbox
+from k2lab.runs import write_atomic
 
 
 class ArgumentError(ValueError):
@@ -32,6 +33,7 @@ class Tool:
     parameters: dict  # JSON schema of the arguments object
     fn: Callable[..., Any]  # called with the validated arguments as keywords
     validate: Callable[[dict], dict]  # arguments -> validated arguments; raises ArgumentError
+    with_step: bool = False  # fn also takes `step`, the caller's step number (not part of the schema)
 
     @property
     def spec(self) -> dict:
@@ -39,8 +41,8 @@ class Tool:
         return {"type": "function", "function": {"name": self.name, "description": self.description,
                                                   "parameters": self.parameters}}
 
-    async def __call__(self, arguments: str | dict) -> str:
-        """Validate and run; always returns text."""
+    async def __call__(self, arguments: str | dict, step: int = 0) -> str:
+        """Validate and run; always returns text. `step` is passed on to tools made `with_step`."""
         try:
             args = json.loads(arguments or "{}") if isinstance(arguments, str) else arguments
             if not isinstance(args, dict):
@@ -50,6 +52,8 @@ class Tool:
             return f"error: arguments of {self.name} are not valid JSON ({e.msg} at position {e.pos})"
         except ArgumentError as e:
             return f"error: invalid arguments for {self.name}: {e}"
+        if self.with_step:
+            kwargs["step"] = step
         try:
             if inspect.iscoroutinefunction(self.fn):
                 out = await self.fn(**kwargs)
@@ -71,11 +75,17 @@ def _pydantic_validator(model: type[pydantic.BaseModel]) -> Callable[[dict], dic
     return validate
 
 
-def tool(fn: Callable | None = None, *, name: str | None = None, description: str | None = None):
-    """Decorator (bare or with arguments): a function with type-hinted parameters becomes a Tool."""
+def tool(fn: Callable | None = None, *, name: str | None = None, description: str | None = None,
+         with_step: bool = False):
+    """Decorator (bare or with arguments): a function with type-hinted parameters becomes a Tool.
+
+    `with_step=True`: the function's `step` parameter is left out of the schema and receives the calling
+    agent's step number (the swarm's `assign_task` records which orchestrator step started a sub-agent)."""
     def wrap(f: Callable) -> Tool:
         fields = {}
         for p in inspect.signature(f).parameters.values():
+            if with_step and p.name == "step":
+                continue
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 raise TypeError(f"tool {f.__name__}: *args/**kwargs cannot be described by a schema")
             if p.annotation is inspect.Parameter.empty:
@@ -86,7 +96,7 @@ def tool(fn: Callable | None = None, *, name: str | None = None, description: st
         schema = params.model_json_schema()
         schema.pop("title", None)
         return Tool(name or f.__name__, description or inspect.getdoc(f) or "", schema, f,
-                    _pydantic_validator(params))
+                    _pydantic_validator(params), with_step)
     return wrap(fn) if fn is not None else wrap
 
 
@@ -122,10 +132,7 @@ def workspace_tools(sandbox: Sandbox) -> list[Tool]:
     def write_file(path: str, content: str) -> str:
         """Write a text file in the workspace (parent folders are created)."""
         target = inside(ws, path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(content)
-        tmp.replace(target)
+        write_atomic(target, content)
         return f"wrote {len(content)} chars to {target.relative_to(ws)}"
 
     @tool

@@ -1,10 +1,10 @@
-"""Run directory files: `trace.jsonl` (spans) and `journal.jsonl` (what resume needs), and the trace tree.
+"""`trace.jsonl` (spans) and the trace tree; runs keep their journals with `k2lab.runs.append_jsonl`.
 
 A span is one line written when it ends: id, parent, kind (run, agent, model, tool), name, agent, start
 (seconds since the run began), dur_s, status and kind-specific fields (tokens, retries, cost_usd, outcome...).
 The parent is taken from a context variable, so spans opened inside tasks that asyncio.gather starts nest under
-the span that started them. The journal is append-only JSON lines, flushed per event: it survives a killed
-process (not a power cut); a torn last line is ignored when it is read back.
+the span that started them. Spans are buffered (a trace is for reading, not for resuming); a torn last line is
+ignored when it is read back.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
+from k2lab.runs import read_jsonl, rewrite_jsonl
+
 _current: contextvars.ContextVar[int | None] = contextvars.ContextVar("k2lab_span", default=None)
 
 
@@ -24,8 +26,11 @@ class Tracer:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        spans = read_jsonl(self.path)
+        if self.path.exists() and not self.path.read_bytes().endswith(b"\n"):
+            rewrite_jsonl(self.path, spans)  # a killed run left half a span: drop it before appending
         self._file = open(self.path, "a", buffering=1 << 16)
-        self._ids = itertools.count(1 + sum(1 for _ in open(self.path)))  # ids stay unique across resumes
+        self._ids = itertools.count(1 + max((s["id"] for s in spans), default=0))  # unique across resumes
         self._t0 = time.time()
 
     @contextmanager
@@ -53,34 +58,11 @@ class Tracer:
         self._file.close()
 
 
-class Journal:
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._file = open(self.path, "a")
-
-    def append(self, event: dict) -> None:
-        self._file.write(json.dumps(event, default=str) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-    @staticmethod
-    def load(path: Path) -> list[dict]:
-        events = []
-        for line in Path(path).read_text().splitlines():
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError:  # the line a kill cut short
-                break
-        return events
-
-
 def read_spans(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "trace.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"no trace.jsonl in {run_dir}")
-    return Journal.load(path)
+    return read_jsonl(path)
 
 
 def per_agent(spans: list[dict]) -> dict[str, dict]:

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from k2lab.agents.llm import EndpointError
 from k2lab.evals import report
-from k2lab.evals.judge import GRADES, Judge, vote
+from k2lab.evals.judge import GRADES, Judge, JudgeError, vote
 from k2lab.evals.stats import bootstrap_ci
-from k2lab.evals.store import (Dataset, append_jsonl, open_run, read_dataset, read_jsonl, require, snapshot,
-                               write_json)
+from k2lab.evals.store import (ON_ERROR, Dataset, append_jsonl, open_run, read_dataset, read_jsonl, require,
+                               snapshot, write_json)
 
 PARTIAL_CONVENTIONS = ("incorrect", "abstain")
 SEED_DATASET = Path(__file__).parent / "data" / "calibration.jsonl"
@@ -55,30 +57,60 @@ def load_dataset(path: str | Path, on_error: str = "stop") -> Dataset:
     return data
 
 
-async def run_calibration(dataset: str | Path, model, judges: list[Judge], run_dir: str | Path,
-                          partial: str = "incorrect", resume: bool = False, on_error: str = "stop") -> dict:
+@dataclass
+class CalibrationSettings:
+    """`k2lab eval calibration`. Endpoints, keys and the model default to K2LAB_* / OPENAI_* (agents/llm.py)."""
+
+    judge_models: list[str] = field(default_factory=list)
+    dataset: str | None = None  # JSONL or CSV; None: the shipped seed set
+    model: str | None = None
+    base_url: str | None = None
+    api_key: str | None = None
+    judge_base_url: str | None = None  # None: base_url
+    judge_api_key: str | None = None  # None: api_key when the judges share the model's endpoint
+    run_dir: str = "runs/eval-calibration"
+    partial: str = "incorrect"  # PARTIAL_ANSWER counts as "incorrect" or "abstain"
+    resume: bool = False
+    on_error: str = "stop"  # a bad dataset row: "stop" or "skip"
+    concurrency: int = 8
+    max_tokens: int = 512  # cap on each answer and each judge reply
+    grader: str = "judge"  # "judge": the LLM judges; "rules": the deterministic grader (rules.py), offline
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+        if self.partial not in PARTIAL_CONVENTIONS:
+            raise ValueError(f"partial must be one of {PARTIAL_CONVENTIONS}, got {self.partial!r}")
+        if self.grader not in ("judge", "rules"):
+            raise ValueError(f"--grader must be 'judge' or 'rules', got {self.grader!r}")
+        if self.concurrency < 1 or self.max_tokens < 1:
+            raise ValueError(f"concurrency and max_tokens must be >= 1, got {self.concurrency}, {self.max_tokens}")
+
+
+async def run_calibration(model, judges: list[Judge], s: CalibrationSettings) -> dict:
     """Answer every question with `model` (an LLM), grade with `judges`, write results.json and report.md."""
-    if partial not in PARTIAL_CONVENTIONS:
-        raise ValueError(f"partial must be one of {PARTIAL_CONVENTIONS}, got {partial!r}")
     if not judges:
-        raise ValueError("run_calibration: need at least one judge")
-    run_dir = Path(run_dir)
-    open_run(run_dir, "answers.jsonl", resume, model.model)
-    data = load_dataset(dataset, on_error)
+        raise ValueError("calibration needs at least one judge (--judge-model)")
+    dataset = s.dataset or SEED_DATASET
+    run_dir = Path(s.run_dir)
+    open_run(run_dir, "calibration", s.resume, model.model)
+    data = load_dataset(dataset, s.on_error)
     snapshot(run_dir, data.rows)
     write_json(run_dir / "config.json", {"eval": "calibration", "dataset": str(dataset), "model": model.model,
-                                         "judges": [j.name for j in judges], "partial": partial,
-                                         "skipped_rows": data.skipped})
+                                         "judges": [j.name for j in judges], "partial": s.partial,
+                                         "max_tokens": s.max_tokens, "skipped_rows": data.skipped})
     answers = {a["id"]: a for a in read_jsonl(run_dir / "answers.jsonl")}
     graded = {(g["id"], g["judge"]) for g in read_jsonl(run_dir / "grades.jsonl")}
     bar = tqdm(total=len(data.rows), desc="calibration", unit="q")
+    stopping: list[bool] = []
 
     async def one(row: dict) -> None:
         try:
             if row["id"] not in answers:
                 system = ANSWER_PROMPT.format(domain=row["domain"], topic=row["topic"])
                 res = await model.chat([{"role": "system", "content": system},
-                                        {"role": "user", "content": row["question"]}], temperature=0.0)
+                                        {"role": "user", "content": row["question"]}], temperature=0.0,
+                                       max_tokens=s.max_tokens)
                 answers[row["id"]] = rec = {"id": row["id"], "answer": res.message.get("content") or "",
                                             "finish_reason": res.finish_reason, "usage": res.usage}
                 append_jsonl(run_dir / "answers.jsonl", rec)
@@ -86,13 +118,21 @@ async def run_calibration(dataset: str | Path, model, judges: list[Judge], run_d
                 if (row["id"], judge.name) not in graded:
                     g = await judge.grade(row["question"], row["answer"], answers[row["id"]]["answer"])
                     append_jsonl(run_dir / "grades.jsonl", {"id": row["id"], **g})
+        except (EndpointError, JudgeError):  # every item would fail the same way: stop (--resume continues)
+            stopping.append(True)
+            raise
         except Exception as e:  # the endpoint failed past its retries: log it, leave the item for --resume
-            append_jsonl(run_dir / "errors.jsonl", {"id": row["id"], "error": f"{type(e).__name__}: {e}"})
+            if not stopping:  # (requests cut off by a stop are not errors of their own)
+                append_jsonl(run_dir / "errors.jsonl", {"id": row["id"], "error": f"{type(e).__name__}: {e}"})
         finally:
             bar.update(1)
 
-    await asyncio.gather(*(one(r) for r in data.rows))
-    bar.close()
+    try:
+        if data.rows:  # one item alone first: a judge that cannot grade at all stops the run before the rest starts
+            await one(data.rows[0])
+        await asyncio.gather(*(one(r) for r in data.rows[1:]))
+    finally:
+        bar.close()
     return finalize(run_dir)
 
 
@@ -188,27 +228,24 @@ def finalize(run_dir: str | Path) -> dict:
     return results
 
 
-def main(dataset: str | Path | None, model: str | None, judge_models: list[str], base_url: str | None,
-         judge_base_url: str | None, judge_api_key: str | None, run_dir: str | Path, partial: str,
-         resume: bool, on_error: str, concurrency: int, grader: str = "judge") -> dict:
-    """`k2lab eval calibration`: endpoints and keys default to K2LAB_* / OPENAI_* (see agents/llm.py).
-    grader "judge" grades with the LLM judges; "rules" with the deterministic grader (rules.py), offline."""
+def main(s: CalibrationSettings) -> dict:
+    """`k2lab eval calibration`."""
     from k2lab.agents.llm import LLM
     from k2lab.evals.rules import RulesJudge
 
-    if grader not in ("judge", "rules"):
-        raise ValueError(f"--grader must be 'judge' or 'rules', got {grader!r}")
-    if grader == "judge" and not judge_models:
+    if s.grader == "judge" and not s.judge_models:
         raise ValueError("calibration needs at least one --judge-model (or --grader rules for closed-form answers)")
-    if grader == "rules" and judge_models:
+    if s.grader == "rules" and s.judge_models:
         raise ValueError("--grader rules grades without judges; drop --judge-model or use --grader judge")
-    answerer = LLM(base_url=base_url, model=model, max_concurrency=concurrency)
-    judges = [Judge(LLM(base_url=judge_base_url or base_url, api_key=judge_api_key, model=m,
-                        max_concurrency=concurrency)) for m in judge_models] if grader == "judge" else [RulesJudge()]
+    answerer = LLM(base_url=s.base_url, api_key=s.api_key, model=s.model, max_concurrency=s.concurrency)
+    judge_key = s.judge_api_key or (s.api_key if s.judge_base_url is None else None)
+    judges = [Judge(LLM(base_url=s.judge_base_url or s.base_url, api_key=judge_key, model=m,
+                        max_concurrency=s.concurrency), max_tokens=s.max_tokens)
+              for m in s.judge_models] if s.grader == "judge" else [RulesJudge()]
 
     async def go() -> dict:
         try:
-            return await run_calibration(dataset or SEED_DATASET, answerer, judges, run_dir, partial, resume, on_error)
+            return await run_calibration(answerer, judges, s)
         finally:
             for llm in [answerer] + [j.llm for j in judges if isinstance(j, Judge)]:
                 await llm.aclose()

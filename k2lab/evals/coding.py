@@ -15,15 +15,17 @@ import re
 import secrets
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from k2lab.agents.llm import EndpointError
 from k2lab.agents.sandbox import Limits, Sandbox
 from k2lab.evals import report
 from k2lab.evals.stats import pass_at_k
-from k2lab.evals.store import (Dataset, append_jsonl, open_run, read_dataset, read_jsonl, require, snapshot,
-                               write_json)
+from k2lab.evals.store import (ON_ERROR, Dataset, append_jsonl, open_run, read_dataset, read_jsonl, require,
+                               snapshot, write_json)
 
 SEED_DATASET = Path(__file__).parent / "data" / "coding.jsonl"
 
@@ -63,42 +65,74 @@ async def run_tests(sandbox: Sandbox, code: str, tests: str, limits: Limits) -> 
             "stderr": res.stderr[-2000:], "wall_s": round(res.wall_s, 3)}
 
 
-async def run_coding(dataset: str | Path, model, run_dir: str | Path, n: int = 1, ks: tuple[int, ...] = (1,),
-                     temperature: float = 0.0, limits: Limits = Limits(cpu_s=10, wall_s=20, memory_mb=1024),
-                     resume: bool = False, on_error: str = "stop", max_parallel_runs: int = 4) -> dict:
+@dataclass
+class CodingSettings:
+    """`k2lab eval coding`. Endpoint, key and model default to K2LAB_* / OPENAI_* (agents/llm.py)."""
+
+    dataset: str | None = None  # JSONL of id, prompt, tests; None: the shipped set
+    model: str | None = None
+    base_url: str | None = None
+    api_key: str | None = None
+    run_dir: str = "runs/eval-coding"
+    n: int = 1  # samples per problem
+    ks: tuple[int, ...] = (1,)  # pass@k for each k
+    temperature: float = 0.0
+    max_tokens: int = 1024  # cap on each solution
+    limits: Limits = Limits(cpu_s=10, wall_s=20, memory_mb=1024)  # per test program
+    max_parallel_runs: int = 4  # test programs at once (CPU-bound, bounded apart from requests)
+    resume: bool = False
+    on_error: str = "stop"
+    concurrency: int = 8
+
+    def __post_init__(self) -> None:
+        self.ks = tuple(self.ks)
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+        if self.n < 1 or not self.ks or any(not 1 <= k <= self.n for k in self.ks):
+            raise ValueError(f"need n >= 1 and every k in 1..n, got n={self.n}, ks={self.ks}")
+        if min(self.concurrency, self.max_tokens, self.max_parallel_runs) < 1:
+            raise ValueError("concurrency, max_tokens and max_parallel_runs must be >= 1")
+
+
+async def run_coding(model, s: CodingSettings) -> dict:
     """n samples per problem from `model` (an LLM), each tested in the sandbox; pass@k for each k <= n."""
-    if n < 1 or not ks or any(not 1 <= k <= n for k in ks):
-        raise ValueError(f"need n >= 1 and every k in 1..n, got n={n}, ks={ks}")
-    run_dir = Path(run_dir)
+    dataset = s.dataset or SEED_DATASET
+    run_dir = Path(s.run_dir)
     log = run_dir / "samples.jsonl"
-    open_run(run_dir, log.name, resume, model.model)
-    data = load_dataset(dataset, on_error)
+    open_run(run_dir, "coding", s.resume, model.model)
+    data = load_dataset(dataset, s.on_error)
     snapshot(run_dir, data.rows)
-    write_json(run_dir / "config.json", {"eval": "coding", "dataset": str(dataset), "model": model.model, "n": n,
-                                         "ks": list(ks), "temperature": temperature, "skipped_rows": data.skipped})
-    done = {(s["id"], s["sample"]) for s in read_jsonl(log)}
-    todo = [(row, s) for row in data.rows for s in range(n) if (row["id"], s) not in done]
-    runs = asyncio.Semaphore(max_parallel_runs)  # test programs are CPU-bound: bound them separately from requests
+    write_json(run_dir / "config.json", {"eval": "coding", "dataset": str(dataset), "model": model.model,
+                                         "n": s.n, "ks": list(s.ks), "temperature": s.temperature,
+                                         "max_tokens": s.max_tokens, "skipped_rows": data.skipped})
+    done = {(x["id"], x["sample"]) for x in read_jsonl(log)}
+    todo = [(row, i) for row in data.rows for i in range(s.n) if (row["id"], i) not in done]
+    runs = asyncio.Semaphore(s.max_parallel_runs)
     bar = tqdm(total=len(todo), desc="coding", unit="sample")
 
-    async def one(row: dict, s: int) -> None:
+    async def one(row: dict, i: int) -> None:
         try:
             res = await model.chat([{"role": "system", "content": SYSTEM_PROMPT},
-                                    {"role": "user", "content": row["prompt"]}], temperature=temperature)
+                                    {"role": "user", "content": row["prompt"]}], temperature=s.temperature,
+                                   max_tokens=s.max_tokens)
+        except EndpointError:  # nothing answers: every sample would fail the same way
+            raise
         except Exception as e:  # failed past the client's retries: not logged, so --resume samples it again
-            append_jsonl(run_dir / "errors.jsonl", {"id": row["id"], "sample": s, "error": f"{type(e).__name__}: {e}"})
+            append_jsonl(run_dir / "errors.jsonl", {"id": row["id"], "sample": i, "error": f"{type(e).__name__}: {e}"})
             bar.update(1)
             return
         code = extract_code(res.message.get("content") or "")
-        workspace = run_dir / "work" / f"{row['id']}-{s}"
+        workspace = run_dir / "work" / f"{row['id']}-{i}"
         async with runs:
-            outcome = await run_tests(Sandbox(workspace, limits), code, row["tests"], limits)
+            outcome = await run_tests(Sandbox(workspace, s.limits), code, row["tests"], s.limits)
         shutil.rmtree(workspace, ignore_errors=True)
-        append_jsonl(log, {"id": row["id"], "sample": s, "code": code, **outcome})
+        append_jsonl(log, {"id": row["id"], "sample": i, "code": code, **outcome})
         bar.update(1)
 
-    await asyncio.gather(*(one(row, s) for row, s in todo))
-    bar.close()
+    try:
+        await asyncio.gather(*(one(row, i) for row, i in todo))
+    finally:
+        bar.close()
     return finalize(run_dir)
 
 
@@ -126,17 +160,15 @@ def finalize(run_dir: str | Path) -> dict:
     return results
 
 
-def main(dataset: str | Path | None, model: str | None, base_url: str | None, run_dir: str | Path, n: int,
-         ks: list[int], temperature: float, resume: bool, on_error: str, concurrency: int) -> dict:
+def main(s: CodingSettings) -> dict:
     """`k2lab eval coding`."""
     from k2lab.agents.llm import LLM
 
-    llm = LLM(base_url=base_url, model=model, max_concurrency=concurrency)
+    llm = LLM(base_url=s.base_url, api_key=s.api_key, model=s.model, max_concurrency=s.concurrency)
 
     async def go() -> dict:
         try:
-            return await run_coding(dataset or SEED_DATASET, llm, run_dir, n, tuple(ks or [1]), temperature,
-                                    resume=resume, on_error=on_error)
+            return await run_coding(llm, s)
         finally:
             await llm.aclose()
     return asyncio.run(go())

@@ -14,6 +14,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
+from k2lab.agents.llm import ContextLengthError
+
 GRADES = {"A": "CORRECT", "B": "INCORRECT", "C": "PARTIAL_ANSWER", "D": "NOT_ATTEMPTED"}
 LETTER = {label: letter for letter, label in GRADES.items()}
 
@@ -71,6 +73,10 @@ def parse_grade(reply: str | None) -> tuple[str | None, str]:
     return None, "\n".join(lines)
 
 
+class JudgeError(ValueError):
+    """A judge that cannot grade at all (its prompt does not fit its context); the run stops and says so."""
+
+
 @dataclass
 class Judge:
     """A grading prompt and the model that answers it. `llm` is a `k2lab.agents.llm.LLM`."""
@@ -79,6 +85,7 @@ class Judge:
     name: str = ""
     prompt: str = JUDGE_PROMPT
     max_attempts: int = 3
+    max_tokens: int | None = 512  # cap on each reply (None: the endpoint's default)
 
     def __post_init__(self) -> None:
         self.name = self.name or self.llm.model
@@ -92,7 +99,12 @@ class Judge:
         for attempt in range(1, self.max_attempts + 1):
             # a retry re-asks with a note, without the bad reply: the context stays as short as the first ask
             ask = prompt if attempt == 1 else f"{prompt}\n{RETRY_NOTE}"
-            result = await self.llm.chat([{"role": "user", "content": ask}], temperature=0.0)
+            try:
+                result = await self.llm.chat([{"role": "user", "content": ask}], temperature=0.0,
+                                             **({"max_tokens": self.max_tokens} if self.max_tokens else {}))
+            except ContextLengthError as e:
+                raise JudgeError(f"judge {self.name}: the grading prompt ({len(ask)} characters) does not fit the "
+                                 f"model's context ({e}); use a judge model with a longer context") from None
             reply = result.message.get("content") or ""
             replies.append(reply)
             letter, explanation = parse_grade(reply)

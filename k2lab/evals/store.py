@@ -13,13 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from k2lab.runs import append_jsonl, read_jsonl, write_atomic, write_json  # noqa: F401  (re-exported for evals)
+from k2lab.data import DatasetError
+from k2lab.runs import RunDirError, append_jsonl, claim, read_jsonl, write_atomic, write_json  # noqa: F401
 
 ON_ERROR = ("skip", "stop")
-
-
-class DatasetError(ValueError):
-    """A malformed dataset row; the message names the file and line."""
 
 
 @dataclass
@@ -37,7 +34,7 @@ def read_dataset(path: str | Path, check: Callable[[dict], None], on_error: str 
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     path = Path(path)
     if not path.is_file():
-        raise DatasetError(f"{path}: no such dataset file")
+        raise DatasetError(f"{path}: no such dataset file; check --dataset")
     out = Dataset(rows=[])
     for line_no, parse in _raw_rows(path):
         try:
@@ -93,15 +90,13 @@ def require(row: dict, fields: dict[str, type]) -> None:
             raise ValueError(f"field {name!r} must be {typ.__name__}, got {type(row[name]).__name__}")
 
 
-def open_run(run_dir: Path, log: str, resume: bool, model: str) -> None:
-    """Create run_dir for a new run, or check that a resumed run is the same model's."""
-    if (run_dir / log).exists():
-        if not resume:
-            raise FileExistsError(f"{run_dir} already holds a run; pass resume=True (--resume) or pick a new run dir")
-        config = json.loads((run_dir / "config.json").read_text())
-        if config["model"] != model:
-            raise ValueError(f"{run_dir} holds a run of model {config['model']!r}; cannot resume it with {model!r}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+def open_run(run_dir: Path, kind: str, resume: bool, model: str) -> None:
+    """Claim run_dir for a new `kind` eval run, or check that a resumed one is the same model's (`k2lab.runs`)."""
+    existed = (run_dir / "run.json").exists()
+    claim(run_dir, {"model": model}, f"eval-{kind}")  # refuses another kind of run, or another model's
+    if existed and not resume:
+        raise RunDirError(f"{run_dir} already holds an eval-{kind} run; pass --resume to continue it or use "
+                          "another --run-dir")
 
 
 def snapshot(run_dir: Path, rows: list[dict]) -> None:

@@ -15,14 +15,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from tqdm import tqdm
 
+from k2lab.agents.llm import EndpointError
 from k2lab.evals import report
-from k2lab.evals.store import Dataset, append_jsonl, open_run, read_dataset, read_jsonl, snapshot, write_json
+from k2lab.evals.store import (ON_ERROR, Dataset, append_jsonl, open_run, read_dataset, read_jsonl, snapshot,
+                               write_json)
 
 SEED_DATASET = Path(__file__).parent / "data" / "toolcalls.jsonl"
 NOT_SENT = ("id", "expect", "model", "stream", "stream_options")  # our keys, and what the client sets itself
@@ -60,36 +63,65 @@ def latest(records: list[dict]) -> dict[str, dict]:
     return {r["id"]: r for r in records}
 
 
-async def run_toolcalls(dataset: str | Path, model, run_dir: str | Path, reference: str | Path | None = None,
-                        resume: bool = False, on_error: str = "stop") -> dict:
+@dataclass
+class ToolcallSettings:
+    """`k2lab eval toolcalls`. Endpoint, key and model default to K2LAB_* / OPENAI_* (agents/llm.py)."""
+
+    dataset: str | None = None  # JSONL of request bodies; None: the shipped set
+    model: str | None = None
+    base_url: str | None = None
+    api_key: str | None = None
+    run_dir: str = "runs/eval-toolcalls"
+    reference: str | None = None  # run dir of a reference run; None: the rows' `expect`
+    resume: bool = False
+    on_error: str = "stop"
+    concurrency: int = 8
+    max_retries: int = 6
+    max_tokens: int = 512  # cap for requests whose body sets none, so an endless generation cannot stall a run
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+        if self.concurrency < 1 or self.max_tokens < 1 or self.max_retries < 0:
+            raise ValueError(f"need concurrency >= 1, max_tokens >= 1, max_retries >= 0; got {self.concurrency}, "
+                             f"{self.max_tokens}, {self.max_retries}")
+
+
+async def run_toolcalls(model, s: ToolcallSettings) -> dict:
     """Send every request with `model` (an LLM); write responses.jsonl, results.json and report.md."""
-    run_dir = Path(run_dir)
+    dataset = s.dataset or SEED_DATASET
+    run_dir = Path(s.run_dir)
     log = run_dir / "responses.jsonl"
-    open_run(run_dir, log.name, resume, model.model)
-    data = load_dataset(dataset, on_error)
+    open_run(run_dir, "toolcalls", s.resume, model.model)
+    data = load_dataset(dataset, s.on_error)
     snapshot(run_dir, data.rows)
     write_json(run_dir / "config.json", {"eval": "toolcalls", "dataset": str(dataset), "model": model.model,
-                                         "reference": str(reference) if reference else None,
-                                         "skipped_rows": data.skipped})
+                                         "reference": str(s.reference) if s.reference else None,
+                                         "max_tokens": s.max_tokens, "skipped_rows": data.skipped})
     done = {i for i, r in latest(read_jsonl(log)).items() if not r.get("error")}
     todo = [r for r in data.rows if r["id"] not in done]
     bar = tqdm(total=len(todo), desc="toolcalls", unit="req")
 
     async def one(row: dict) -> None:
-        sampling = {k: v for k, v in row.items() if k not in NOT_SENT + ("messages", "tools")}
+        sampling = {"max_tokens": s.max_tokens} | {k: v for k, v in row.items()
+                                                   if k not in NOT_SENT + ("messages", "tools")}
         try:
             res = await model.chat(row["messages"], tools=row.get("tools"), **sampling)
             calls = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
                      for c in res.tool_calls]
             rec = {"id": row["id"], "finish_reason": res.finish_reason, "content": res.message.get("content"),
                    "tool_calls": calls, "retries": res.retries, "usage": res.usage}
+        except EndpointError:  # nothing answers: every request would fail the same way
+            raise
         except Exception as e:  # failed past the client's retries: recorded, re-sent by --resume
             rec = {"id": row["id"], "error": f"{type(e).__name__}: {e}"}
         append_jsonl(log, rec)
         bar.update(1)
 
-    await asyncio.gather(*(one(r) for r in todo))
-    bar.close()
+    try:
+        await asyncio.gather(*(one(r) for r in todo))
+    finally:
+        bar.close()
     return finalize(run_dir)
 
 
@@ -175,16 +207,16 @@ def finalize(run_dir: str | Path) -> dict:
     return results
 
 
-def main(dataset: str | Path | None, model: str | None, base_url: str | None, run_dir: str | Path,
-         reference: str | Path | None, resume: bool, on_error: str, concurrency: int, max_retries: int) -> dict:
+def main(s: ToolcallSettings) -> dict:
     """`k2lab eval toolcalls`."""
     from k2lab.agents.llm import LLM
 
-    llm = LLM(base_url=base_url, model=model, max_concurrency=concurrency, max_retries=max_retries)
+    llm = LLM(base_url=s.base_url, api_key=s.api_key, model=s.model, max_concurrency=s.concurrency,
+              max_retries=s.max_retries)
 
     async def go() -> dict:
         try:
-            return await run_toolcalls(dataset or SEED_DATASET, llm, run_dir, reference, resume, on_error)
+            return await run_toolcalls(llm, s)
         finally:
             await llm.aclose()
     return asyncio.run(go())

@@ -70,13 +70,17 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x [N, D], idx/weight [N, k] -> sum_k weight * expert_idx(x): [N, D]."""
+        # Dispatch and combine are permutations (index_select by `order`, then by its inverse) plus a sum over
+        # the k choices: no scatter-add with repeated indices, whose CPU/GPU kernels add in a thread-dependent
+        # order, so forward and backward are bitwise reproducible (bench/model.py measures the cost).
+        n, k = idx.shape
         flat = idx.flatten()
         order = flat.argsort(stable=True)
-        token = order // idx.shape[1]  # source token of each sorted (token, choice) pair
         counts = torch.bincount(flat, minlength=self.n_experts)
-        y = self.grouped_ffn(x[token], counts)
-        y = y * weight.flatten()[order, None].to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+        xs = x.repeat_interleave(k, dim=0).index_select(0, order)  # row j: the token of sorted pair j
+        y = self.grouped_ffn(xs, counts).index_select(0, order.argsort())  # back to (token, choice) order
+        y = y * weight.flatten()[:, None].to(y.dtype)
+        return y.view(n, k, -1).sum(1).to(x.dtype)
 
     def grouped_ffn(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs [M, D] sorted by expert with counts [E] rows each -> the experts' outputs [M, D]."""

@@ -77,7 +77,7 @@ class K2VLForConditionalGeneration(nn.Module):
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with the placeholder positions replaced by image features."""
-        embeds = self.language_model.model.embed_tokens(input_ids)
+        embeds = self.language_model.embed(input_ids)
         mask = input_ids == self.media_pad_id
         n_slots = int(mask.sum())
         if pixel_values is None:
@@ -92,10 +92,28 @@ class K2VLForConditionalGeneration(nn.Module):
                                   f"features (grid_thw {image_grid_thw.tolist()}; each image needs h*w/4)")
         return embeds.masked_scatter(mask[..., None], features.to(embeds.dtype))
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                image_grid_thw: torch.Tensor | None = None, **lm_kwargs) -> torch.Tensor:
-        """Logits [B, T, vocab]; lm_kwargs (positions, cache, ...) go to the language model unchanged."""
-        return self.language_model(inputs_embeds=self.embed(input_ids, pixel_values, image_grid_thw), **lm_kwargs)
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                image_grid_thw: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                **lm_kwargs) -> torch.Tensor:
+        """Logits [B, T, vocab]; lm_kwargs (positions, cache, rows) go to the language model unchanged.
+        inputs_embeds (from `embed`) skip the embedding, so a prefill with images and a decode step use the
+        same call as the text model's (the engine's model interface)."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            inputs_embeds = self.embed(input_ids, pixel_values, image_grid_thw)
+        return self.language_model(inputs_embeds=inputs_embeds, **lm_kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.language_model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.language_model.dtype
+
+    def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None):
+        return self.language_model.new_cache(slots, max_len, dtype)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,

@@ -11,6 +11,7 @@ from k2lab.model.mla import MLA, CacheBatch, LatentCache
 from k2lab.model.moe import MLP, MoE
 from k2lab.model.norm import RMSNorm
 from k2lab.model.rope import RotaryEmbedding
+from k2lab.model.sampling import sample
 
 
 class Block(nn.Module):
@@ -112,6 +113,19 @@ class K2ForCausalLM(nn.Module):
         h = self.model(input_ids, inputs_embeds, positions, cache, rows, document_ids)
         return self.lm_head(h.to(self.lm_head.weight.device))
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, D]: what `inputs_embeds` replaces (image features go in there)."""
+        return self.model.embed_tokens(input_ids)
+
+    @property
+    def device(self) -> torch.device:
+        """Where logits (and the cache built by new_cache) live."""
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
              document_ids: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,12 +133,11 @@ class K2ForCausalLM(nn.Module):
         for inputs [B, T], with the head and loss in chunks (k2lab.model.loss): the [B, T, vocab] logits are
         never built. normalizer: divide the summed loss by this instead of the counted tokens' number."""
         h = self.model(input_ids, document_ids=document_ids)
-        return chunked_cross_entropy(h.to(self.lm_head.weight.device), self.lm_head.weight, targets, mask,
+        return chunked_cross_entropy(h.to(self.device), self.lm_head.weight, targets, mask,
                                      normalizer=normalizer)
 
     def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
-        param = self.lm_head.weight
-        return LatentCache(self.config, slots, max_len, dtype or param.dtype, param.device)
+        return LatentCache(self.config, slots, max_len, dtype or self.dtype, self.device)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
@@ -139,7 +152,7 @@ class K2ForCausalLM(nn.Module):
         if t + max_new_tokens > self.config.max_position_embeddings:
             raise ValueError(f"prompt {t} + {max_new_tokens} new tokens exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
-        device = self.lm_head.weight.device
+        device = self.device
         gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         cache = self.new_cache(bsz, t + max_new_tokens)
         tokens = input_ids.to(device)
@@ -151,7 +164,8 @@ class K2ForCausalLM(nn.Module):
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
         out = [tokens]
         for step in range(max_new_tokens):
-            nxt = sample(logits.float(), temperature, top_p, gen)
+            uniform = torch.rand(bsz, generator=gen, device=device) if temperature > 0 else None
+            nxt, _ = sample(logits, temperature, top_p, uniform=uniform)
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
                 done |= nxt == eos_token_id
@@ -176,15 +190,3 @@ def parameter_counts(model: K2ForCausalLM) -> dict[str, int]:
     return {"total": total, "active": total - inactive,
             "embedding": model.model.embed_tokens.weight.numel(), "lm_head": model.lm_head.weight.numel()}
 
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of logits [B, V]: argmax at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    probs = (logits / temperature).softmax(dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p * keep)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

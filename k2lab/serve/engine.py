@@ -4,6 +4,8 @@ The cache is [layers, slots, max_len, kv_lora_rank + rope] (k2lab.model.mla.Late
 fixes slots x max_len. Each step (1) admits waiting requests into free slots, (2) runs prefill chunks of
 at most `prefill_chunk` tokens in total (one forward per chunk length: rows of one forward share T), and (3) runs
 one decode forward for every request that is generating, each row at its own position of its own slot.
+The tokens of every row a forward produced are drawn in one call of the shared sampler (k2lab.model.sampling),
+each request from its own seeded generator. The model is reached only through the `CausalLM` methods.
 Requests join between steps and leave (freeing their slot) when they finish or are cancelled. Written by hand
 because serving engines (vLLM, SGLang) are not a CPU/laptop-scale library; it follows gpt-fast in size.
 
@@ -24,8 +26,9 @@ from typing import Callable, Protocol
 
 import torch
 
-from k2lab.model import K2ForCausalLM
-from k2lab.serve.sampling import SamplingParams, choose, token_logprobs
+from k2lab.config import ModelConfig
+from k2lab.model import LatentCache, sample
+from k2lab.serve.sampling import SamplingParams, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,22 @@ class EngineError(ValueError):
     def __init__(self, message: str, status: int = 400, code: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.code = status, code
+
+
+class CausalLM(Protocol):
+    """What the engine (and the rollout API) needs of a model; K2ForCausalLM and the multimodal
+    K2VLForConditionalGeneration both offer it. Logits [B, T, V] for tokens at `positions` [B, T] of cache slots
+    `rows` [B], attending to what those slots hold."""
+
+    config: ModelConfig
+    device: torch.device
+    dtype: torch.dtype
+
+    def __call__(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                 positions: torch.Tensor | None = None, cache: LatentCache | None = None,
+                 rows: torch.Tensor | None = None) -> torch.Tensor: ...
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+    def new_cache(self, slots: int, max_len: int) -> LatentCache: ...
 
 
 class Constraint(Protocol):
@@ -84,17 +103,17 @@ class Request:
 class _Decoding:
     """Per-request decode state: generator, token counts for penalties, UTF-8 and stop-string buffers."""
 
-    def __init__(self, req: Request, vocab: int):
+    def __init__(self, req: Request, vocab: int, device: torch.device):
         seed = req.params.seed if req.params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed)
-        self.counts = torch.zeros(vocab) if req.params.penalized else None
+        self.counts = torch.zeros(vocab, device=device) if req.params.penalized else None
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.sent = 0  # chars of req.text already streamed
         self.hold = max((len(s) for s in req.params.stop), default=1) - 1
 
 
 class Engine:
-    def __init__(self, model: K2ForCausalLM, token_bytes: Callable[[int], bytes], eos_ids: tuple[int, ...],
+    def __init__(self, model: CausalLM, token_bytes: Callable[[int], bytes], eos_ids: tuple[int, ...],
                  max_len: int = 2048, cache_bytes: int = 512 << 20, max_slots: int = 64,
                  prefill_chunk: int = 256, max_queue: int = 1024):
         """`token_bytes(id)` gives a token's bytes (special tokens as their text); `eos_ids` end every request.
@@ -103,17 +122,16 @@ class Engine:
         config = model.config
         if max_len > config.max_position_embeddings:
             raise ValueError(f"max_len {max_len} exceeds max_position_embeddings {config.max_position_embeddings}")
-        dtype = model.lm_head.weight.dtype
-        per_token = config.cache_bytes_per_token(torch.finfo(dtype).bits // 8)
+        per_token = config.cache_bytes_per_token(torch.finfo(model.dtype).bits // 8)
         slots = min(max_slots, cache_bytes // (max_len * per_token))
         if slots < 1:
             raise ValueError(f"cache budget {cache_bytes} bytes holds no slot of {max_len} tokens "
                              f"({per_token} bytes per token)")
-        self.cache = model.new_cache(slots, max_len, dtype)
+        self.cache = model.new_cache(slots, max_len)
         self.max_len, self.slots, self.prefill_chunk, self.max_queue = max_len, slots, prefill_chunk, max_queue
         self.vocab = config.vocab_size
         self.token_bytes, self.eos_ids = token_bytes, tuple(eos_ids)
-        self.device = model.lm_head.weight.device
+        self.device = model.device
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.free = list(range(slots - 1, -1, -1))
@@ -174,7 +192,7 @@ class Engine:
             while self.waiting and self.free:
                 req = self.waiting.popleft()
                 req.slot = self.free.pop()
-                self.state[id(req)] = _Decoding(req, self.vocab)
+                self.state[id(req)] = _Decoding(req, self.vocab, self.device)
                 self.running.append(req)
         if not self.running:
             return False
@@ -208,21 +226,23 @@ class Engine:
             positions = torch.stack([torch.arange(r.prefilled, r.prefilled + n, device=self.device) for r in reqs])
             slots = torch.tensor([r.slot for r in reqs], device=self.device)
             if any(r.embeds is not None for r in reqs):  # image features sit in these prompts' embeddings
-                embeds = self.model.model.embed_tokens(ids)
+                embeds = self.model.embed(ids)
                 for i, r in enumerate(reqs):
                     if r.embeds is not None:
                         embeds[i] = r.embeds[r.prefilled:r.prefilled + n]
                 logits = self.model(inputs_embeds=embeds, positions=positions, cache=self.cache, rows=slots)
             else:
                 logits = self.model(ids, positions=positions, cache=self.cache, rows=slots)
-            logits = logits[:, -1].float()
             self.prompt_tokens += n * len(reqs)
-            for i, req in enumerate(reqs):
+            for req in reqs:
                 req.prefilled += n
-                if req.prefilled == len(req.prompt):
-                    req.first_token_time = time.perf_counter()
-                    self._emit(req, logits[i])
-                    produced += 1
+            ready = [i for i, r in enumerate(reqs) if r.prefilled == len(r.prompt)]
+            if ready:
+                now = time.perf_counter()
+                for i in ready:
+                    reqs[i].first_token_time = now
+                self._emit([reqs[i] for i in ready], logits[ready, -1])
+                produced += len(ready)
         return produced
 
     def _decode(self) -> int:
@@ -233,16 +253,42 @@ class Engine:
         ids = torch.tensor([[r.output[-1]] for r in rows], device=self.device)
         positions = torch.tensor([[len(r.prompt) + len(r.output) - 1] for r in rows], device=self.device)
         slots = torch.tensor([r.slot for r in rows], device=self.device)
-        logits = self.model(ids, positions=positions, cache=self.cache, rows=slots)[:, -1].float()
-        for i, req in enumerate(rows):
-            self._emit(req, logits[i])
+        logits = self.model(ids, positions=positions, cache=self.cache, rows=slots)[:, -1]
+        self._emit(rows, logits)
         return len(rows)
 
-    def _emit(self, req: Request, logits: torch.Tensor) -> None:
-        """Sample the next token of req from its logits [V], stream it, and finish req if it is done."""
+    def _emit(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """Sample the next token of every request in reqs from its row of logits [N, V] in one batched call
+        (each request draws from its own generator), then stream each token."""
+        states = [self.state[id(r)] for r in reqs]
+
+        def column(name: str) -> torch.Tensor:
+            return torch.tensor([getattr(r.params, name) for r in reqs])
+
+        counts = allowed = None
+        if any(st.counts is not None for st in states):
+            zeros = torch.zeros(self.vocab, device=self.device)
+            counts = torch.stack([zeros if st.counts is None else st.counts for st in states])
+        if any(r.constraint is not None for r in reqs):
+            everything = torch.ones(self.vocab, dtype=torch.bool)
+            allowed = torch.stack([everything if r.constraint is None else r.constraint.allowed()
+                                   for r in reqs]).to(self.device)
+        bias = None
+        if any(r.params.logit_bias for r in reqs):
+            bias = torch.zeros(len(reqs), self.vocab, device=self.device)
+            for i, r in enumerate(reqs):
+                for token, b in r.params.logit_bias:
+                    bias[i, token] += b
+        uniform = torch.cat([torch.rand(1, generator=st.generator) for st in states])
+        tokens, _ = sample(logits, column("temperature"), column("top_p"), column("top_k"), uniform, counts=counts,
+                           frequency_penalty=column("frequency_penalty"), presence_penalty=column("presence_penalty"),
+                           bias=bias, allowed=allowed)
+        for i, (req, token) in enumerate(zip(reqs, tokens.tolist())):
+            self._accept(req, token, logits[i].float())
+
+    def _accept(self, req: Request, token: int, logits: torch.Tensor) -> None:
+        """Record and stream req's next token (logprobs from its raw logits [V]); finish req if it is done."""
         st, p = self.state[id(req)], req.params
-        allowed = req.constraint.allowed() if req.constraint is not None else None
-        token = choose(logits, p, st.counts, allowed, st.generator)
         logprob = top = None
         if p.logprobs is not None:
             logprob, top = token_logprobs(logits.log_softmax(-1), token, p.logprobs)

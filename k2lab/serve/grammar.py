@@ -55,21 +55,28 @@ class GrammarCompiler:
             raise ValueError(f"cannot compile the grammar: {matcher.get_error()}")
         return Grammar(matcher, self.vocab, self.stop_ids)
 
-    def json_schema(self, schema: dict) -> Grammar:
-        """The whole output is one JSON value of `schema` (response_format json_schema / json_object)."""
+    def json_schema(self, schema: dict, open_think: bool = False) -> Grammar:
+        """The whole output is one JSON value of `schema` (response_format json_schema / json_object).
+        open_think: the prompt ends inside <think> (K2.6 thinking mode), so the reasoning and </think> come first."""
+        if open_think:
+            return self._matcher(f"start: {_REASONING}{_json(schema)}\n{_TEXT}")
         return self._matcher(f"start: {_json(schema)}\n")
 
-    def tool_calls(self, tools: list[dict], choice: str | dict, parallel: bool) -> Grammar:
-        """K2 tool-call syntax with each strict tool's arguments held to its schema (others: any JSON object).
-        choice: "auto" (text, then optionally calls), "required" (calls only) or {"function": {"name"}}."""
+    def tool_calls(self, tools: list[dict], choice: str | dict, parallel: bool, open_think: bool = False) -> Grammar:
+        """K2 tool-call syntax. choice: "auto" (text, then optionally calls), "required" (calls only) or
+        {"function": {"name"}}. Arguments follow the tool's schema when the tool is strict or a call is required
+        or named (OpenAI: a forced call must fit the tool); other calls' arguments are any JSON object."""
         if isinstance(choice, dict):
             tools = [t for t in tools if t["function"]["name"] == choice["function"]["name"]]
+        forced = choice != "auto"
         rules = [f'call{i}: <|tool_call_begin|> "functions.{t["function"]["name"]}:" INDEX '
-                 f'<|tool_call_argument_begin|> {_json(_arguments_schema(t["function"]))} <|tool_call_end|>'
+                 f'<|tool_call_argument_begin|> {_json(_arguments_schema(t["function"], forced))} <|tool_call_end|>'
                  for i, t in enumerate(tools)]
         calls = "call" + ("+" if parallel else "")
-        # required/named: the calls come at once (no reasoning first, so the output is bounded by the schemas)
-        body = "think? TEXT? section?" if choice == "auto" else "section"
+        # required/named: the calls come at once (no reasoning first, so the output is bounded by the schemas),
+        # unless the prompt already opened the reasoning (then it is closed first)
+        think = _REASONING if open_think else "think? "
+        body = (think + "TEXT? section?") if not forced else (_REASONING if open_think else "") + "section"
         lark = "\n".join([
             f"start: {body}",
             "think: <think> TEXT? </think>",
@@ -77,13 +84,17 @@ class GrammarCompiler:
             "call: " + " | ".join(f"call{i}" for i in range(len(tools))),
             *rules,
             "INDEX: /[0-9]{1,3}/",
-            r"TEXT: /(.|\n)+/",
+            _TEXT,
         ])
         return self._matcher(lark)
 
 
-def _arguments_schema(function: dict) -> dict:
-    if function.get("strict"):
+_REASONING = "TEXT? </think> "  # the rest of a reasoning block the prompt opened
+_TEXT = r"TEXT: /(.|\n)+/"
+
+
+def _arguments_schema(function: dict, forced: bool) -> dict:
+    if function.get("strict") or forced:
         return function.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
     return {"type": "object"}
 

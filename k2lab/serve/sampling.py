@@ -1,8 +1,7 @@
-"""Per-request sampling: OpenAI's parameters applied to one row of logits.
-
-Order (as in vLLM): frequency/presence penalties on the raw logits, then the grammar mask, then greedy
-(temperature 0) or temperature -> top-k -> top-p -> a draw from the request's own seeded generator, so a
-request's tokens never depend on what else is in the batch. Logprobs are those of the model's raw distribution.
+"""Per-request sampling parameters (OpenAI's), checked on the way in. The engine applies them to a batch of
+rows in one call of the shared sampler, `k2lab.model.sampling.sample` (penalties, logit_bias, grammar mask, temperature,
+top-k, top-p, a draw from the request's own seeded generator). Logprobs streamed to clients are those of the
+model's raw distribution, as OpenAI reports them.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; n: the chosen token's logprob and the n most likely alternatives
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), OpenAI's logit_bias
 
     def __post_init__(self) -> None:
         checks = [
@@ -40,6 +40,7 @@ class SamplingParams:
              f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (len(self.stop) <= 4, f"at most 4 stop strings, got {len(self.stop)}"),
+            (all(-100 <= b <= 100 for _, b in self.logit_bias), "logit_bias values must be in [-100, 100]"),
         ]
         problems = [msg for ok, msg in checks if not ok]
         if problems:
@@ -48,28 +49,6 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
-
-
-def choose(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None,
-           allowed: torch.Tensor | None, generator: torch.Generator) -> int:
-    """One token id from fp32 logits [V]; counts [V] are how often each id was generated so far,
-    allowed [V] bool is the grammar mask (None: all)."""
-    if params.penalized and counts is not None:
-        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    if params.temperature == 0.0:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.numel():
-        kth = logits.topk(params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    if params.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < params.top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p * keep)
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def token_logprobs(logprobs: torch.Tensor, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:

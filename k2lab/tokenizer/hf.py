@@ -11,7 +11,13 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from k2lab.tokenizer.templates import CHAT_FORMATS
 from k2lab.tokenizer.tokenizer import PAT_STR
+
+# Not special in Moonshot's tokenizer_config.json, so decoding with skip_special_tokens keeps them and a
+# tool-call / reasoning parser downstream (vLLM's kimi_k2 parsers) still sees them.
+NON_SPECIAL = frozenset({"<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
+                         "<|tool_call_argument_begin|>", "<|tool_call_end|>", "<think>", "</think>"})
 
 if TYPE_CHECKING:
     from k2lab.tokenizer.tokenizer import Tokenizer
@@ -47,7 +53,7 @@ def hf_tokenizer_json(tok: Tokenizer) -> str:
     text = lambda b: "".join(b2u[x] for x in b)  # noqa: E731
     vocab = {text(t): r for t, r in tok.mergeable_ranks.items()}
     added = [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True}
+              "normalized": False, "special": name not in NON_SPECIAL}
              for name, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])]
     spec = {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
@@ -65,9 +71,8 @@ def hf_tokenizer_json(tok: Tokenizer) -> str:
 
 
 def tokenizer_config(tok: Tokenizer) -> dict:
-    """`tokenizer_config.json`: class, special tokens (bos/eos/pad/unk, added_tokens_decoder), chat template."""
-    from k2lab.tokenizer.chat import CHAT_TEMPLATE
-
+    """`tokenizer_config.json`: class, special tokens (bos/eos/pad/unk, added_tokens_decoder), chat format and
+    template."""
     name = {i: n for n, i in tok.special_tokens.items()}
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -76,7 +81,8 @@ def tokenizer_config(tok: Tokenizer) -> dict:
         "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "model_max_length": 1 << 20,
         "added_tokens_decoder": {str(i): {"content": n, "lstrip": False, "normalized": False, "rstrip": False,
-                                          "single_word": False, "special": True}
+                                          "single_word": False, "special": n not in NON_SPECIAL}
                                  for i, n in sorted(name.items())},
-        "chat_template": tok.chat_template or CHAT_TEMPLATE,
+        "k2lab_chat_format": tok.chat_format,
+        "chat_template": tok.chat_template or CHAT_FORMATS[tok.chat_format],
     }

@@ -16,11 +16,13 @@ import codecs
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import tiktoken
+
+from k2lab.runs import write_atomic
+from k2lab.tokenizer.templates import K2_6, chat_format_of, check_format
 
 # K2's split pattern: Han runs; letter words with an optional leading non-letter and English contractions
 # (lower-case-led and upper-case-led); digits in groups of 1-3; punctuation runs with trailing newlines;
@@ -100,10 +102,12 @@ def _split_runs(text: str) -> Iterator[str]:
 
 
 class Tokenizer:
-    """tiktoken BPE + K2 special tokens. `encode` parses special-token text only when `allow_special`."""
+    """tiktoken BPE + K2 special tokens. `encode` parses special-token text only when `allow_special`.
+    `chat_format` names the chat format (k2lab.tokenizer.chat) the checkpoint was trained with; `chat_template`
+    is the Jinja template saved with it (None: the format's own)."""
 
     def __init__(self, mergeable_ranks: dict[bytes, int], special_names: dict[str, int] | None = None,
-                 chat_template: str | None = None, name: str = "k2lab"):
+                 chat_template: str | None = None, name: str = "k2lab", chat_format: str = K2_6):
         n = len(mergeable_ranks)
         if sorted(mergeable_ranks.values()) != list(range(n)):
             raise ValueError(f"BPE ranks must be exactly 0..{n - 1}")
@@ -112,6 +116,7 @@ class Tokenizer:
             raise ValueError(f"special tokens must take ids {n}..{n + NUM_RESERVED - 1} (256 reserved ids)")
         self.mergeable_ranks = mergeable_ranks
         self.chat_template = chat_template
+        self.chat_format = check_format(chat_format)
         self.enc = tiktoken.Encoding(name=name, pat_str=PAT_STR, mergeable_ranks=mergeable_ranks,
                                      special_tokens=self.special_tokens)
         self.vocab_size = n + NUM_RESERVED
@@ -171,7 +176,8 @@ class Tokenizer:
     # ---- files ----
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
-        """Read `tiktoken.model` and `tokenizer_config.json` (K2's files or k2lab's)."""
+        """Read `tiktoken.model` and `tokenizer_config.json` (K2's files or k2lab's); the chat template comes from
+        the config or, failing that, `chat_template.jinja`."""
         d = Path(directory)
         model, config = d / "tiktoken.model", d / "tokenizer_config.json"
         if not model.is_file():
@@ -189,19 +195,23 @@ class Tokenizer:
         n = len(ranks)
         named = {int(i): t["content"] for i, t in cfg.get("added_tokens_decoder", {}).items()}
         specials = {named.get(i, f"<|reserved_token_{i}|>"): i for i in range(n, n + NUM_RESERVED)}
-        return cls(ranks, specials, chat_template=cfg.get("chat_template"), name=d.name or "k2lab")
+        if "chat_template" not in cfg and (d / "chat_template.jinja").is_file():
+            cfg["chat_template"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        return cls(ranks, specials, chat_template=cfg.get("chat_template"), name=d.name or "k2lab",
+                   chat_format=chat_format_of(cfg))
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write tiktoken.model, tokenizer.json and tokenizer_config.json (each atomically)."""
+        """Write tiktoken.model, tokenizer.json, tokenizer_config.json and chat_template.jinja (each atomically)."""
         from k2lab.tokenizer.hf import hf_tokenizer_json, tokenizer_config
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         lines = (f"{base64.b64encode(tok).decode()} {rank}\n"
                  for tok, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]))
-        _write_atomic(d / "tiktoken.model", "".join(lines))
-        _write_atomic(d / "tokenizer.json", hf_tokenizer_json(self))
-        _write_atomic(d / "tokenizer_config.json", json.dumps(tokenizer_config(self), indent=2, ensure_ascii=False))
+        write_atomic(d / "tiktoken.model", "".join(lines))
+        write_atomic(d / "tokenizer.json", hf_tokenizer_json(self))
+        write_atomic(d / "tokenizer_config.json", json.dumps(tokenizer_config(self), indent=2, ensure_ascii=False))
+        write_atomic(d / "chat_template.jinja", tokenizer_config(self)["chat_template"])
 
 
 class IncrementalDecoder:
@@ -217,15 +227,3 @@ class IncrementalDecoder:
 
     def flush(self) -> str:
         return self._utf8.decode(b"", final=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

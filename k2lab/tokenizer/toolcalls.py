@@ -1,17 +1,24 @@
 """Parse K2 assistant output into reasoning, content and OpenAI-style tool calls, in one go or streaming.
 
-    [<think>{reasoning}</think>]{content}<|tool_calls_section_begin|>
+    [<think>]{reasoning}</think>{content}<|tool_calls_section_begin|>
       <|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{JSON object}<|tool_call_end|> ...
     <|tool_calls_section_end|>[<|im_end|>]
 
+Output starts in the reasoning when it opens with `<think>` (after any whitespace) or when the prompt already
+opened it (`in_reasoning=True`: K2.6's thinking-mode generation prompt ends with `<think>`). A tool-calls section
+that begins inside the reasoning ends it: the calls are parsed as calls, not left in the reasoning. Call ids may
+be `functions.NAME:IDX`, `NAME:IDX`, or a bare counter `IDX` whose function is inferred from the offered tools
+(the only one, or the only one whose parameters fit the arguments), as vLLM's kimi_k2 parser accepts them;
+whitespace around the id and the arguments is dropped.
+
 One state machine serves both modes: `StreamingParser.feed(piece)` returns delta events as soon as they are
-certain (a piece that may be the start of a marker is held back), and `parse(text)` is `feed(text)` +
-`finish()` folded into a `ParsedMessage`. Malformed output never raises: the parser keeps the content it
-can recover, drops the calls it cannot parse and says why in `errors`, so a server can answer with a
-clear error. Events (dicts, by "type"):
-    {"type": "reasoning", "text"}            reasoning delta (an empty one when <think> opens)
+certain (a piece that may be the start of a marker, or trailing whitespace of arguments, is held back), and
+`parse(text)` is `feed(text)` + `finish()` folded into a `ParsedMessage`. Malformed output never raises: the
+parser keeps the content it can recover, drops the calls it cannot parse (invalid JSON, a malformed id, a call
+left open) and says why in `errors`, so a server can answer with a clear error. Events (dicts, by "type"):
+    {"type": "reasoning", "text"}            reasoning delta (an empty one when the reasoning opens)
     {"type": "content", "text"}              content delta
-    {"type": "tool_call", "index", "id", "name"}   once per call, when its id is complete
+    {"type": "tool_call", "index", "id", "name"}   once per call, when its id (and name) is known
     {"type": "arguments", "index", "text"}   argument delta of call `index`
     {"type": "error", "index", "message"}    `index` is the call it invalidates, or None
 """
@@ -28,12 +35,13 @@ CALL_BEGIN, ARG_BEGIN, CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_b
 IM_END = "<|im_end|>"
 _SECTION_MARKERS = (SECTION_BEGIN, SECTION_END, CALL_BEGIN, ARG_BEGIN, CALL_END, IM_END)
 MARKERS = {  # markers that mean something in each state; anything else is text
-    "reasoning": (THINK_END, IM_END),
+    "reasoning": (THINK_END, SECTION_BEGIN, CALL_BEGIN, IM_END),
     "content": (SECTION_BEGIN, CALL_BEGIN, IM_END),
     "section": _SECTION_MARKERS, "call_id": _SECTION_MARKERS, "arguments": _SECTION_MARKERS,
 }
 _FIND = {state: re.compile("|".join(map(re.escape, ms))) for state, ms in MARKERS.items()}
-_CALL_ID = re.compile(r"functions\.(?P<name>[^\s:]+):(?P<index>\d+)")
+_CALL_ID = re.compile(r"(?:functions\.)?(?P<name>[^\s:]+):\d+|\d+")
+_SPACE = " \t\r\n"
 
 
 @dataclass
@@ -54,10 +62,17 @@ class ParsedMessage:
 
 
 class StreamingParser:
-    """Feed decoded text piece by piece; each `feed` returns the delta events it made certain."""
+    """Feed decoded text piece by piece; each `feed` returns the delta events it made certain. `tools` (the
+    request's OpenAI tool list) lets a bare-counter id name its function; `in_reasoning` says the prompt ended
+    with `<think>`."""
 
-    def __init__(self):
+    def __init__(self, tools: list[dict] | None = None, in_reasoning: bool = False):
         self.state = "start"
+        self._in_reasoning = in_reasoning
+        self._tools = [t["function"] for t in tools or []
+                       if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+        self._name: str | None = None  # the current call's function name; None: inferred when it ends
+        self._held = ""         # trailing whitespace of the arguments, emitted only if more text follows
         self._buf = ""
         self._events: list[dict] = []
         self._stray = ""        # non-call text inside a section
@@ -87,14 +102,16 @@ class StreamingParser:
     def _run(self, final: bool) -> None:
         while self._buf and self.state != "done":
             if self.state == "start":
-                if self._buf.startswith(THINK_BEGIN):
-                    self._buf = self._buf[len(THINK_BEGIN):]
-                    self.state = "reasoning"
-                    self._emit({"type": "reasoning", "text": ""})
-                elif THINK_BEGIN.startswith(self._buf) and not final:
+                head = self._buf.lstrip(_SPACE)
+                if head.startswith(THINK_BEGIN):
+                    self._buf = head[len(THINK_BEGIN):]
+                elif THINK_BEGIN.startswith(head) and not final:
                     return
-                else:
+                elif not self._in_reasoning:
                     self.state = "content"
+                    continue
+                self.state = "reasoning"
+                self._emit({"type": "reasoning", "text": ""})
                 continue
             m = _FIND[self.state].search(self._buf)
             if m:
@@ -119,17 +136,24 @@ class StreamingParser:
         elif self.state == "call_id":
             self._id += text
         elif self.state == "arguments":
+            if not self._args:
+                text = text.lstrip(_SPACE)
             self._args += text
-            if self._index is not None:
-                self._emit({"type": "arguments", "index": self._index, "text": text})
+            if self._index is not None and self._name is not None:
+                body = (self._held + text).rstrip(_SPACE)
+                self._held = (self._held + text)[len(body):]
+                if body:
+                    self._emit({"type": "arguments", "index": self._index, "text": body})
 
     def _marker(self, mk: str) -> None:
         s = self.state
-        if s == "reasoning":
+        if s == "reasoning":  # a tool-calls section (or call) ends the reasoning and is parsed as usual
             if mk == IM_END:
                 self._error(None, "unclosed <think>: <|im_end|> came inside the reasoning")
-            self.state = "content" if mk == THINK_END else "done"
-            return
+            self.state = {THINK_END: "content", SECTION_BEGIN: "section", IM_END: "done"}.get(mk, "content")
+            if mk != CALL_BEGIN:
+                return
+            s = "content"
         if s == "content":
             if mk == CALL_BEGIN:
                 self._error(None, "<|tool_call_begin|> outside a tool-calls section (section opened implicitly)")
@@ -145,7 +169,8 @@ class StreamingParser:
                 self._start_arguments()
             else:
                 where = f" in tool call {self._id.strip()!r}; call dropped" if s == "arguments" else " ignored"
-                self._error(self._index if s == "arguments" else None, "stray <|tool_call_argument_begin|>" + where)
+                self._error(self._streamed() if s == "arguments" else None,
+                            "stray <|tool_call_argument_begin|>" + where)
                 self._index = None  # a dropped call streams no more deltas
         elif mk == CALL_END:
             if s == "arguments":
@@ -171,21 +196,41 @@ class StreamingParser:
             self._error(None, f"text outside any call in the tool-calls section dropped: {self._stray.strip()!r:.60}")
         self._stray = ""
 
+    def _streamed(self) -> int | None:
+        """The index of the current call if its tool_call event went out (so an error must invalidate it)."""
+        return self._index if self._name is not None else None
+
     def _open_call(self) -> None:
-        self.state, self._id, self._args, self._index = "call_id", "", "", None
+        self.state, self._id, self._args, self._index, self._held = "call_id", "", "", None, ""
 
     def _start_arguments(self) -> None:
-        cid = self._id.strip()
+        cid = self._id.strip(_SPACE)
         m = _CALL_ID.fullmatch(cid)
-        if m:
-            self._index = self._n_calls
-            self._n_calls += 1
-            self._emit({"type": "tool_call", "index": self._index, "id": cid, "name": m["name"]})
-        else:
-            self._error(None, f"malformed tool call id {cid!r} (expected functions.NAME:INDEX); call dropped")
         self.state = "arguments"
+        if not m:
+            self._error(None, f"malformed tool call id {cid!r} (expected functions.NAME:INDEX); call dropped")
+            return
+        self._name = m["name"] or (self._tools[0].get("name") if len(self._tools) == 1 else None)
+        if self._name is None and not self._tools:
+            self._error(None, f"tool call id {cid!r} names no function and no tools were offered; call dropped")
+            return
+        self._index = self._n_calls  # a bare counter among several tools is named (and numbered) when it ends
+        if self._name is not None:
+            self._n_calls += 1
+            self._emit({"type": "tool_call", "index": self._index, "id": cid, "name": self._name})
 
     def _close_call(self) -> None:
+        if self._index is not None and self._name is None:
+            self._name = _fitting_tool(self._tools, self._args)
+            if self._name is None:
+                self._error(None, f"tool call {self._id.strip(_SPACE)!r} names no function and its arguments fit "
+                                  "no single offered tool; call dropped")
+                self.state = "section"
+                return
+            self._n_calls += 1
+            self._emit({"type": "tool_call", "index": self._index, "id": self._id.strip(_SPACE), "name": self._name})
+            if self._args.rstrip(_SPACE):
+                self._emit({"type": "arguments", "index": self._index, "text": self._args.rstrip(_SPACE)})
         if self._index is not None:
             try:
                 ok = isinstance(json.loads(self._args), dict)
@@ -200,7 +245,7 @@ class StreamingParser:
         if self.state == "call_id":
             self._error(None, f"tool call {self._id.strip()!r} unclosed: {why} before its arguments; dropped")
         elif self.state == "arguments" and self._index is not None:
-            self._error(self._index,
+            self._error(self._streamed(),
                         f"tool call {self._id.strip()!r} unclosed: {why} before <|tool_call_end|>; dropped")
 
     def _emit(self, event: dict) -> None:
@@ -212,6 +257,25 @@ class StreamingParser:
     def _take(self) -> list[dict]:
         out, self._events = self._events, []
         return out
+
+
+def _fitting_tool(tools: list[dict], args: str) -> str | None:
+    """The one offered function whose parameters fit `args` (a JSON object): every key a property, every
+    required property present. None when no tool or several fit."""
+    try:
+        obj = json.loads(args)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    keys = set(obj)
+    fits = []
+    for fn in tools:
+        params = fn.get("parameters") or {}
+        props, required = set(params.get("properties") or {}), set(params.get("required") or [])
+        if keys <= props and required <= keys:
+            fits.append(fn.get("name"))
+    return fits[0] if len(fits) == 1 else None
 
 
 def _partial_marker_len(buf: str, markers: tuple[str, ...]) -> int:
@@ -249,7 +313,7 @@ def collect(events: list[dict]) -> ParsedMessage:
     return out
 
 
-def parse(text: str) -> ParsedMessage:
-    """Parse a complete assistant output (decoded with special tokens kept)."""
-    p = StreamingParser()
+def parse(text: str, tools: list[dict] | None = None, in_reasoning: bool = False) -> ParsedMessage:
+    """Parse a complete assistant output (decoded with special tokens kept); arguments as in StreamingParser."""
+    p = StreamingParser(tools, in_reasoning)
     return collect(p.feed(text) + p.finish())

@@ -27,7 +27,6 @@ def train_tokenizer(vocab_size: int, paths: list[str | os.PathLike] | None = Non
     from tokenizers import Tokenizer as HFTokenizer
 
     from k2lab.data.corpus import iter_texts
-    from k2lab.tokenizer.chat import CHAT_TEMPLATE
     from k2lab.tokenizer.hf import bytes_to_unicode
 
     num_ranks = vocab_size - NUM_RESERVED
@@ -49,7 +48,7 @@ def train_tokenizer(vocab_size: int, paths: list[str | os.PathLike] | None = Non
                          f"{num_ranks} that vocab_size {vocab_size} needs: give more text (max_bytes/paths)")
     u2b = {u: b for b, u in bytes_to_unicode().items()}
     ranks = {bytes(u2b[c] for c in piece): i for piece, i in vocab.items()}
-    tok = Tokenizer(ranks, chat_template=CHAT_TEMPLATE)
+    tok = Tokenizer(ranks)
     if out_dir is not None:
         tok.save(Path(out_dir))
     return tok

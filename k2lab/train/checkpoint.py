@@ -1,10 +1,9 @@
 """Training checkpoints: the model in the Hugging Face layout (k2lab.save_model) plus the optimizer,
-the trainer state (step, data position) and every RNG, written into a temporary directory, fsynced and
-renamed into place, so a checkpoint directory either is complete or does not exist."""
+the trainer state (step, data position) and every RNG, written with k2lab.runs.atomic_dir, so a checkpoint
+directory either is complete or does not exist."""
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -15,8 +14,10 @@ import torch
 
 import k2lab
 from k2lab.checkpoint import CheckpointError
+from k2lab.runs import atomic_dir
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
+TOKENIZER_FILES = ("tiktoken.model", "tokenizer.json", "tokenizer_config.json")  # what Tokenizer.save writes
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -37,38 +38,18 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(run_dir: Path, step: int, model_for_save, optimizer_state: dict, trainer_state: dict,
                     tokenizer_dir: Path | None, keep: int = 2) -> Path:
     """Write checkpoints/step-NNNNNN atomically; keep the newest `keep` checkpoints."""
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = root / f".step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    k2lab.save_model(model_for_save, tmp)
-    if tokenizer_dir is not None:
-        for f in tokenizer_dir.iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer.pt")
-    _fsync_tree(tmp)
-    if final.exists():  # the same step saved again (a resumed run that stops where it started)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_tree(root)
+    final = run_dir / "checkpoints" / f"step-{step:06d}"
+    with atomic_dir(final) as tmp:  # a step saved again (a resumed run stopping where it started) is replaced
+        k2lab.save_model(model_for_save, tmp)
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (tokenizer_dir / name).is_file():
+                    shutil.copy2(tokenizer_dir / name, tmp / name)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer.pt")
     for old in checkpoint_dirs(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final

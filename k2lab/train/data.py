@@ -13,7 +13,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from k2lab.data import DatasetError
 from k2lab.data.corpus import corpus_files
+from k2lab.runs import atomic_path
+
+HELD_OUT_PIECE_ROWS = 8  # a held-out row is a window of its own 8-row stretch of text
 
 
 def embedded_corpus() -> list[Path]:
@@ -24,7 +28,7 @@ def embedded_corpus() -> list[Path]:
 def check_readable(paths: list[Path]) -> None:
     for p in paths:
         if not p.is_file() or not os.access(p, os.R_OK):
-            raise ValueError(f"cannot read corpus file {p}")
+            raise DatasetError(f"cannot read corpus file {p}: no such readable file; check --data")
 
 
 def read_document(path: Path) -> list[str]:
@@ -32,7 +36,7 @@ def read_document(path: Path) -> list[str]:
     try:
         raw = path.read_text(encoding="utf-8", errors="replace")
     except OSError as e:
-        raise ValueError(f"cannot read corpus file {path}: {e.strerror or e}") from None
+        raise DatasetError(f"cannot read corpus file {path}: {e.strerror or e}") from None
     if path.suffix != ".jsonl":
         return [raw]
     docs = []
@@ -42,46 +46,54 @@ def read_document(path: Path) -> list[str]:
         try:
             docs.append(json.loads(line)["text"])
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}:{n} is not a JSON object with a \"text\" field") from None
+            raise DatasetError(f"{path}:{n} is not a JSON object with a \"text\" field") from None
     return docs
 
 
 def build_dataset(paths: list[Path], encode, eos_id: int, seq_len: int, train_rows: int, val_rows: int,
                   seed: int, out_dir: Path) -> None:
-    """Tokenize documents (in a seeded order) until there are enough rows, pack them and save .npy files.
+    """Tokenize documents (in a seeded random order of the whole corpus) until both splits have enough rows,
+    pack them and save train.npy / val.npy.
 
-    Held-out rows come from their own documents (the first ones in the shuffled order), never from a
-    document that also feeds training. Only as many documents are tokenized as the run needs.
+    Text is cut into pieces of HELD_OUT_PIECE_ROWS rows; each next piece goes to the split that is further
+    behind its target, so held-out pieces are spread over the same stretch of the shuffled corpus that training
+    reads (not taken from its first documents). A held-out piece gives one row, a window at a seeded random
+    offset, so the held-out rows sample many places in many documents; no text feeds both splits. Only as many
+    documents are tokenized as the run needs.
     """
     check_readable(paths)
     order = list(paths)
-    random.Random(seed).shuffle(order)
+    rng = random.Random(seed)
+    rng.shuffle(order)
     width = seq_len + 1  # inputs are row[:-1], labels row[1:]
+    piece = HELD_OUT_PIECE_ROWS * width
     need = {"val": val_rows * width, "train": train_rows * width}
     streams: dict[str, list[int]] = {"val": [], "train": []}
-    split = "val" if val_rows else "train"
-    bar = tqdm(order, desc="tokenizing", unit="file", leave=False)
-    for path in bar:
-        for doc in read_document(path):
-            streams[split].extend(encode(doc))
-            streams[split].append(eos_id)
-            if split == "val" and len(streams["val"]) >= need["val"]:
-                split = "train"
-        if len(streams["train"]) >= need["train"]:
+
+    def behind(name: str) -> float:
+        return len(streams[name]) / need[name] if need[name] else float("inf")
+
+    def pieces():
+        for path in tqdm(order, desc="tokenizing", unit="file", leave=False):
+            for doc in read_document(path):
+                toks = encode(doc) + [eos_id]
+                yield from (toks[i:i + piece] for i in range(0, len(toks), piece))
+
+    for part in pieces():
+        split = "val" if behind("val") < behind("train") else "train"
+        if split == "val" and len(part) > width:
+            start = rng.randrange(len(part) - width + 1)
+            part = part[start:start + width]
+        streams[split].extend(part)
+        if behind("val") >= 1 and behind("train") >= 1:
             break
-    bar.close()
-    out_dir.mkdir(parents=True, exist_ok=True)
     for name, toks in streams.items():
         rows = len(toks) // width
         if rows < (val_rows if name == "val" else 1):
             raise ValueError(f"the corpus gives only {len(toks)} {name} tokens, too few for rows of {width}")
         arr = np.asarray(toks[: rows * width], dtype=np.int32).reshape(rows, width)
-        tmp = out_dir / f".{name}.npy.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_path(out_dir / f"{name}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, arr)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_dir / f"{name}.npy")
 
 
 class PackedRows:

@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
+
+from k2lab.runs import append_jsonl, read_jsonl, rewrite_jsonl
 
 
 class MetricsLog:
-    """Appends records to run_dir/metrics.jsonl and TensorBoard; on resume drops records after the checkpoint."""
+    """Appends records to run_dir/metrics.jsonl and TensorBoard; on resume drops records after the checkpoint,
+    so a resumed run logs each step exactly once."""
 
     def __init__(self, run_dir: Path, resume_step: int):
         self.path = run_dir / "metrics.jsonl"
-        if self.path.exists():  # records written after the checkpoint belong to steps that will be redone
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
-        self.file = open(self.path, "a")
+        records = read_jsonl(self.path)
+        kept = [r for r in records if r["step"] <= resume_step]
+        if len(kept) < len(records):  # records written after the checkpoint belong to steps that will be redone
+            rewrite_jsonl(self.path, kept)
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        append_jsonl(self.path, record)
         step = record["step"]
         for key, value in record.items():
             if key == "step":
@@ -37,13 +34,11 @@ class MetricsLog:
                 self.tb.add_scalar(key, value, step)
 
     def close(self) -> None:
-        self.file.close()
         self.tb.close()
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 def plot_run(run_dir: Path) -> list[Path]:

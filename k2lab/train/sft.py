@@ -50,17 +50,35 @@ def read_conversations(paths: list[str | Path]) -> list[dict]:
     return out
 
 
+def turns(messages: list[dict]) -> list[list[dict]]:
+    """The message prefixes to train on, each ending after an assistant reply to a user (or system) message.
+
+    K2.6 drops the reasoning of earlier turns, so a turn is trained in the context it was generated in only
+    when it is among the trailing turns of its prefix (`chat.render_sft`). Conversations with no reasoning render
+    every turn the same either way and stay one example (no repeated prefixes)."""
+    if not any(isinstance(m, dict) and m.get("reasoning_content") for m in messages):
+        return [messages]
+    ends = [i for i in range(1, len(messages))
+            if messages[i].get("role") in ("user", "system") and messages[i - 1].get("role") in ("assistant", "tool")]
+    return [messages[:i] for i in ends] + [messages]
+
+
 def render(tokenizer, conversations: list[dict]) -> list[tuple[list[int], list[int]]]:
-    """(ids, loss mask) per conversation; a conversation the chat format refuses raises with its file:line."""
+    """(ids, loss mask) per training example (one per conversation, or per user turn when earlier turns hold
+    reasoning, see `turns`); a conversation the chat format refuses raises with its file:line."""
     out = []
     for conv in conversations:
-        try:
-            ids, mask = render_sft(tokenizer, conv["messages"], conv.get("tools"))
-        except ValueError as e:
-            raise ValueError(f"{conv.get('where', 'conversation')}: {e}") from None
-        if not any(mask):
-            raise ValueError(f"{conv.get('where', 'conversation')}: no assistant message to train on")
-        out.append((ids, mask))
+        where = conv.get("where", "conversation")
+        examples = turns(conv["messages"])
+        for messages in examples:
+            try:
+                ids, mask = render_sft(tokenizer, messages, conv.get("tools"), chat_format=tokenizer.chat_format,
+                                       preserve_thinking=len(examples) == 1)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            if not any(mask):
+                raise ValueError(f"{where}: no assistant message to train on")
+            out.append((ids, mask))
     return out
 
 

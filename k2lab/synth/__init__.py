@@ -1,0 +1,1 @@
+"""Agentic data synthesis: tool specs, tasks with rubrics, simulators, trajectories, judge + human filter."""

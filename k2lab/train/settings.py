@@ -1,0 +1,95 @@
+"""The settings of training runs, as dataclasses: the loop's (TrainSettings) and pre-training's on top.
+
+Torch-free, so the command line can generate its options from these fields (and their help) at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+from k2lab.config import ModelConfig
+from k2lab.optim.schedules import check_schedule
+
+
+def option(default, help: str):
+    """A settings field with its command-line help (the CLI options are generated from these fields)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainSettings:
+    """How the loop optimizes; shared by every training command."""
+
+    batch_size: int = option(8, "rows per optimizer step, over all ranks and micro-batches")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    max_steps: int = option(200, "optimizer steps; a larger value continues a finished run")
+    warmup_steps: int | None = option(None, "linear warm-up steps (default: min(20, max_steps/10))")
+    schedule: str = option("wsd", "wsd (warm-up, stable, cosine decay at the end) or cosine")
+    decay_frac: float = option(0.2, "wsd: fraction of the steps in the final decay")
+    lr: float = option(3e-3, "peak learning rate")
+    weight_decay: float = option(0.1, "decoupled weight decay")
+    optimizer: str = option("muonclip", "muonclip, muon or adamw")
+    qk_clip_tau: float = option(100.0, "QK-Clip threshold on the max attention logit (muonclip only)")
+    bias_update_speed: float = option(1e-3, "router-bias step of the aux-loss-free load balancing")
+    aux_loss_alpha: float = option(0.0, "sequence-wise balance loss weight (0: aux-loss-free only, as K2)")
+    grad_clip: float = option(1.0, "max global gradient norm")
+    bf16: bool = option(False, "bf16 autocast")
+    qat: bool = option(False, "train with fake-quantized INT4 routed experts (QAT)")
+    seed: int = option(0, "seed of the initialization and the data order")
+    eval_every: int = option(50, "steps between held-out evaluations (and at the end)")
+    save_every: int = option(0, "steps between checkpoints (0: only at the end)")
+
+    CONTROL = ("max_steps", "save_every")  # may change between a run and its continuation
+
+    def check(self) -> None:
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not a positive multiple of grad_accum "
+                             f"{self.grad_accum}; change --batch-size or --grad-accum")
+        if self.optimizer not in ("muonclip", "muon", "adamw"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose muonclip, muon or adamw")
+        if self.eval_every < 1 or self.save_every < 0:
+            raise ValueError(f"eval_every ({self.eval_every}) must be >= 1 and save_every ({self.save_every}) >= 0")
+        check_schedule(schedule=self.schedule, max_steps=self.max_steps, warmup_steps=self.warmup_steps,
+                       decay_frac=self.decay_frac)
+
+
+@dataclass
+class PretrainSettings(TrainSettings):
+    preset: str = option("tiny", "model preset: tiny, small, kimi-k2, kimi-k2.5, kimi-k2.6")
+    init_from: str | None = option(None, "start from this checkpoint's weights and config (the preset is ignored)")
+    data: list[str] = field(default_factory=list, metadata={
+        "help": "text or .jsonl files (default: the embedded corpus)"})
+    tokenizer: str | None = option(None, "tokenizer directory (default: train one into RUN_DIR/tokenizer)")
+    seq_len: int = option(128, "tokens per row")
+    val_rows: int = option(32, "held-out rows, spread over the text training reads")
+    run_dir: str = option("runs/pretrain", "run directory; a rerun resumes from its last checkpoint")
+
+    CONTROL = (*TrainSettings.CONTROL, "run_dir")
+
+    def check(self) -> None:
+        super().check()
+        if self.seq_len < 2 or self.val_rows < 0:
+            raise ValueError(f"seq_len ({self.seq_len}) must be >= 2 and val_rows ({self.val_rows}) >= 0")
+
+    def model_config(self) -> ModelConfig:
+        if self.init_from:
+            return ModelConfig.load(self.init_from)
+        return ModelConfig.preset(self.preset)
+
+    def identity(self, config: ModelConfig) -> dict:
+        """What makes two runs the same run: every setting but run control, and the model config."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.CONTROL}
+        return {**d, "model": config.to_dict()}
+
+
+def settings_fields() -> list[tuple[dataclasses.Field, type, bool]]:
+    """(field, scalar type, optional) of each PretrainSettings field, for the command-line parsers."""
+    hints = typing.get_type_hints(PretrainSettings)
+    out = []
+    for f in dataclasses.fields(PretrainSettings):
+        args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+        optional = type(None) in typing.get_args(hints[f.name])
+        out.append((f, args[0] if args else hints[f.name], optional))
+    return out
