@@ -137,3 +137,19 @@ def test_no_grad_computes_no_gradients(tiny):
             loss, _ = chunked_cross_entropy(h, tiny.lm_head.weight, targets, chunk_size=16)
     assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
     assert mode.largest == 16 * tiny.config.vocab_size  # no [V, D] weight gradient was built
+
+
+def test_token_gradients_take_any_weighting(tiny):
+    """With token_gradients=True the per-token losses backpropagate like F.cross_entropy(reduction="none"), under
+    any per-token weights (a loop that masks and normalizes them itself)."""
+    h, targets = hidden_and_targets(tiny)
+    h = h.requires_grad_()
+    weights = torch.rand(targets.shape)
+    ref = F.cross_entropy(tiny.lm_head(h).flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+    _, tokens = chunked_cross_entropy(h, tiny.lm_head.weight, targets, chunk_size=40, token_gradients=True)
+    assert torch.allclose(tokens, ref, atol=1e-5)
+    ours = grads((tokens * weights).sum(), h, tiny.lm_head.weight)
+    for a, b in zip(ours, grads((ref * weights).sum(), h, tiny.lm_head.weight)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    _, detached = chunked_cross_entropy(h, tiny.lm_head.weight, targets)
+    assert not detached.requires_grad

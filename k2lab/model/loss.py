@@ -66,17 +66,36 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_w * grad_loss if ctx.needs_input_grad[1] else None, None, None, None)
 
 
+class _ChunkedTokenLosses(torch.autograd.Function):
+    """Per-token losses that take any gradient: the backward recomputes each chunk's logits (a fourth matmul)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_size):
+        ctx.save_for_backward(h, weight, targets)
+        ctx.chunk_size = chunk_size
+        return _head_chunks(h, weight, targets, None, chunk_size, need_grad=False)[0]
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        h, weight, targets = ctx.saved_tensors
+        _, grad_h, grad_w = _head_chunks(h, weight, targets, grad_losses.float(), ctx.chunk_size, need_grad=True)
+        return (grad_h if ctx.needs_input_grad[0] else None, grad_w if ctx.needs_input_grad[1] else None, None, None)
+
+
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           mask: torch.Tensor | None = None, ignore_index: int = -100,
                           normalizer: float | torch.Tensor | None = None, chunk_size: int | None = None,
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          token_gradients: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of `h @ weight.T` against `targets`, in chunks of tokens.
 
     h [..., D] hidden states, weight [V, D] (the lm_head), targets [...] token ids; mask [...] (true/1 = counts)
     and targets == ignore_index leave a token out. Returns (loss, token_losses): loss = the sum of the counted
     tokens' losses / normalizer (default: their number, i.e. the mean; a training loop that averages over several
     micro-batches passes the step's token count; 0 when no token counts), differentiable w.r.t. h and weight;
-    token_losses [...] fp32, detached, 0 where a token does not count.
+    token_losses [...] fp32, 0 where a token does not count. token_losses carry gradients only with
+    token_gradients=True (for a caller that weights them itself; the backward then recomputes the logits, four
+    matmuls instead of three); otherwise the gradients of `loss` are computed in the forward and token_losses are
+    detached.
     """
     if h.shape[:-1] != targets.shape or (mask is not None and mask.shape != targets.shape):
         raise ValueError(f"hidden states {tuple(h.shape)}, targets {tuple(targets.shape)} and mask "
@@ -94,9 +113,13 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     args = (h_valid, weight, targets.flatten()[rows], token_weight, chunk_size or default_chunk_size(weight.shape[0]))
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         with torch.autocast(h.device.type, enabled=False):
-            loss, losses = _ChunkedLinearCrossEntropy.apply(*args)
+            if token_gradients:
+                losses = _ChunkedTokenLosses.apply(*args[:3], args[4])
+                loss = (losses * token_weight).sum()
+            else:
+                loss, losses = _ChunkedLinearCrossEntropy.apply(*args)
     else:  # evaluation: no gradients computed or kept
         losses = _head_chunks(*args, need_grad=False)[0]
         loss = (losses * token_weight).sum()
-    token_losses = torch.zeros(targets.numel(), dtype=torch.float32, device=h.device).index_copy_(0, rows, losses)
+    token_losses = torch.zeros(targets.numel(), dtype=torch.float32, device=h.device).index_copy(0, rows, losses)
     return loss, token_losses.view(targets.shape)
