@@ -4,7 +4,8 @@ In one process, alternating every round (so load from elsewhere hits all alike),
 - this machine's fp32 (and bf16) GEMM rate: torch.mm at the step's own shapes (the lm_head's and a square one);
   the higher median is the rate the step is held to;
 - k2lab's step on the same batch: eager with the full head (logits + F.cross_entropy), eager with the chunked
-  head (K2ForCausalLM.loss), the chunked step with the body torch.compile'd (compile time reported apart), and
+  head (K2ForCausalLM.loss; and with token_gradients=True, as a loop weighting per-token losses would use it),
+  the chunked step with the body torch.compile'd (compile time reported apart), and
   the chunked step in the compute dtype the start-up probe chose (k2lab.model.dtype) when that is not fp32;
 - transformers' DeepseekV3ForCausalLM on the same weights (fp32, full head);
 - the head alone (full vs chunked): time and its largest buffer;
@@ -156,6 +157,9 @@ def main() -> None:
     def chunked_step():
         model.loss(x, y)[0].backward()
 
+    def token_grads_step():  # as a loop that weights per-token losses itself: the logits recomputed in backward
+        model.loss(x, y, token_gradients=True)[1].mean().backward()
+
     def hf_step():
         F.cross_entropy(hf(x).logits.flatten(0, 1), y.flatten()).backward()
 
@@ -166,7 +170,7 @@ def main() -> None:
     runs = {f"gemm_fp32_{k}": (lambda s=s: gemm_gflops(torch.float32, *s, torch.device("cpu"), repeats=3))
             for k, s in gemms.items()}
     runs.update(k2lab_full=timed(full_step, params), k2lab_chunked=timed(chunked_step, params),
-                transformers=timed(hf_step, hf_params))
+                k2lab_chunked_token_grads=timed(token_grads_step, params), transformers=timed(hf_step, hf_params))
     compile_s = None
     if not args.no_compile:
         compiled_body = torch.compile(model.model)
