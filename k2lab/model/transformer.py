@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from k2lab.config import ModelConfig
+from k2lab.model.loss import chunked_cross_entropy
 from k2lab.model.mla import MLA, CacheBatch, LatentCache
 from k2lab.model.moe import MLP, MoE
 from k2lab.model.norm import RMSNorm
@@ -124,6 +125,17 @@ class K2ForCausalLM(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
+
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None,
+             document_ids: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None,
+             token_gradients: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean cross-entropy of `targets` [B, T] over the tokens `mask` [B, T] keeps, per-token losses [B, T])
+        for inputs [B, T], with the head and loss in chunks (k2lab.model.loss): the [B, T, vocab] logits are
+        never built. normalizer: divide the summed loss by this instead of the counted tokens' number;
+        token_gradients: let the per-token losses carry gradients too (see chunked_cross_entropy)."""
+        h = self.model(input_ids, document_ids=document_ids)
+        return chunked_cross_entropy(h.to(self.device), self.lm_head.weight, targets, mask,
+                                     normalizer=normalizer, token_gradients=token_gradients)
 
     def new_cache(self, slots: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
         return LatentCache(self.config, slots, max_len, dtype or self.dtype, self.device)
