@@ -7,7 +7,8 @@ same math (absorbed MLA, noaux_tc routing, SwiGLU experts) in a form whose shape
 - one cache tensor per layer, [B, max_len, kv_lora_rank + rope], updated in place with `index_put_` (a
   single stacked tensor would be copied whole by the compiled graph every step);
 - attention over the full cache length, masked to key positions <= the query position;
-- experts: the k chosen experts' weights gathered per token (for a handful of tokens this beats sorting);
+- experts: the k chosen experts' weights gathered per token while tokens * k < experts (for a handful of
+  tokens this beats sorting), every expert over every token with zero weights for the rest beyond that;
 - RoPE as real cos/sin arithmetic (the same products as the eager complex multiply; inductor has no complex).
 The prompt is prefilled eagerly, in chunks, through the model's own cached forward, so prefill is the eager
 math and long prompts stay within memory. Compiled artifacts are cached across processes under
@@ -165,10 +166,17 @@ class Decoder:
             return mlp(x)
         idx, weight = mlp.gate(x)  # [B, k]
         gate, up, down = mlp.experts.weights()
-        flat, xs = idx.flatten(), x.repeat_interleave(idx.shape[1], dim=0)  # one row per (token, choice)
-        hidden = F.silu(torch.einsum("md,mid->mi", xs, gate[flat])) * torch.einsum("md,mid->mi", xs, up[flat])
-        y = torch.einsum("mi,mdi->md", hidden, down[flat]) * weight.flatten()[:, None].to(x.dtype)
-        return y.view(*idx.shape, -1).sum(1) + mlp.shared_experts(x)
+        if idx.numel() < mlp.experts.n_experts:  # few tokens: gather the chosen experts' weights
+            flat, xs = idx.flatten(), x.repeat_interleave(idx.shape[1], dim=0)  # one row per (token, choice)
+            hidden = F.silu(torch.einsum("md,mid->mi", xs, gate[flat])) * torch.einsum("md,mid->mi", xs, up[flat])
+            y = torch.einsum("mi,mdi->md", hidden, down[flat]) * weight.flatten()[:, None].to(x.dtype)
+            y = y.view(*idx.shape, -1).sum(1)
+        else:  # more (token, choice) pairs than experts: run every expert, weighted 0 where not chosen
+            dense = torch.zeros(*x.shape[:1], gate.shape[0], dtype=x.dtype, device=x.device)
+            dense = dense.scatter(1, idx, weight.to(x.dtype))  # [B, E]
+            hidden = F.silu(torch.einsum("nd,eid->nei", x, gate)) * torch.einsum("nd,eid->nei", x, up)
+            y = torch.einsum("nei,edi->nd", hidden * dense[..., None], down)
+        return y + mlp.shared_experts(x)
 
 
 def decoder_for(model: torch.nn.Module, batch: int, max_len: int) -> Decoder:
