@@ -161,8 +161,9 @@ def main() -> None:
     grid = {"short": short, "long": long}.get(args.only, short + long)
     max_pos = 1 << (max(c + s for c, _, s, _ in grid) - 1).bit_length()
     base = ModelConfig.preset(args.preset)
-    config = dataclasses.replace(base, max_position_embeddings=max_pos, rope_scaling={
-        **base.rope_scaling, "factor": max_pos / ORIGINAL_CONTEXT, "original_max_position_embeddings": ORIGINAL_CONTEXT})
+    rope = {**base.rope_scaling, "factor": max_pos / ORIGINAL_CONTEXT,
+            "original_max_position_embeddings": ORIGINAL_CONTEXT}
+    config = dataclasses.replace(base, max_position_embeddings=max_pos, rope_scaling=rope)
     torch.manual_seed(0)
     model = K2ForCausalLM(config).eval()
     with tempfile.TemporaryDirectory() as tmp:

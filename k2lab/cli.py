@@ -32,13 +32,15 @@ def generate(checkpoint: Path = typer.Option(..., help="checkpoint directory"),
              max_new_tokens: int = typer.Option(64, min=1),
              temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy"),
              top_p: float = typer.Option(1.0, min=0.0, max=1.0),
-             seed: Optional[int] = typer.Option(None)):
+             seed: Optional[int] = typer.Option(None),
+             compile: bool = typer.Option(False, "--compile/--no-compile",
+                                          help="decode through the compiled step (pays off for long outputs)")):
     """Generate a continuation of a prompt from a checkpoint."""
     from k2lab.report import generate_text
 
     if (prompt is None) == (prompt_ids is None):
         raise typer.BadParameter("give exactly one of --prompt and --prompt-ids")
-    typer.echo(generate_text(checkpoint, prompt, prompt_ids, max_new_tokens, temperature, top_p, seed))
+    typer.echo(generate_text(checkpoint, prompt, prompt_ids, max_new_tokens, temperature, top_p, seed, compile))
 
 
 # ---- pre-training (issue 4) ----

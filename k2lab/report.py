@@ -38,7 +38,7 @@ def model_info(preset: str | None = None, checkpoint: str | Path | None = None) 
 
 
 def generate_text(checkpoint: str | Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int,
-                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> str:
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, compile: bool = False) -> str:
     from k2lab.checkpoint import load_model
 
     model = load_model(checkpoint, dtype=torch.float32)
@@ -58,7 +58,7 @@ def generate_text(checkpoint: str | Path, prompt: str | None, prompt_ids: str | 
     if not ids or not all(0 <= i < model.config.vocab_size for i in ids):
         raise ValueError(f"prompt ids must be non-empty and in [0, {model.config.vocab_size})")
     out = model.generate(torch.tensor([ids]), max_new_tokens, temperature, top_p, seed,
-                         eos_token_id=model.config.eos_token_id)[0, len(ids):].tolist()
+                         eos_token_id=model.config.eos_token_id, compile=compile)[0, len(ids):].tolist()
     if tokenizer is None:
         return ",".join(map(str, out))
     return tokenizer.decode(out)

@@ -109,3 +109,17 @@ def test_no_recompiles_in_steady_state(model, compiled):
             ids = torch.randint(0, 512, (bsz, prompt_len))
             assert torch.equal(model.generate(ids, new, compile=True), model.generate(ids, new))
     assert counters["stats"]["unique_graphs"] == 0
+
+
+@pytest.mark.slow  # a second compile (batch 1)
+def test_cli_generate_compile_flag(model, tmp_path):
+    from typer.testing import CliRunner
+
+    import k2lab
+    from k2lab.cli import app
+
+    k2lab.save_model(model, tmp_path)
+    args = ["generate", "--checkpoint", str(tmp_path), "--prompt-ids", "1,2,3", "--max-new-tokens", "40"]
+    compiled, eager = CliRunner().invoke(app, args + ["--compile"]), CliRunner().invoke(app, args + ["--no-compile"])
+    assert compiled.exit_code == 0 and eager.exit_code == 0, compiled.output + eager.output
+    assert compiled.output == eager.output and len(compiled.output.split(",")) == 40
