@@ -154,7 +154,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     # (context, batch, steps, repeats): fewer steps and repeats where transformers takes seconds per token
-    short = [(2048, 1, 32, args.repeats), (2048, 8, 32, args.repeats)]
+    short = [(2048, 1, 64, args.repeats), (2048, 8, 64, args.repeats)]  # bench/model.py's decode shapes
     long = [(c, b, 16, max(3, args.repeats // 2)) for c in (8192, 32768) for b in (1, 4)]
     if args.quick:
         short, long = [(256, 1, 8, 2), (256, 8, 8, 2)], [(1024, 1, 8, 2), (1024, 4, 8, 2)]
