@@ -64,6 +64,18 @@ def test_buckets_and_bad_inputs(model):
         Decoder(model, 1, 8, compile=False).prefill(torch.zeros(1, 9, dtype=torch.long))
 
 
+def test_kept_decoders_go_with_their_model():
+    import gc
+    import weakref
+
+    other = random_model(tiny_config(num_hidden_layers=1))
+    decoder_for(other, 1, 16)
+    gone = weakref.ref(other)
+    del other
+    gc.collect()
+    assert gone() is None
+
+
 def test_int4_experts_are_refused_with_a_message():
     import copy
 

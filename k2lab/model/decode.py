@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import time
-import weakref
 from pathlib import Path
 
 import torch
@@ -28,9 +27,7 @@ import torch.nn.functional as F
 from k2lab.model.mla import LatentCache
 from k2lab.model.moe import MLP, Experts, MoE
 
-# compiled decoders kept per model: generate() reuses them, so each (bucket, max_len) compiles once per process
-_KEEP = 4
-_decoders: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[int, int], Decoder]]" = weakref.WeakKeyDictionary()
+_KEEP = 4  # compiled decoders kept per model by decoder_for (their caches are the memory that matters)
 
 
 def cache_dir() -> Path:
@@ -183,9 +180,9 @@ def decoder_for(model: torch.nn.Module, batch: int, max_len: int) -> Decoder:
     """The model's compiled decoder for `batch` rows and `max_len` positions, rounded up to buckets (powers
     of two; at least 256 positions) so that generate calls of similar sizes share one compiled step."""
     key = (bucket(batch), min(bucket(max_len, 256), max(max_len, model.config.max_position_embeddings)))
-    kept = _decoders.setdefault(model, {})
+    kept = vars(model).setdefault("compiled_decoders", {})  # held by the model, so they go when it goes
     if key not in kept:
-        if len(kept) >= _KEEP:  # drop the oldest: its caches are the memory that matters
+        if len(kept) >= _KEEP:  # drop the least recently used
             kept.pop(next(iter(kept)))
         kept[key] = Decoder(model, *key)
     else:
