@@ -163,16 +163,19 @@ class Decoder:
             return mlp(x)
         idx, weight = mlp.gate(x)  # [B, k]
         gate, up, down = mlp.experts.weights()
+        # matmuls against transposed views of [E, N, K] weights: BLAS reads them in place, where an einsum
+        # contracting over (expert, row) would copy the whole weight tensor every step
         if idx.numel() < mlp.experts.n_experts:  # few tokens: gather the chosen experts' weights
-            flat, xs = idx.flatten(), x.repeat_interleave(idx.shape[1], dim=0)  # one row per (token, choice)
-            hidden = F.silu(torch.einsum("md,mid->mi", xs, gate[flat])) * torch.einsum("md,mid->mi", xs, up[flat])
-            y = torch.einsum("mi,mdi->md", hidden, down[flat]) * weight.flatten()[:, None].to(x.dtype)
+            flat = idx.flatten()
+            xs = x.repeat_interleave(idx.shape[1], dim=0)[:, None]  # [B*k, 1, D], one row per (token, choice)
+            hidden = F.silu(xs @ gate[flat].transpose(1, 2)) * (xs @ up[flat].transpose(1, 2))  # [B*k, 1, I]
+            y = (hidden @ down[flat].transpose(1, 2))[:, 0] * weight.flatten()[:, None].to(x.dtype)
             y = y.view(*idx.shape, -1).sum(1)
         else:  # more (token, choice) pairs than experts: run every expert, weighted 0 where not chosen
             dense = torch.zeros(*x.shape[:1], gate.shape[0], dtype=x.dtype, device=x.device)
             dense = dense.scatter(1, idx, weight.to(x.dtype))  # [B, E]
-            hidden = F.silu(torch.einsum("nd,eid->nei", x, gate)) * torch.einsum("nd,eid->nei", x, up)
-            y = torch.einsum("nei,edi->nd", hidden * dense[..., None], down)
+            hidden = F.silu(x @ gate.transpose(1, 2)) * (x @ up.transpose(1, 2))  # [E, B, I]
+            y = ((hidden * dense.T[..., None]) @ down.transpose(1, 2)).sum(0)
         return y + mlp.shared_experts(x)
 
 
