@@ -1,9 +1,9 @@
 """Decode speed: compiled k2lab vs eager k2lab vs transformers on the same config and weights, at 2K context
 (batch 1 and 8) and long context (8K and 32K, batch 1 and 4), with the chunked prefill that gets there.
 
-Each (context, batch) point prefills once per implementation (chunked, `--chunk` tokens; timed once), then
-decodes `steps` greedy tokens from that context several times, the three implementations alternating so that
-load from elsewhere hits all alike; medians. Each decode run rewinds to the prompt (k2lab overwrites the same
+Each (context, batch) point prefills once for k2lab and once for transformers (chunked, `--chunk` tokens; timed
+once), then decodes `steps` greedy tokens from that context several times, the three implementations
+alternating so that load from elsewhere hits all alike; medians. Each decode run rewinds to the prompt (k2lab overwrites the same
 cache positions, transformers' cache is cropped back). The compiled decoder's first call (compile, or load
 from inductor's cache under ~/.cache/k2lab/inductor) is reported as compile seconds, not timed.
 
@@ -38,16 +38,18 @@ ORIGINAL_CONTEXT = 1024  # YaRN's original context; factor = max_position_embedd
 
 
 class K2Run:
-    """k2lab at one (batch, context): compiled Decoder, or the model's eager cached forward."""
+    """k2lab at one (batch, context): the model's eager cached forward, or a compiled Decoder whose cache is
+    copied from an eager run's prefill (the same chunked eager forward Decoder.prefill runs; done once)."""
 
-    def __init__(self, model, ids, steps: int, chunk: int, compile: bool):
-        self.model, self.steps, self.compile = model, steps, compile
+    def __init__(self, model, ids, steps: int, chunk: int, prefilled: "K2Run | None" = None):
+        self.model, self.steps, self.compile = model, steps, prefilled is not None
         self.batch, self.context = ids.shape
         start = time.perf_counter()
         with torch.no_grad():
-            if compile:
+            if self.compile:
                 self.decoder = Decoder(model, self.batch, self.context + steps, prefill_chunk=chunk)
-                self.decoder.prefill(ids)
+                for kv, eager in zip(self.decoder.cache, prefilled.cache.kv):
+                    kv.copy_(eager)
             else:
                 self.cache = model.new_cache(self.batch, self.context + steps)
                 for a in range(0, self.context, chunk):
@@ -108,8 +110,8 @@ def alternating(runs: dict, repeats: int) -> dict[str, float]:
 
 def measure(model, hf, batch: int, context: int, steps: int, chunk: int, repeats: int) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(0))
-    runs = {"compiled": K2Run(model, ids, steps, chunk, compile=True),
-            "eager": K2Run(model, ids, steps, chunk, compile=False)}
+    eager = K2Run(model, ids, steps, chunk)
+    runs = {"compiled": K2Run(model, ids, steps, chunk, prefilled=eager), "eager": eager}
     point = {"batch": batch, "context": context, "steps": steps}
     try:
         runs["transformers"] = HFRun(hf, ids, steps, chunk)
@@ -117,7 +119,8 @@ def measure(model, hf, batch: int, context: int, steps: int, chunk: int, repeats
         point["transformers_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     seconds = alternating(runs, repeats)
     point["compile_seconds"] = runs["compiled"].decoder.compile_seconds
-    point["prefill_tokens_per_s"] = {name: batch * context / run.prefill_seconds for name, run in runs.items()}
+    point["prefill_tokens_per_s"] = {name: batch * context / runs[name].prefill_seconds
+                                     for name in ("eager", "transformers") if name in runs}
     point["decode_tokens_per_s"] = {name: batch * steps / s for name, s in seconds.items()}
     tps = point["decode_tokens_per_s"]
     if "transformers" in tps:
@@ -159,7 +162,7 @@ def main() -> None:
     if args.quick:
         short, long = [(256, 1, 8, 2), (256, 8, 8, 2)], [(1024, 1, 8, 2), (1024, 4, 8, 2)]
     grid = {"short": short, "long": long}.get(args.only, short + long)
-    max_pos = 1 << (max(c + s for c, _, s, _ in grid) - 1).bit_length()
+    max_pos = 1 << (max(c + s for c, _, s, _ in short + long) - 1).bit_length()  # one config for every --only
     base = ModelConfig.preset(args.preset)
     rope = {**base.rope_scaling, "factor": max_pos / ORIGINAL_CONTEXT,
             "original_max_position_embeddings": ORIGINAL_CONTEXT}
