@@ -27,6 +27,7 @@ import k2lab
 from k2lab.config import ModelConfig
 from k2lab.model import Experts, K2ForCausalLM
 from k2lab.runs import write_json
+from k2lab.model.decode import Decoder
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -104,18 +105,18 @@ def determinism_cost(config: ModelConfig, batch: int, seq: int, repeats: int) ->
 
 
 def k2_decode(model, batch, context, steps):
+    """k2lab's compiled decoder (k2lab.model.decode; compiled on the warm-up call): eager prefill, timed steps.
+    bench/decode.py compares it with eager k2lab too, and at 8K / 32K."""
     ids = torch.randint(0, model.config.vocab_size, (batch, context))
+    decoder = Decoder(model, batch, context + steps)
 
     def run():
-        cache = model.new_cache(batch, context + steps)
-        pos = torch.arange(context)[None].expand(batch, -1)
         with torch.no_grad():
-            model(ids, positions=pos, cache=cache)
-            tok = ids[:, -1:]
+            decoder.prefill(ids)
+            tok = ids[:, -1]
             start = time.perf_counter()
             for i in range(steps):
-                logits = model(tok, positions=torch.full((batch, 1), context + i), cache=cache)
-                tok = logits[:, -1].argmax(-1, keepdim=True)
+                tok = decoder.step(tok, torch.full((batch,), context + i)).argmax(-1)
         return time.perf_counter() - start
     return run
 

@@ -117,14 +117,16 @@ def generate(checkpoint: Path = typer.Option(..., metavar="DIR", help="checkpoin
              max_new_tokens: int = typer.Option(64, min=1, metavar="N"),
              temperature: float = typer.Option(0.0, min=0.0, metavar="T", help="0 is greedy"),
              top_p: float = typer.Option(1.0, min=0.0, max=1.0, metavar="P"),
-             seed: Optional[int] = typer.Option(None, metavar="N")):
+             seed: Optional[int] = typer.Option(None, metavar="N"),
+             compile: bool = typer.Option(False, "--compile/--no-compile",
+                                          help="decode through the compiled step (pays off for long outputs)")):
     """Generate a continuation of a prompt from a checkpoint (with --prompt-ids: the ids, then the decoded text
     when the checkpoint has a tokenizer)."""
     from k2lab.report import generate_text
 
     if (prompt is None) == (prompt_ids is None):
         raise typer.BadParameter("give exactly one of --prompt and --prompt-ids")
-    typer.echo(generate_text(checkpoint, prompt, prompt_ids, max_new_tokens, temperature, top_p, seed))
+    typer.echo(generate_text(checkpoint, prompt, prompt_ids, max_new_tokens, temperature, top_p, seed, compile))
 
 
 # ---- pre-training and QAT (issues 4, 12) ----

@@ -41,7 +41,8 @@ def model_info(preset: str | None = None, checkpoint: str | Path | None = None) 
 
 
 def generate_text(checkpoint: str | Path, prompt: str | None, prompt_ids: str | None, max_new_tokens: int,
-                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> str:
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                  compile: bool = False) -> str:
     """The continuation's text; for `prompt_ids`, its ids on the first line, then the text when the checkpoint
     has a tokenizer."""
     import k2lab
@@ -61,7 +62,7 @@ def generate_text(checkpoint: str | Path, prompt: str | None, prompt_ids: str | 
     if not ids or not all(0 <= i < model.config.vocab_size for i in ids):
         raise typer.BadParameter(f"prompt ids must be non-empty and in [0, {model.config.vocab_size})")
     out = model.generate(torch.tensor([ids]), max_new_tokens, temperature, top_p, seed,
-                         eos_token_id=model.config.eos_token_id)[0, len(ids):].tolist()
+                         eos_token_id=model.config.eos_token_id, compile=compile)[0, len(ids):].tolist()
     if prompt is not None:
         return tokenizer.decode(out)
     return ",".join(map(str, out)) + (f"\n{tokenizer.decode(out)}" if tokenizer else "")

@@ -7,6 +7,7 @@ from torch import nn
 
 from k2lab.config import ModelConfig
 from k2lab.model.loss import chunked_cross_entropy
+from k2lab.model.decode import decoder_for
 from k2lab.model.mla import MLA, CacheBatch, LatentCache
 from k2lab.model.moe import MLP, MoE
 from k2lab.model.norm import RMSNorm
@@ -143,10 +144,11 @@ class K2ForCausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, eos_token_id: int | None = None,
-                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                 inputs_embeds: torch.Tensor | None = None, compile: bool = False) -> torch.Tensor:
         """Prompt [B, T] plus up to max_new_tokens sampled tokens (greedy at temperature 0); rows that emit
         eos_token_id keep emitting it so the batch stays rectangular. inputs_embeds [B, T, D], when given,
-        replaces the prompt's embeddings in the prefill (the multimodal model puts image features there)."""
+        replaces the prompt's embeddings in the prefill (the multimodal model puts image features there).
+        compile=True decodes through the compiled static-shape step of k2lab.model.decode."""
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         bsz, t = input_ids.shape
@@ -155,10 +157,13 @@ class K2ForCausalLM(nn.Module):
                              f"{self.config.max_position_embeddings}")
         device = self.device
         gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-        cache = self.new_cache(bsz, t + max_new_tokens)
+        decoder = decoder_for(self, bsz, t + max_new_tokens) if compile else None
+        cache = None if compile else self.new_cache(bsz, t + max_new_tokens)
         tokens = input_ids.to(device)
         positions = torch.arange(t, device=device)[None].expand(bsz, t)
-        if inputs_embeds is not None:
+        if decoder is not None:
+            logits = decoder.prefill(tokens, inputs_embeds=inputs_embeds)
+        elif inputs_embeds is not None:
             logits = self(inputs_embeds=inputs_embeds.to(device), positions=positions, cache=cache)[:, -1]
         else:
             logits = self(tokens, positions=positions, cache=cache)[:, -1]
@@ -174,7 +179,10 @@ class K2ForCausalLM(nn.Module):
             if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
                 break
             positions = torch.full((bsz, 1), t + step, device=device)
-            logits = self(nxt[:, None], positions=positions, cache=cache)[:, -1]
+            if decoder is not None:
+                logits = decoder.step(nxt, positions[:, 0])
+            else:
+                logits = self(nxt[:, None], positions=positions, cache=cache)[:, -1]
         return torch.cat(out, dim=1)
 
 

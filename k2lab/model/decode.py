@@ -1,0 +1,193 @@
+"""A static-shape decode step over a static latent-cache layout, compiled with torch.compile.
+
+Compiling the model's own forward does not pay: `CacheBatch` reads `int(positions.max())`, the MoE sorts
+tokens by expert (`bincount`, `tolist()`), and every new context length is a new shape. `Decoder` keeps the
+same math (absorbed MLA, noaux_tc routing, SwiGLU experts) in a form whose shapes never change for a given
+(batch-size bucket, max_len):
+- one cache tensor per layer, [B, max_len, kv_lora_rank + rope], updated in place with `index_put_` (a
+  single stacked tensor would be copied whole by the compiled graph every step);
+- attention over the full cache length, masked to key positions <= the query position;
+- experts: the k chosen experts' weights gathered per token while tokens * k < experts (for a handful of
+  tokens this beats sorting), every expert over every token with zero weights for the rest beyond that;
+- RoPE as real cos/sin arithmetic (the same products as the eager complex multiply; inductor has no complex).
+The prompt is prefilled eagerly, in chunks, through the model's own cached forward, so prefill is the eager
+math and long prompts stay within memory. Compiled artifacts are cached across processes under
+$TORCHINDUCTOR_CACHE_DIR (default ~/.cache/k2lab/inductor); the first step's compile time is reported.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from k2lab.model.mla import LatentCache
+from k2lab.model.moe import MLP, Experts, MoE
+
+_KEEP = 4  # compiled decoders kept per model by decoder_for (their caches are the memory that matters)
+
+
+def cache_dir() -> Path:
+    """Where inductor keeps compiled kernels and graphs across processes (set before the first compile)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "k2lab" / "inductor"
+    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default)))
+
+
+def bucket(n: int, least: int = 1) -> int:
+    """The next power of two >= max(n, least): batch sizes and cache lengths are rounded to buckets."""
+    return 1 << (max(n, least) - 1).bit_length()
+
+
+class Decoder:
+    """Decoding for `batch` rows (cache slots) of up to `max_len` positions each, for one model.
+
+    `prefill(ids, rows)` writes prompts into rows and returns their last logits; `step(tokens, positions)`
+    feeds one token per row at the given positions and returns logits [batch, vocab], with the same shapes
+    every call (rows not in use may step at position 0 of their own slot; their output is ignored).
+    Positions must be < max_len (the compiled step does not check; `generate` does).
+    """
+
+    def __init__(self, model: torch.nn.Module, batch: int, max_len: int, compile: bool = True,
+                 prefill_chunk: int = 2048):
+        self.model, self.batch, self.max_len, self.prefill_chunk = model, batch, max_len, prefill_chunk
+        config = model.config
+        param = model.lm_head.weight
+        width = config.kv_lora_rank + config.qk_rope_head_dim
+        self.cache = [torch.zeros(batch, max_len, width, dtype=param.dtype, device=param.device)
+                      for _ in range(config.num_hidden_layers)]
+        for block in model.model.layers:
+            if isinstance(block.mlp, MoE) and not isinstance(block.mlp.experts, Experts):
+                raise ValueError(f"compiled decode needs full-precision experts, not "
+                                 f"{type(block.mlp.experts).__name__}; decode with compile=False")
+        self.compile_seconds: float | None = None  # first step's compile + run time, when compiled
+        self._compiled = compile
+        if compile:
+            cache_dir()
+            cuda = param.device.type == "cuda"
+            if cuda:  # CUDA graphs replay the step; the caches must keep their addresses
+                for kv in self.cache:
+                    torch._dynamo.mark_static_address(kv)
+            self._step = torch.compile(self._forward, dynamic=False, fullgraph=True,
+                                       mode="reduce-overhead" if cuda else None)
+        else:
+            self._step = self._forward
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, rows: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompts input_ids [n, T] into cache rows [n] (default 0..n-1), with inputs_embeds [n, T, D] in place
+        of their embeddings when given: the eager cached forward in chunks of prefill_chunk tokens (long
+        prompts stay within memory). Returns the last logits [n, vocab]."""
+        n, t = input_ids.shape
+        if t > self.max_len:
+            raise ValueError(f"prompt of {t} tokens does not fit the decoder's cache of {self.max_len}")
+        device = self.cache[0].device
+        rows = torch.arange(n, device=device) if rows is None else rows.to(device)
+        scratch = LatentCache(self.model.config, n, t, self.cache[0].dtype, device)
+        for start in range(0, t, self.prefill_chunk):
+            end = min(t, start + self.prefill_chunk)
+            positions = torch.arange(start, end, device=device)[None].expand(n, -1)
+            if inputs_embeds is None:
+                logits = self.model(input_ids[:, start:end].to(device), positions=positions, cache=scratch)
+            else:
+                logits = self.model(inputs_embeds=inputs_embeds[:, start:end].to(device), positions=positions,
+                                    cache=scratch)
+        for kv, new in zip(self.cache, scratch.kv):
+            kv[rows, :t] = new
+        return logits[:, -1]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens [n] at positions [n] of rows 0..n-1 -> logits [n, vocab]; n <= batch (the rows beyond n
+        step at position 0 of their own slot, so the compiled shapes never change)."""
+        n = tokens.shape[0]
+        if n < self.batch:
+            tokens, positions = F.pad(tokens, (0, self.batch - n)), F.pad(positions, (0, self.batch - n))
+        if self._compiled and self.compile_seconds is None:
+            start = time.perf_counter()
+            logits = self._step(self.cache, tokens, positions)
+            self.compile_seconds = time.perf_counter() - start
+        else:
+            logits = self._step(self.cache, tokens, positions)
+        return logits[:n]
+
+    # ---- the step, traced by torch.compile ------------------------------------------------------------------
+    def _forward(self, cache: list[torch.Tensor], tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        model = self.model.model
+        x = model.embed_tokens(tokens)  # [B, D]
+        rope = model.rotary_emb
+        angles = positions.to(torch.float32)[:, None] * rope.inv_freq  # [B, rope/2]
+        cos, sin = rope.scale * angles.cos(), rope.scale * angles.sin()
+        visible = torch.arange(self.max_len, device=x.device)[None, :] <= positions[:, None]  # [B, S]
+        rows = torch.arange(x.shape[0], device=x.device)
+        for block, kv in zip(model.layers, cache):
+            h = x + self._attention(block.self_attn, block.input_layernorm(x), cos, sin, kv, rows, positions,
+                                    visible)
+            x = h + self._ffn(block.mlp, block.post_attention_layernorm(h))
+        return self.model.lm_head(model.norm(x))
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Adjacent pairs of x [B, (H,) rope] times (cos + i sin) [B, (1,) rope/2], as apply_rope does."""
+        pairs = x.float().unflatten(-1, (-1, 2))
+        a, b = pairs[..., 0], pairs[..., 1]
+        return torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2).to(x.dtype)
+
+    @staticmethod
+    def _attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
+                   rows: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Absorbed MLA for one token per row: x [B, D] -> [B, D]; writes the token's latent into kv."""
+        bsz, h, r = x.shape[0], attn.n_heads, attn.kv_lora_rank
+        nope, rope_dim = attn.qk_nope_head_dim, attn.qk_rope_head_dim
+        q = attn.q_proj(x) if attn.q_lora_rank is None else attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+        q_nope, q_rope = q.view(bsz, h, attn.qk_head_dim).split([nope, rope_dim], dim=-1)
+        q_rope = Decoder._rotate(q_rope, cos[:, None], sin[:, None])
+        c_kv, k_rope = attn.kv_a_proj_with_mqa(x).split([r, rope_dim], dim=-1)
+        latent = torch.cat([attn.kv_a_layernorm(c_kv), Decoder._rotate(k_rope, cos, sin)], dim=-1)
+        kv.index_put_((rows, positions), latent.to(kv.dtype))
+        w = attn.kv_b_proj.weight.view(h, nope + attn.v_head_dim, r)
+        w_uk, w_uv = w[:, :nope], w[:, nope:]
+        q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)  # k_nope folded into the query
+        scores = torch.einsum("bhc,bsc->bhs", torch.cat([q_lat, q_rope], dim=-1), kv) * attn.softmax_scale
+        probs = scores.float().masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1).to(kv.dtype)
+        o_lat = torch.einsum("bhs,bsr->bhr", probs, kv[..., :r])
+        out = torch.einsum("bhr,hvr->bhv", o_lat, w_uv)  # v folded into the output
+        return attn.o_proj(out.reshape(bsz, -1).to(x.dtype))
+
+    @staticmethod
+    def _ffn(mlp, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(mlp, MLP):
+            return mlp(x)
+        idx, weight = mlp.gate(x)  # [B, k]
+        gate, up, down = mlp.experts.weights()
+        # matmuls against transposed views of [E, N, K] weights: BLAS reads them in place, where an einsum
+        # contracting over (expert, row) would copy the whole weight tensor every step
+        if idx.numel() < mlp.experts.n_experts:  # few tokens: gather the chosen experts' weights
+            flat = idx.flatten()
+            xs = x.repeat_interleave(idx.shape[1], dim=0)[:, None]  # [B*k, 1, D], one row per (token, choice)
+            hidden = F.silu(xs @ gate[flat].transpose(1, 2)) * (xs @ up[flat].transpose(1, 2))  # [B*k, 1, I]
+            y = (hidden @ down[flat].transpose(1, 2))[:, 0] * weight.flatten()[:, None].to(x.dtype)
+            y = y.view(*idx.shape, -1).sum(1)
+        else:  # more (token, choice) pairs than experts: run every expert, weighted 0 where not chosen
+            dense = torch.zeros(*x.shape[:1], gate.shape[0], dtype=x.dtype, device=x.device)
+            dense = dense.scatter(1, idx, weight.to(x.dtype))  # [B, E]
+            hidden = F.silu(x @ gate.transpose(1, 2)) * (x @ up.transpose(1, 2))  # [E, B, I]
+            y = ((hidden * dense.T[..., None]) @ down.transpose(1, 2)).sum(0)
+        return y + mlp.shared_experts(x)
+
+
+def decoder_for(model: torch.nn.Module, batch: int, max_len: int) -> Decoder:
+    """The model's compiled decoder for `batch` rows and `max_len` positions, rounded up to buckets (powers
+    of two; at least 256 positions) so that generate calls of similar sizes share one compiled step."""
+    key = (bucket(batch), min(bucket(max_len, 256), max(max_len, model.config.max_position_embeddings)))
+    kept = vars(model).setdefault("compiled_decoders", {})  # held by the model, so they go when it goes
+    if key not in kept:
+        if len(kept) >= _KEEP:  # drop the least recently used
+            kept.pop(next(iter(kept)))
+        kept[key] = Decoder(model, *key)
+    else:
+        kept[key] = kept.pop(key)  # most recently used last
+    return kept[key]
