@@ -125,23 +125,10 @@ class Environment:
 
     def _call(self, tc: dict) -> dict:
         """Execute one tool call; every outcome (result, bad arguments, injected or real failure) is text."""
-        name, raw = tc["function"]["name"], tc["function"]["arguments"]
-        record = {"name": name, "arguments": raw, "ok": False}
-        self.calls.append(record)
-        reply = {"role": "tool", "tool_call_id": tc["id"]}
-        if name not in self._validators:
-            return reply | {"content": f"error: no tool named {name!r}; available: {sorted(self._validators)}"}
-        try:
-            args = json.loads(raw) if isinstance(raw, str) else raw
-            errors = [e.message for e in self._validators[name].iter_errors(args)]
-        except json.JSONDecodeError as e:
-            errors = [f"arguments are not JSON ({e.msg})"]
-        if errors:
-            record["schema_error"] = "; ".join(errors)
-            return reply | {"content": f"error: invalid arguments for {name}: {record['schema_error']}"}
-        if self.rng.random() < self.fault_rate:
-            record["fault"] = "transient"
-            return reply | {"content": f"{TRANSIENT}: the {name} service did not answer in time; try again"}
+        reply, record, args = screen_call(tc, self._validators, self.calls, self.rng, self.fault_rate)
+        if args is None:
+            return reply
+        name = record["name"]
         try:
             result = self.domain.run_tool(self.state, name, args)
         except ToolError as e:
@@ -172,3 +159,27 @@ class Environment:
         if self.state is not None:
             self.domain.close(self.state)
             self.state = None
+
+
+def screen_call(tc: dict, validators: dict, calls: list, rng, fault_rate: float) -> tuple[dict, dict, dict | None]:
+    """What every tool simulator does before running a call: log it in `calls`, refuse an unknown tool or
+    arguments that break the schema, inject a transient failure at `fault_rate`. Returns (reply, record, args):
+    args is None when `reply` (a tool message) already holds the outcome, else the parsed arguments to run."""
+    name, raw = tc["function"]["name"], tc["function"]["arguments"]
+    record = {"name": name, "arguments": raw, "ok": False}
+    calls.append(record)
+    reply = {"role": "tool", "tool_call_id": tc["id"]}
+    if name not in validators:
+        return reply | {"content": f"error: no tool named {name!r}; available: {sorted(validators)}"}, record, None
+    try:
+        args = json.loads(raw) if isinstance(raw, str) else raw
+        errors = [e.message for e in validators[name].iter_errors(args)]
+    except json.JSONDecodeError as e:
+        errors = [f"arguments are not JSON ({e.msg})"]
+    if errors:
+        record["schema_error"] = "; ".join(errors)
+        return reply | {"content": f"error: invalid arguments for {name}: {record['schema_error']}"}, record, None
+    if rng.random() < fault_rate:
+        record["fault"] = "transient"
+        return reply | {"content": f"{TRANSIENT}: the {name} service did not answer in time; try again"}, record, None
+    return reply, record, args

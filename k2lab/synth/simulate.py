@@ -19,7 +19,7 @@ import random
 
 import jsonschema
 
-from k2lab.synth.env import TRANSIENT
+from k2lab.synth.env import screen_call
 from k2lab.synth.specs import SpecError, add_usage, parse_json
 
 USER_SIM = "You are the USER SIMULATOR of a data-synthesis pipeline. You play a user, never the assistant."
@@ -95,23 +95,10 @@ class SimulatedEnvironment:
         return obs, 0.0, done  # the reward comes from the judges
 
     async def _call(self, tc: dict) -> dict:
-        name, raw = tc["function"]["name"], tc["function"]["arguments"]
-        reply = {"role": "tool", "tool_call_id": tc["id"]}
-        record = {"name": name, "ok": False}
-        self.calls.append(record)
-        if name not in self.validators:
-            return reply | {"content": f"error: no tool named {name!r}"}
-        try:
-            args = json.loads(raw) if isinstance(raw, str) else raw
-            errors = [e.message for e in self.validators[name].iter_errors(args)]
-        except json.JSONDecodeError as e:
-            errors = [f"arguments are not JSON ({e.msg})"]
-        if errors:
-            record["schema_error"] = "; ".join(errors)
-            return reply | {"content": f"error: invalid arguments for {name}: {record['schema_error']}"}
-        if self.rng.random() < self.fault_rate:
-            record["fault"] = "transient"
-            return reply | {"content": f"{TRANSIENT}: the {name} service did not answer in time; try again"}
+        reply, record, args = screen_call(tc, self.validators, self.calls, self.rng, self.fault_rate)
+        if args is None:
+            return reply
+        name = record["name"]
         if name in self.live:  # a real MCP tool: run it on its server
             record["ok"], record["executed"] = True, "mcp"
             return reply | {"content": await self.live[name](args)}
