@@ -83,6 +83,8 @@ def run_demo(run_dir: str | Path = "runs/demo", steps: int = 300) -> Path:
     from k2lab.train.qat import quantize
     from k2lab.report import generate_text
     from k2lab.train.checkpoint import checkpoint_dirs
+    from k2lab.train.loop import completed_steps
+    from k2lab.train.metrics import read_metrics
     from k2lab.train.pretrain import PretrainSettings, pretrain
 
     run_dir = Path(run_dir)
@@ -91,7 +93,11 @@ def run_demo(run_dir: str | Path = "runs/demo", steps: int = 300) -> Path:
     settings = PretrainSettings(preset="tiny", optimizer="muonclip", max_steps=steps, seq_len=256, batch_size=8,
                                 warmup_steps=min(20, steps // 10), eval_every=50, save_every=100,
                                 run_dir=str(run_dir / "pretrain"))
-    last = _stage("pre-train tiny with MuonClip (tokenizer trained first)", timings, lambda: pretrain(settings))
+    if completed_steps(run_dir / "pretrain") >= steps:  # a rerun: reuse the finished run and its last record
+        last = [r for r in read_metrics(run_dir / "pretrain") if "loss" in r][-1]
+        print(f"== pre-training: reusing {run_dir / 'pretrain'} (finished at step {last['step']})")
+    else:
+        last = _stage("pre-train tiny with MuonClip (tokenizer trained first)", timings, lambda: pretrain(settings))
     checkpoint = checkpoint_dirs(run_dir / "pretrain")[-1]
     text = PROMPT + _stage("generate from the checkpoint", timings,
                            lambda: generate_text(checkpoint, PROMPT, None, 64))

@@ -16,3 +16,6 @@ def test_demo_pipeline_runs_end_to_end(tmp_path):
     assert data["int4"]["expert_bytes_int4_over_bf16"] <= 0.30
     assert data["served"]["toolcalls"]["answered"] == data["served"]["toolcalls"]["requests"]
     assert (tmp_path / "demo" / "int4" / "config.json").exists()
+    # a second run reuses every stage's work and keeps the pre-training numbers in the report
+    again = json.loads((run_demo(tmp_path / "demo", steps=6), tmp_path / "demo" / "report.json")[1].read_text())
+    assert again["pretrain"]["step"] == 6 and again["pretrain"]["loss"] == data["pretrain"]["loss"]
