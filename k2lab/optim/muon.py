@@ -108,9 +108,12 @@ class Muon(torch.optim.Optimizer):
     def _orthogonalize_all(params: list, updates: list, group: dict) -> list:
         """Newton-Schulz for every update of a group, same-shape matrices batched into one bmm chain.
 
-        A tiny model has ~10 weight shapes over ~100 matrices: one batched iteration per shape instead of one per
-        matrix cuts the step's op count (and its time, bench/train.py) without changing any matrix's result:
-        each matrix is normalized and iterated on its own, only the launches are shared.
+        A tiny model has ~10 weight shapes over ~40 tensors: one batched iteration per shape instead of one per
+        tensor cuts the step's op count without changing any matrix's result (each matrix is normalized and
+        iterated on its own; max difference 0.0). Measured on tiny's Newton-Schulz (2-core AVX-512 CPU): 0.96x
+        the per-tensor loop at 2 threads on a quiet machine, 0.79x at 1 thread (CPU bmm is less efficient than
+        mm), 5x when the cores are oversubscribed (per-op synchronization dominates). On accelerators, where
+        launches cost most, batching is the standard choice.
         """
         out: list = [None] * len(updates)
         buckets: dict[tuple, list[int]] = {}
