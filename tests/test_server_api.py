@@ -113,7 +113,8 @@ def test_metrics_count_running_and_waiting(tok):
         for t in threads:
             t.start()
         deadline = time.time() + 3
-        while len(scripted.engine.running) + len(scripted.engine.waiting) < 3 and time.time() < deadline:
+        # wait for the state to assert (a request admitted a moment later than the others sits in `waiting` first)
+        while (len(scripted.engine.running), len(scripted.engine.waiting)) != (2, 1) and time.time() < deadline:
             time.sleep(0.01)
         text = httpx.get(base.removesuffix("/v1") + "/metrics").text
         assert "\nk2lab_running_requests 2\n" in text and "\nk2lab_queue_depth 1\n" in text
