@@ -14,7 +14,7 @@ from rich.console import Console
 
 from tests.evals_helpers import demo_run, graded_run
 from k2lab.evals.review import ReviewSession, render_item, review_tui
-from k2lab.evals.store import read_jsonl
+from k2lab.runs import read_jsonl
 
 LETTERS = {"q1": "A", "q2": "B", "q3": "D", "q4": "C", "q5": "A", "q6": "B"}
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.evals_helpers import demo_run
 from k2lab.evals.review import ReviewSession, make_server
-from k2lab.evals.store import read_jsonl
+from k2lab.runs import read_jsonl
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (pip, dev extra) is not installed")

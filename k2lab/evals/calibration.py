@@ -24,8 +24,8 @@ from k2lab.agents.llm import EndpointError
 from k2lab.evals import report
 from k2lab.evals.judge import GRADES, Judge, JudgeError, vote
 from k2lab.evals.stats import bootstrap_ci
-from k2lab.evals.store import (ON_ERROR, Dataset, append_jsonl, open_run, read_dataset, read_jsonl, require,
-                               snapshot, write_json)
+from k2lab.evals.store import ON_ERROR, Dataset, open_run, read_dataset, require, snapshot
+from k2lab.runs import append_jsonl, read_jsonl, write_json
 
 PARTIAL_CONVENTIONS = ("incorrect", "abstain")
 SEED_DATASET = Path(__file__).parent / "data" / "calibration.jsonl"

@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from k2lab.evals.store import write_atomic  # noqa: E402
+from k2lab.runs import write_atomic  # noqa: E402
 
 
 def read_config(run_dir: str | Path) -> dict:

@@ -20,7 +20,7 @@ from urllib.parse import parse_qs
 from k2lab.evals import calibration
 from k2lab.evals.judge import GRADES, LETTER
 from k2lab.evals.stats import cohen_kappa, confusion_matrix, krippendorff_alpha
-from k2lab.evals.store import append_jsonl
+from k2lab.runs import append_jsonl
 
 PAST = {"accept": "accepted", "overrule": "overruled"}
 
@@ -254,7 +254,11 @@ def main(run_dir: str | Path, web: bool, host: str, port: int, reviewer: str) ->
     if not web:
         review_tui(session)
         return
-    server = make_server(session, host, port)
+    serve_until_interrupted(make_server(session, host, port), host)
+
+
+def serve_until_interrupted(server: ThreadingHTTPServer, host: str) -> None:
+    """Serve a review page until Ctrl-C (calibration and synthesis reviews alike)."""
     print(f"review page: http://{host}:{server.server_address[1]}/  (Ctrl-C to stop)")
     try:
         server.serve_forever()

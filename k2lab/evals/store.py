@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from k2lab.data import DatasetError
-from k2lab.runs import RunDirError, append_jsonl, claim, read_jsonl, write_atomic, write_json  # noqa: F401
+from k2lab.runs import RunDirError, claim, write_atomic
 
 ON_ERROR = ("skip", "stop")
 

@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from k2lab.agents.llm import EndpointError
 from k2lab.evals import report
-from k2lab.evals.store import (ON_ERROR, Dataset, append_jsonl, open_run, read_dataset, read_jsonl, snapshot,
-                               write_json)
+from k2lab.evals.store import ON_ERROR, Dataset, open_run, read_dataset, snapshot
+from k2lab.runs import append_jsonl, read_jsonl, write_json
 
 SEED_DATASET = Path(__file__).parent / "data" / "toolcalls.jsonl"
 NOT_SENT = ("id", "expect", "model", "stream", "stream_options")  # our keys, and what the client sets itself

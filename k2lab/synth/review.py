@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs
 
+from k2lab.evals.review import serve_until_interrupted
 from k2lab.evals.stats import cohen_kappa, confusion_matrix
 from k2lab.runs import append_jsonl, read_jsonl, rewrite_jsonl, write_json
 from k2lab.synth.stages import transcript
@@ -172,11 +173,4 @@ def main(out: str | Path, web: bool, host: str, port: int, reviewer: str) -> Non
     if not web:
         print(f"reviewed {review_tui(session)}; {rebuild(out)}")
         return
-    server = make_server(session, host, port)
-    print(f"review page: http://{host}:{server.server_address[1]}/  (Ctrl-C to stop)")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    serve_until_interrupted(make_server(session, host, port), host)
