@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from k2lab.optim.muon import Muon
+from k2lab.train.distributed import teardown
 
 
 def _shapes():
@@ -40,7 +41,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     full = [p.full_tensor() for p in params]
     if rank == 0:
         torch.save(full, out)
-    dist.destroy_process_group()
+    teardown()  # barrier first: gloo aborts a rank that leaves mid-collective
 
 
 def test_sharded_muon_equals_whole_muon(tmp_path):
@@ -86,7 +87,7 @@ def _ep_worker(rank: int, port: int, out: str) -> None:
     y = moe(x)
     y.pow(2).mean().backward()
     torch.save({"y": y.detach(), "x": x, "grad": moe.experts.gate_proj.grad.full_tensor()}, f"{out}.{rank}")
-    dist.destroy_process_group()
+    teardown()  # barrier first: gloo aborts a rank that leaves mid-collective
 
 
 def test_expert_parallel_matches_local_experts(tmp_path):

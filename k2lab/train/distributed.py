@@ -43,7 +43,10 @@ def setup() -> tuple[int, int, torch.device]:
 
 
 def teardown() -> None:
+    """Leave the process group once every rank is done: gloo aborts a process (SIGABRT, "terminate called without
+    an active exception") when one rank tears down while another is still inside a collective with it."""
     if is_distributed():
+        dist.barrier()
         dist.destroy_process_group()
 
 
