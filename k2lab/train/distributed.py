@@ -1,5 +1,6 @@
-"""torch.distributed for pre-training: process group from torchrun's environment (gloo on CPU, NCCL on CUDA,
-no code change between them), expert parallelism for the routed experts and FSDP2 for everything else.
+"""torch.distributed for training (pre-training, SFT, RL): process group from torchrun's environment (gloo on
+CPU, NCCL on CUDA, no code change between them), expert parallelism for the routed experts and FSDP2 for
+everything else, and the torchrun entry point of each training command (`run_main`).
 
 Placement. The routed-expert stacks gate/up/down_proj [E, out, in] are split on the expert axis: rank r of W
 stores, computes and optimizes whole experts r*E/W .. (r+1)*E/W - 1, and tokens travel to them by all_to_all
@@ -72,6 +73,15 @@ def shard(model: nn.Module, world: int) -> nn.Module:
     return model
 
 
+def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """x summed over ranks (a new tensor; x itself when not distributed)."""
+    if not is_distributed():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x
+
+
 def mean_over_ranks(x: torch.Tensor) -> float:
     x = x.detach().clone().float()
     if is_distributed():
@@ -103,6 +113,84 @@ def gather_for_save(model: nn.Module, opt, config):
         plain = K2ForCausalLM(config)
     plain.load_state_dict(state, assign=True)
     return plain, optim_state
+
+
+def full_model(model: nn.Module, into: nn.Module | None = None) -> nn.Module:
+    """The sharded model's full weights in a plain model on every rank (collective: every rank calls it); the
+    model itself when not distributed. Generation needs it: FSDP and expert parallelism make every forward a
+    collective, so ranks sampling different lengths could not run their own rollouts or evals on the sharded
+    model. into: the plain model to load the weights into (kept between calls), else a new one."""
+    if not is_distributed():
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if hasattr(model, "reshard"):
+        model.reshard()
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # on every rank
+    if into is None:  # built for real once (not on meta: its non-persistent buffers, e.g. RoPE's, are not in state)
+        from k2lab.model import K2ForCausalLM
+
+        with torch.device(next(iter(state.values())).device):
+            into = K2ForCausalLM(model.config).train(model.training)
+    with torch.no_grad():
+        into.load_state_dict(state)
+    return into
+
+
+def on_rank0(fn):
+    """fn(model) -> dict run on a plain model with the full weights, on rank 0 only (the others get {}): the
+    loop's `evals` under torchrun. Every rank must call the wrapper (it gathers the weights)."""
+    def wrapped(model):
+        full = full_model(model)
+        return fn(full) if rank() == 0 else {}
+    return wrapped
+
+
+def gather_objects(items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank (picklable items: trajectories, grades)."""
+    if not is_distributed():
+        return list(items)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, list(items))
+    return [x for part in parts for x in part]
+
+
+def my_shares(n: int) -> range:
+    """This rank's indices among n equal shares (n a multiple of the world size), in the loop's row order:
+    rank r holds shares r*n/W .. (r+1)*n/W - 1, as `train` hands rank r its micro-batches."""
+    world = dist.get_world_size() if is_distributed() else 1
+    per = n // world
+    return range(rank() * per, (rank() + 1) * per)
+
+
+def run_main(settings_cls, run, prog: str, argv: list[str] | None = None) -> None:
+    """The torchrun entry point of a training command: flags are the settings fields (--max-steps 10
+    --run-dir DIR ...); prints the last step's metrics (JSON) on rank 0. A bad setting or input ends in one
+    line naming it, exit code 1, as the CLI does."""
+    import argparse
+    import json
+    import sys
+
+    from k2lab.train.settings import settings_fields
+
+    parser = argparse.ArgumentParser(prog=prog)
+    for f, typ, _ in settings_fields(settings_cls):
+        flag = "--" + f.name.replace("_", "-")
+        if typ is bool:
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        elif f.default_factory is list:
+            parser.add_argument(flag, nargs="*", default=[], help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"])
+    args = parser.parse_args(argv)
+    try:
+        record = run(settings_cls(**vars(args)))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if rank() == 0:
+        print(json.dumps(record))
+    teardown()
 
 
 def load_optimizer_state(model: nn.Module, opt, state: dict) -> None:

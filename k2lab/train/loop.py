@@ -163,7 +163,9 @@ def train(s: TrainSettings, run_dir: Path, init_model: Callable[[], torch.nn.Mod
 
         tokens, mask = mine(batch["tokens"]), mine(_mask(batch))
         extras = {k: mine(v) for k, v in _extras(batch).items()}
-        n_tokens = mask.sum().clamp(min=1)  # the step's loss is the mean over all its masked tokens
+        # the step's loss is the mean over all its masked tokens, on every rank: ranks hold different counts (SFT's
+        # masks) and FSDP averages their gradients, so each divides its sum by (all ranks' tokens / world)
+        n_tokens = (dist_utils.sum_over_ranks(mask.sum()) / world).clamp(min=1 / world)
         max_logits = [torch.full((m.n_heads,), -math.inf, device=device) for m in mla_layers(model)]
         loads = [torch.zeros(m.experts.n_experts, device=device) for m in moe_layers(model)]
         loss_sum = torch.zeros((), device=device)

@@ -9,7 +9,6 @@ instead of random weights (what `k2lab qat` does).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from k2lab.config import ModelConfig
@@ -17,7 +16,7 @@ from k2lab.runs import claim
 from k2lab.train import distributed as dist_utils
 from k2lab.train.data import PackedRows, build_dataset, check_readable, embedded_corpus
 from k2lab.train.loop import check_unfinished, train
-from k2lab.train.settings import PretrainSettings, settings_fields
+from k2lab.train.settings import PretrainSettings
 
 
 def _tokenizer(s: PretrainSettings, run_dir: Path, config: ModelConfig):
@@ -78,22 +77,7 @@ def pretrain(s: PretrainSettings, tokenizer=None, kind: str = "pretrain") -> dic
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point for torchrun: flags are the PretrainSettings fields (--max-steps 10 --run-dir DIR ...)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m k2lab.train.pretrain")
-    for f, typ, _ in settings_fields():
-        flag = "--" + f.name.replace("_", "-")
-        if typ is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        elif f.name == "data":
-            parser.add_argument(flag, nargs="*", default=[], help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=typ, default=f.default, help=f.metadata["help"])
-    args = parser.parse_args(argv)
-    record = pretrain(PretrainSettings(**vars(args)))
-    if dist_utils.rank() == 0:
-        print(json.dumps(record))
-    dist_utils.teardown()
+    dist_utils.run_main(PretrainSettings, pretrain, "python -m k2lab.train.pretrain", argv)
 
 
 if __name__ == "__main__":

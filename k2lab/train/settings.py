@@ -137,8 +137,12 @@ class RLSettings(TrainSettings):
     lr: float = option(3e-4, "peak learning rate")
     max_steps: int = option(50, "optimizer steps (one rollout batch each); a larger value continues a finished run")
     run_dir: str = option("runs/rl", "run directory; a rerun resumes from its last checkpoint")
+    rollout_url: str = option("", "OpenAI-compatible server (…/v1) to roll out on instead of in process; started "
+                                  "with --logprobs-mode processed_logprobs, reloading weights between steps")
+    max_staleness: int = option(0, "server rollouts: policy versions the sampler may lag behind (weights reach "
+                                   "it every max_staleness + 1 steps)")
 
-    CONTROL = (*TrainSettings.CONTROL, "run_dir")
+    CONTROL = (*TrainSettings.CONTROL, "run_dir", "rollout_url")
 
     @property
     def envs(self) -> list[str]:
@@ -156,6 +160,9 @@ class RLSettings(TrainSettings):
         if self.samples < 2 or (self.batch_size // self.grad_accum) % self.samples:
             raise ValueError(f"each micro-batch ({self.batch_size} // {self.grad_accum} rows) must hold whole groups "
                              f"of --samples {self.samples} >= 2; change --batch-size, --grad-accum or --samples")
+        if self.max_staleness < 0 or (self.max_staleness and not self.rollout_url):
+            raise ValueError(f"--max-staleness {self.max_staleness}: must be >= 0, and > 0 only with --rollout-url "
+                             f"(in-process rollouts always use the current weights)")
         if self.max_new_tokens < 1 or self.max_turns < 1:
             raise ValueError(f"max_new_tokens ({self.max_new_tokens}) and max_turns ({self.max_turns}) must be >= 1")
 

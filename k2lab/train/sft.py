@@ -33,6 +33,7 @@ import torch
 
 from k2lab.runs import atomic_path, claim, read_jsonl, rewrite_jsonl
 from k2lab.tokenizer.chat import render_sft
+from k2lab.train import distributed as dist_utils
 from k2lab.train.loop import check_unfinished, train
 from k2lab.train.settings import SftSettings
 
@@ -229,18 +230,32 @@ def sft(s: SftSettings) -> dict:
     tokenizer = Tokenizer.load(checkpoint)
     _check_sizes(s, tokenizer, config)
     data_dir = run_dir / "data"
-    prepared = None if (data_dir / "heldout.jsonl").exists() else prepare(s, tokenizer)
-    claim(run_dir, s.identity(), "sft", inputs=("data",))
+    rank, _, _ = dist_utils.setup()
+    if rank == 0:  # under torchrun rank 0 prepares the data; the others read it
+        prepared = None if (data_dir / "heldout.jsonl").exists() else prepare(s, tokenizer)
+        claim(run_dir, s.identity(), "sft", inputs=("data",))
     check_unfinished(run_dir, s.max_steps)
-    if prepared is not None:
+    if rank == 0 and prepared is not None:
         save_prepared(prepared, data_dir)
+    dist_utils.barrier()
     train_rows = load_packed(data_dir / "train.pt")
     heldout = read_jsonl(data_dir / "heldout.jsonl")
     val = loop_batch(load_packed(data_dir / "val.pt")) if heldout else None
-    evals = (ToolcallEval(heldout, tokenizer, s.eval_max_new_tokens, config.max_position_embeddings)
-             if heldout else None)
+    evals = (dist_utils.on_rank0(ToolcallEval(heldout, tokenizer, s.eval_max_new_tokens,
+                                              config.max_position_embeddings)) if heldout else None)
     record = train(s, run_dir, lambda: k2lab.load_model(checkpoint, dtype=torch.float32, text_only=True),
                    batches_from(train_rows, s.batch_size, s.seed), val=val, evals=evals, tokenizer_dir=checkpoint,
                    desc="sft")
-    plot_toolcalls(run_dir, read_metrics(run_dir))
+    if rank == 0:
+        plot_toolcalls(run_dir, read_metrics(run_dir))
     return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for torchrun: `torchrun --nproc-per-node N -m k2lab.train.sft --checkpoint DIR --data F ...`
+    (flags are the SftSettings fields)."""
+    dist_utils.run_main(SftSettings, sft, "python -m k2lab.train.sft", argv)
+
+
+if __name__ == "__main__":
+    main()

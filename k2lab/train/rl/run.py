@@ -1,7 +1,8 @@
 """`k2lab rl`: RL on the embedded environments with the one training loop (k2lab.train.loop).
 
 Each optimizer step: deal the step's tasks (a function of (seed, step)), play K episodes of each with the
-current weights through the in-process generator (k2lab.train.rl.episodes) at the step's temperature (cosine
+current weights (in process, or on a server: k2lab.train.rl.rollouts; under torchrun each rank plays its
+share) at the step's temperature (cosine
 decay), score them, lay the trajectories out as tensors and take one update with the chosen loss (k15 default,
 k25, grpo), the sampling log-probs as the old policy's. The policy's log-probs in the loss are those of the
 sampled distribution (logits / temperature), so on-policy the log-ratio is 0 up to numerics.
@@ -20,12 +21,11 @@ import torch
 
 from k2lab.config import ModelConfig
 from k2lab.runs import claim
-from k2lab.serve.rollout import InProcessGenerator, RolloutParams
-from k2lab.synth.domains import make_tasks
+from k2lab.train import distributed as dist_utils
 from k2lab.train.loop import check_unfinished, train
 from k2lab.train.rl import rewards
-from k2lab.train.rl.episodes import run_episodes, sub_seed
 from k2lab.train.rl.losses import LOSSES, all_equal_share, entropy, log_ratio_stats
+from k2lab.train.rl.rollouts import Rollouts, staleness
 from k2lab.train.rl.trajectory import collate
 from k2lab.train.settings import RLSettings
 
@@ -81,24 +81,16 @@ def rl(s: RLSettings) -> dict:
     config = ModelConfig.load(ckpt)
     tokenizer = Tokenizer.load(ckpt)
     run_dir = Path(s.run_dir)
-    claim(run_dir, s.identity(config), "rl")
+    rollouts = Rollouts(s, tokenizer, config.max_position_embeddings, run_dir)  # torchrun: joins the group
+    if dist_utils.rank() == 0:
+        claim(run_dir, s.identity(config), "rl")
+    dist_utils.barrier()
     check_unfinished(run_dir, s.max_steps)
     pad = config.pad_token_id if config.pad_token_id is not None else 0
-    eos = tuple(i for i in (tokenizer.im_end_id, tokenizer.eos_id) if i is not None)
-    policy: dict = {}
-
-    def on_model(model):
-        policy["model"], policy["generator"] = model, InProcessGenerator(model, eos)
 
     def batches(step: int) -> dict:
-        model, generator = policy["model"], policy["generator"]
-        generator.policy_version = step  # optimizer steps applied to the weights that sample now
         temp = rewards.temperature(step, s.max_steps, s.temperature_start, s.temperature_end)
-        tasks = make_tasks(s.envs, s.batch_size // s.samples, seed=sub_seed(s.seed, "tasks", step))
-        trajs, grades = run_episodes(generator, tokenizer, tasks, s.samples,
-                                     RolloutParams(max_new_tokens=s.max_new_tokens, temperature=temp),
-                                     s.max_turns, config.max_position_embeddings, s.budget_penalty,
-                                     seed=sub_seed(s.seed, "rollout", step))
+        trajs, grades, model = rollouts.play(step, temp)  # model: the current policy, unsharded
         b = collate(trajs, s.samples, pad)
         temperature = torch.full((len(trajs),), temp)
         with torch.no_grad():  # the policy before this update: log-ratio to the sampler, entropy
@@ -106,7 +98,8 @@ def rl(s: RLSettings) -> dict:
             logp_all = logits.log_softmax(-1)
             logp = logp_all.gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)
         metrics = {**rollout_metrics(trajs, grades, s.samples), **log_ratio_stats(logp, b.old_logprobs, b.mask),
-                   "entropy": entropy(logp_all, b.mask), "policy_version": step, "temperature": temp}
+                   "entropy": entropy(logp_all, b.mask), "policy_version": min(t.policy_version for t in trajs),
+                   **staleness(trajs, step), "temperature": temp}
         return {"tokens": b.input_ids, "loss_mask": b.mask, "sampled": b.mask, "old_logprobs": b.old_logprobs,
                 "rewards": b.rewards, "temperature": temperature, "metrics": metrics}
 
@@ -114,5 +107,15 @@ def rl(s: RLSettings) -> dict:
         return rl_loss(model, tokens, **batch, loss=s.loss, k=s.samples, tau=s.tau)
 
     return train(s, run_dir, lambda: k2lab.load_model(str(ckpt), dtype=torch.float32), batches, loss_fn=loss_fn,
-                 tokenizer_dir=ckpt, desc=f"rl-{s.loss}", on_model=on_model)
+                 tokenizer_dir=ckpt, desc=f"rl-{s.loss}", on_model=rollouts.attach)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for torchrun: `torchrun --nproc-per-node N -m k2lab.train.rl.run --checkpoint DIR ...` (flags
+    are the RLSettings fields)."""
+    dist_utils.run_main(RLSettings, rl, "python -m k2lab.train.rl.run", argv)
+
+
+if __name__ == "__main__":
+    main()
 
