@@ -534,11 +534,15 @@ def serve_cmd(
     model_name: str = typer.Option(None, help="served model id (default: the checkpoint directory name)"),
     drain_timeout: float = typer.Option(30.0, min=0, help="seconds in-flight requests get to finish after SIGTERM "
                                                           "before they are aborted"),
+    logprobs_mode: str = typer.Option("raw_logprobs", help="raw_logprobs (the model's distribution) or "
+                                      "processed_logprobs (the one sampled from, for RL rollouts), as vLLM's"),
 ) -> None:
     """Serve a checkpoint with an OpenAI-compatible API (chat, completions, responses, tools, streaming)."""
     from k2lab.serve.server import build_server, run
 
-    run(build_server(checkpoint, api_key, max_len, cache_mb, max_slots, model_name, drain_timeout), host, port)
+    server = _user_errors(lambda: build_server(checkpoint, api_key, max_len, cache_mb, max_slots, model_name,
+                                               drain_timeout, logprobs_mode))
+    run(server, host, port)
 
 
 # ---- INT4 (issue 5) ----

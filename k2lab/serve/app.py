@@ -1,5 +1,5 @@
 """The FastAPI app: OpenAI's error JSON for every failure, the API key check, the engine's lifetime, and the
-small endpoints (health, metrics, models); the generation routes come from k2lab.serve.completions and
+small endpoints (health, metrics, models, SGLang's weight reload for RL); the generation routes come from k2lab.serve.completions and
 k2lab.serve.responses."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from k2lab.serve import completions, responses
-from k2lab.serve.protocol import APIError
+from k2lab.serve.protocol import APIError, UpdateWeightsFromDiskRequest
+from k2lab.serve.weights import update_weights_from_disk
 
 if TYPE_CHECKING:
     from k2lab.serve.server import Server
@@ -88,6 +89,14 @@ def create_app(server: Server) -> FastAPI:
             raise APIError(404, f"The model `{model_id}` does not exist; this server serves `{server.model_name}`.",
                            "model_not_found", "model")
         return model_card()
+
+    @app.post("/update_weights_from_disk", dependencies=[Depends(authorized)])
+    async def update_weights(body: UpdateWeightsFromDiskRequest):
+        """SGLang's weight reload (RL's weight sync): 200 with success true, or 400 with success false."""
+        ok, message, paused = await asyncio.to_thread(update_weights_from_disk, server.engine, body.model_path,
+                                                      body.abort_all_requests)
+        return JSONResponse({"success": ok, "message": message, "num_paused_requests": paused},
+                            status_code=200 if ok else 400)
 
     completions.register(app, server, authorized)
     responses.register(app, server, authorized)

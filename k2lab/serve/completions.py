@@ -140,9 +140,9 @@ def register(app: FastAPI, server: Server, authorized) -> None:
             if body.logprobs is None:
                 return None
             evs = [e for e in evs if e.token is not None]
-            tok = server.tokenizer
-            return {"tokens": [tok.id_to_piece(e.token) for e in evs], "token_logprobs": [e.logprob for e in evs],
-                    "top_logprobs": [{tok.id_to_piece(t): lp for t, lp in e.top_logprobs or []} for e in evs],
+            name = (lambda t: f"token_id:{t}") if body.return_tokens_as_token_ids else server.tokenizer.id_to_piece
+            return {"tokens": [name(e.token) for e in evs], "token_logprobs": [e.logprob for e in evs],
+                    "top_logprobs": [{name(t): lp for t, lp in e.top_logprobs or []} for e in evs],
                     "text_offset": []}
 
         if not body.stream:

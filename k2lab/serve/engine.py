@@ -143,6 +143,11 @@ class Engine:
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps, for tokens/s
         self._thread: threading.Thread | None = None
         self._stop = False
+        # held around every forward: a weight reload (k2lab.serve.weights) swaps the weights between steps
+        self.weights_lock = threading.Lock()
+        # vLLM's --logprobs-mode: "raw_logprobs" (the model's distribution, as OpenAI reports) or
+        # "processed_logprobs" (the distribution sampled from, after penalties, temperature, top-k, top-p: RL's)
+        self.logprobs_mode = "raw_logprobs"
 
     # ---- intake ---------------------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, on_event: Callable[[Event], None] = lambda e: None,
@@ -198,7 +203,7 @@ class Engine:
             return False
         t0, produced = time.perf_counter(), 0
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), self.weights_lock:
                 produced += self._prefill()
                 produced += self._decode()
         except Exception as e:  # a failed forward fails the requests in it, never the engine
@@ -280,17 +285,20 @@ class Engine:
                 for token, b in r.params.logit_bias:
                     bias[i, token] += b
         uniform = torch.cat([torch.rand(1, generator=st.generator) for st in states])
-        tokens, _ = sample(logits, column("temperature"), column("top_p"), column("top_k"), uniform, counts=counts,
+        tokens, sampled = sample(logits, column("temperature"), column("top_p"), column("top_k"), uniform, counts=counts,
                            frequency_penalty=column("frequency_penalty"), presence_penalty=column("presence_penalty"),
                            bias=bias, allowed=allowed)
         for i, (req, token) in enumerate(zip(reqs, tokens.tolist())):
-            self._accept(req, token, logits[i].float())
+            self._accept(req, token, logits[i].float(), float(sampled[i]))
 
-    def _accept(self, req: Request, token: int, logits: torch.Tensor) -> None:
-        """Record and stream req's next token (logprobs from its raw logits [V]); finish req if it is done."""
+    def _accept(self, req: Request, token: int, logits: torch.Tensor, sampled_logprob: float) -> None:
+        """Record and stream req's next token (logprobs from its raw logits [V], or the sampler's in
+        processed_logprobs mode); finish req if it is done."""
         st, p = self.state[id(req)], req.params
         logprob = top = None
-        if p.logprobs is not None:
+        if p.logprobs is not None and self.logprobs_mode == "processed_logprobs":
+            logprob, top = sampled_logprob, []  # alternatives are refused in this mode (k2lab.serve.server)
+        elif p.logprobs is not None:
             logprob, top = token_logprobs(logits.log_softmax(-1), token, p.logprobs)
         req.output.append(token)
         self.generated_tokens += 1

@@ -1,7 +1,7 @@
 """The OpenAI request bodies the server accepts (pydantic), and OpenAI's error JSON.
 
-Fields follow the OpenAI API reference; `top_k`, `stop_token_ids` and `chat_template_kwargs` are vLLM's
-extensions. No field is silently ignored: a field this server does not implement (unknown to it, or known to
+Fields follow the OpenAI API reference; `top_k`, `stop_token_ids`, `chat_template_kwargs` and
+`return_tokens_as_token_ids` are vLLM's extensions. No field is silently ignored: a field this server does not implement (unknown to it, or known to
 OpenAI but unsupported here, e.g. `suffix`, `best_of`, `previous_response_id`) is a 400 that names it; a field
 sent as null means "not set" (OpenAI's convention) and is accepted. Values out of range are a 400 naming the field.
 """
@@ -141,6 +141,16 @@ class CompletionRequest(Sampling):
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
+    # vLLM's: logprobs name tokens "token_id:N", so a client gets the ids themselves (RL: never re-tokenized)
+    return_tokens_as_token_ids: bool = False
+
+
+class UpdateWeightsFromDiskRequest(Body):
+    """SGLang's POST /update_weights_from_disk body (k2lab.serve.weights); load_format only "auto"."""
+
+    model_path: Annotated[str, Field(min_length=1)]
+    load_format: Literal["auto"] | None = None
+    abort_all_requests: bool = False
 
 
 # ---- the Responses API (POST /v1/responses) -------------------------------------------------------------------

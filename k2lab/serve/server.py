@@ -107,6 +107,10 @@ class Server:
                stop=None, stop_token_ids=None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                logit_bias: dict[str, float] | None = None) -> SamplingParams:
         limit = self.engine.max_len
+        if logprobs and self.engine.logprobs_mode == "processed_logprobs":
+            raise APIError(400, "this server reports processed log-probabilities (--logprobs-mode "
+                                "processed_logprobs): the sampled token's only; ask for 0 alternatives",
+                           param="logprobs")
         if prompt_len >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has "
                                 f"{prompt_len} tokens.", "context_length_exceeded", "messages")
@@ -184,8 +188,13 @@ class Server:
 
 
 def build_server(checkpoint: str | Path, api_key: str | None = None, max_len: int = 4096, cache_mb: int = 512,
-                 max_slots: int = 64, model_name: str | None = None, drain_timeout: float = 30.0) -> Server:
-    """Load a checkpoint directory (weights + tokenizer files) into an engine behind a Server."""
+                 max_slots: int = 64, model_name: str | None = None, drain_timeout: float = 30.0,
+                 logprobs_mode: str = "raw_logprobs") -> Server:
+    """Load a checkpoint directory (weights + tokenizer files) into an engine behind a Server. logprobs_mode:
+    vLLM's --logprobs-mode, raw_logprobs (the model's distribution) or processed_logprobs (the one sampled
+    from: what an RL trainer needs as its behaviour policy)."""
+    if logprobs_mode not in ("raw_logprobs", "processed_logprobs"):
+        raise ValueError(f"unknown logprobs mode {logprobs_mode!r}; choose raw_logprobs or processed_logprobs")
     from k2lab import load_model
 
     checkpoint = Path(checkpoint)
@@ -203,6 +212,7 @@ def build_server(checkpoint: str | Path, api_key: str | None = None, max_len: in
     engine = Engine(model, tokenizer.id_to_bytes, (tokenizer.eos_id, tokenizer.im_end_id),
                     max_len=min(max_len, model.config.max_position_embeddings), cache_bytes=cache_mb << 20,
                     max_slots=max_slots)
+    engine.logprobs_mode = logprobs_mode
     return Server(engine, tokenizer, model_name or checkpoint.resolve().name, api_key, vision, drain_timeout)
 
 
