@@ -178,8 +178,9 @@ def pretrain(**settings):
 @(lambda command: _settings_options(command, "RLSettings"))
 def rl(**settings):
     """RL from a checkpoint on the embedded environments (--env arithmetic,knowledge,store,files,lookup) with the
-    K1.5 objective (or --loss k25 / grpo); rollouts in process; metrics, plots and checkpoints in --run-dir,
-    which a rerun resumes."""
+    K1.5 objective (or --loss k25 / grpo); rollouts in process, or on an OpenAI-compatible server (--rollout-url,
+    weights reloaded between steps); metrics, plots and checkpoints in --run-dir, which a rerun resumes. Under
+    torchrun: python -m k2lab.train.rl.run with the same flags."""
     import json
 
     from k2lab.train.rl.run import rl as run
