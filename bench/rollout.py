@@ -1,5 +1,6 @@
 """RL rollout throughput on this machine: completion tokens/s of the in-process batch API
-(k2lab.serve.rollout.InProcessGenerator) vs a Python loop over `model.generate` (one call per sample) and vs
+(k2lab.serve.rollout.InProcessGenerator) on the compiled decode step, and on the eager forward, vs a Python loop
+over eager `model.generate` (one call per sample) and vs
 transformers' `generate(num_return_sequences=K)` on the same weights (the k2lab checkpoint loaded as
 DeepseekV3ForCausalLM), all sampling at temperature 1 (no top-k, no top-p).
 
@@ -8,7 +9,8 @@ DeepseekV3ForCausalLM), all sampling at temperature 1 (no top-k, no top-p).
 Random weights, fp32, prompts of one length (so transformers needs no padding: its best case, one batch of
 prompts x K rows), and no stop ids, so every method generates exactly prompts x K x new-tokens tokens (checked).
 Runs alternate between the methods so load from elsewhere on the shared machine hits all alike; medians; the
-load average is recorded. Writes bench/results/rollout.json and rollout.md.
+load average is recorded. The compiled generator's first call (compile, or load from inductor's cache, plus
+one call) is recorded, not timed. Writes bench/results/rollout.json and rollout.md.
 """
 
 from __future__ import annotations
@@ -65,11 +67,19 @@ def main() -> None:
     prompts = torch.randint(0, config.vocab_size, (args.prompts, args.prompt_len),
                             generator=torch.Generator().manual_seed(1))
     n, new = args.prompts * args.k, args.new_tokens
-    generator = InProcessGenerator(model)  # no EOS ids: every sample runs to new_tokens, as the others do
+    # no EOS ids: every sample runs to new_tokens, as the others do
+    generators = {c: InProcessGenerator(model, compile=c) for c in (True, False)}
+
+    def rollout(compiled: bool) -> int:
+        out = generators[compiled].generate(prompts.tolist(), args.k,
+                                            RolloutParams(max_new_tokens=new, temperature=1.0))
+        return sum(len(s.completion_ids) for s in out)
 
     def ours() -> int:
-        out = generator.generate(prompts.tolist(), args.k, RolloutParams(max_new_tokens=new, temperature=1.0))
-        return sum(len(s.completion_ids) for s in out)
+        return rollout(True)
+
+    def ours_eager() -> int:
+        return rollout(False)
 
     def loop() -> int:
         total = 0
@@ -85,10 +95,11 @@ def main() -> None:
                               min_new_tokens=new, pad_token_id=config.pad_token_id)
         return out.shape[0] * (out.shape[1] - args.prompt_len)
 
-    methods = {"rollout API": ours, "loop over model.generate": loop,
+    methods = {"rollout API": ours, "rollout API, eager": ours_eager, "loop over model.generate": loop,
                "transformers generate(num_return_sequences)": transformers}
     load_before = os.getloadavg()
-    for fn in (ours, transformers):  # warm-up (the loop warms itself: 128 calls)
+    compile_seconds = timed(ours)[0]  # warm-up: the compile (or inductor cache load) and one call
+    for fn in (ours_eager, transformers):  # warm-up (the loop warms itself: 128 calls)
         fn()
     seconds: dict[str, list[float]] = {name: [] for name in methods}
     for r in range(args.repeats):
@@ -105,7 +116,7 @@ def main() -> None:
     rows = [{"method": name, "tokens_per_s": rate[name], "median_s": statistics.median(seconds[name]),
              "seconds": seconds[name], "rollout_api_speedup": base / rate[name]} for name in methods]
     result = {"preset": args.preset, "prompts": args.prompts, "k": args.k, "new_tokens": new,
-              "prompt_len": args.prompt_len, "temperature": 1.0, "repeats": args.repeats, "quick": args.quick,
+              "prompt_len": args.prompt_len, "temperature": 1.0, "first_compiled_call_s": compile_seconds, "repeats": args.repeats, "quick": args.quick,
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "load_average_1_5_15": {"before": load_before, "after": load_after},

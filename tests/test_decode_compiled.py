@@ -134,4 +134,67 @@ def test_cli_generate_compile_flag(model, tmp_path):
     args = ["generate", "--checkpoint", str(tmp_path), "--prompt-ids", "1,2,3", "--max-new-tokens", "40"]
     compiled, eager = CliRunner().invoke(app, args + ["--compile"]), CliRunner().invoke(app, args + ["--no-compile"])
     assert compiled.exit_code == 0 and eager.exit_code == 0, compiled.output + eager.output
-    assert compiled.output == eager.output and len(compiled.output.split(",")) == 40
+    assert compiled.stdout == eager.stdout and len(compiled.stdout.split(",")) == 40
+    assert "compiled the decode step" in compiled.stderr  # the compile time is reported
+
+
+def rollout_prompts(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 512, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def test_compiled_rollouts_equal_eager_without_recompiles(model, compiled):
+    """The rollout API on the compiled step (2 slots: the (2, 256) decoder compiled above) gives eager's greedy
+    tokens, and its log-probabilities at temperature 1, with no new graph for other prompts and stop ids."""
+    from k2lab.serve.rollout import InProcessGenerator, RolloutParams
+
+    fast, eager = InProcessGenerator(model, eos_ids=(7,), compile=True), InProcessGenerator(model, eos_ids=(7,),
+                                                                                            compile=False)
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed, (n, k) in enumerate([(1, 2), (2, 1), (1, 1)]):
+            ps, greedy = rollout_prompts(n, seed), RolloutParams(max_new_tokens=40, temperature=0.0)
+            assert fast.generate(ps, k, greedy) == eager.generate(ps, k, greedy)
+            params = RolloutParams(max_new_tokens=30, seed=seed, stop_token_ids=(9,))
+            for a, b in zip(fast.generate(ps, k, params), eager.generate(ps, k, params)):
+                assert a.completion_ids == b.completion_ids and a.finish_reason == b.finish_reason
+                assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-4
+    assert counters["stats"]["unique_graphs"] == 0
+
+
+def test_rollouts_compile_once_eager_decoding_has_cost_a_compile(model):
+    from k2lab.serve import rollout
+
+    gen = rollout.InProcessGenerator(model)
+    ps, params = rollout_prompts(1, 0), rollout.RolloutParams(max_new_tokens=5, temperature=0.0)
+    gen.generate(ps, 1, params)
+    assert not gen.compiling and 0 < gen.eager_seconds < rollout.COMPILE_AFTER
+    gen.eager_seconds = rollout.COMPILE_AFTER  # as if it had decoded that long
+    assert gen.compiling
+    assert rollout.InProcessGenerator(model, compile=False).compiling is False
+
+
+def test_compiled_engine_equals_eager_engine(model):
+    """Continuous batching on the compiled step: requests arriving and finishing at different steps make the
+    decoding rows 1, 2 and 3 of 4 slots (buckets 1, 2 and 4, padded with free slots); greedy tokens equal the
+    eager engine's, and a second wave of requests compiles nothing new."""
+    from k2lab.serve.engine import Engine
+    from k2lab.serve.sampling import SamplingParams
+
+    def run(engine, seed):
+        reqs = []
+        for i, p in enumerate(rollout_prompts(3, seed)):
+            reqs.append(engine.submit(p, SamplingParams(max_tokens=6 + 5 * i, temperature=0.0)))
+            engine.step()
+        while any(not r.done.is_set() for r in reqs):
+            engine.step()
+        return [r.output for r in reqs]
+
+    fast, eager = (Engine(model, lambda t: b"x", (), max_len=128, max_slots=4, compile=c) for c in (True, False))
+    assert run(fast, 0) == run(eager, 0)
+    assert {size for size, _ in fast.decoder._graphs} == {1, 2, 4}
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert run(fast, 1) == run(eager, 1)
+    assert counters["stats"]["unique_graphs"] == 0

@@ -4,20 +4,24 @@ Compiling the model's own forward does not pay: `CacheBatch` reads `int(position
 tokens by expert (`bincount`, `tolist()`), and every new context length is a new shape. `Decoder` keeps the
 same math (absorbed MLA, noaux_tc routing, SwiGLU experts) in a form whose shapes never change for a given
 (batch-size bucket, max_len):
-- one cache tensor per layer, [B, max_len, kv_lora_rank + rope], updated in place with `index_put_` (a
-  single stacked tensor would be copied whole by the compiled graph every step);
+- the model's own LatentCache, one tensor per layer, updated in place with `index_put_` (a single stacked
+  tensor would be copied whole by the compiled graph every step);
 - attention over the full cache length, masked to key positions <= the query position;
 - experts: the k chosen experts' weights gathered per token while tokens * k < experts (for a handful of
   tokens this beats sorting), every expert over every token with zero weights for the rest beyond that;
 - RoPE as real cos/sin arithmetic (the same products as the eager complex multiply; inductor has no complex).
-The prompt is prefilled eagerly, in chunks, through the model's own cached forward, so prefill is the eager
-math and long prompts stay within memory. Compiled artifacts are cached across processes under
-$TORCHINDUCTOR_CACHE_DIR (default ~/.cache/k2lab/inductor); the first step's compile time is reported.
+Steps either feed rows 0..batch-1 (generate, the rollout API: one graph) or chosen cache slots (the engine:
+one graph per power-of-two count of rows, padded with slots not in the step). The prompt is prefilled eagerly,
+in chunks, through the model's own cached forward into the same cache, so prefill is the eager math and long
+prompts stay within memory. Compiled artifacts are cached across processes under $TORCHINDUCTOR_CACHE_DIR
+(default ~/.cache/k2lab/inductor); each new graph's compile time is reported on stderr and summed in
+`compile_seconds`.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +32,7 @@ from k2lab.model.mla import LatentCache
 from k2lab.model.moe import MLP, Experts, MoE
 
 _KEEP = 4  # compiled decoders kept per model by decoder_for (their caches are the memory that matters)
+_GRAPHS = 64  # dynamo's recompile limit (8) counts the graphs of every Decoder in the process; a few per decoder
 
 
 def cache_dir() -> Path:
@@ -41,31 +46,39 @@ def bucket(n: int, least: int = 1) -> int:
     return 1 << (max(n, least) - 1).bit_length()
 
 
-class Decoder:
-    """Decoding for `batch` rows (cache slots) of up to `max_len` positions each, for one model.
+def compilable(model: torch.nn.Module) -> bool:
+    """Whether Decoder can run this model: a text model (lm_head over model.layers) with full-precision experts."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return hasattr(model, "lm_head") and layers is not None and all(
+        not isinstance(block.mlp, MoE) or isinstance(block.mlp.experts, Experts) for block in layers)
 
-    `prefill(ids, rows)` writes prompts into rows and returns their last logits; `step(tokens, positions)`
-    feeds one token per row at the given positions and returns logits [batch, vocab], with the same shapes
-    every call (rows not in use may step at position 0 of their own slot; their output is ignored).
-    Positions must be < max_len (the compiled step does not check; `generate` does).
+
+class Decoder:
+    """Decoding over `batch` cache slots of up to `max_len` positions each, for one model.
+
+    `prefill(ids, rows)` writes prompts into slots and returns their last logits; `step(tokens, positions)`
+    feeds one token per slot 0..n-1 at the given positions, `step(tokens, positions, rows)` one token per
+    given slot; both return logits [n, vocab]. `latent` is the cache (a LatentCache: the model's own cached
+    forward reads and writes it too). Positions must be < max_len (the compiled step does not check).
     """
 
     def __init__(self, model: torch.nn.Module, batch: int, max_len: int, compile: bool = True,
                  prefill_chunk: int = 2048):
+        if not compilable(model):
+            raise ValueError("compiled decode needs a text model with full-precision experts (not INT4); "
+                             "decode with compile=False")
         self.model, self.batch, self.max_len, self.prefill_chunk = model, batch, max_len, prefill_chunk
-        config = model.config
         param = model.lm_head.weight
-        width = config.kv_lora_rank + config.qk_rope_head_dim
-        self.cache = [torch.zeros(batch, max_len, width, dtype=param.dtype, device=param.device)
-                      for _ in range(config.num_hidden_layers)]
-        for block in model.model.layers:
-            if isinstance(block.mlp, MoE) and not isinstance(block.mlp.experts, Experts):
-                raise ValueError(f"compiled decode needs full-precision experts, not "
-                                 f"{type(block.mlp.experts).__name__}; decode with compile=False")
-        self.compile_seconds: float | None = None  # first step's compile + run time, when compiled
+        with torch.inference_mode(False):  # normal tensors: written in place under no_grad and inference_mode
+            self.latent = LatentCache(model.config, batch, max_len, param.dtype, param.device)
+        self.cache = self.latent.kv
+        self.all_rows = torch.arange(batch, device=param.device)
+        self.compile_seconds = 0.0  # first calls of each compiled graph (compile, or load from the cache)
+        self._graphs: set[tuple[int, bool]] = set()
         self._compiled = compile
         if compile:
             cache_dir()
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _GRAPHS)
             cuda = param.device.type == "cuda"
             if cuda:  # CUDA graphs replay the step; the caches must keep their addresses
                 for kv in self.cache:
@@ -78,54 +91,73 @@ class Decoder:
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, rows: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Prompts input_ids [n, T] into cache rows [n] (default 0..n-1), with inputs_embeds [n, T, D] in place
-        of their embeddings when given: the eager cached forward in chunks of prefill_chunk tokens (long
+        """Prompts input_ids [n, T] into cache slots rows [n] (default 0..n-1), with inputs_embeds [n, T, D] in
+        place of their embeddings when given: the eager cached forward in chunks of prefill_chunk tokens (long
         prompts stay within memory). Returns the last logits [n, vocab]."""
         n, t = input_ids.shape
         if t > self.max_len:
             raise ValueError(f"prompt of {t} tokens does not fit the decoder's cache of {self.max_len}")
-        device = self.cache[0].device
-        rows = torch.arange(n, device=device) if rows is None else rows.to(device)
-        scratch = LatentCache(self.model.config, n, t, self.cache[0].dtype, device)
+        device = self.all_rows.device
+        rows = self.all_rows[:n] if rows is None else rows.to(device)
         for start in range(0, t, self.prefill_chunk):
             end = min(t, start + self.prefill_chunk)
             positions = torch.arange(start, end, device=device)[None].expand(n, -1)
             if inputs_embeds is None:
-                logits = self.model(input_ids[:, start:end].to(device), positions=positions, cache=scratch)
+                logits = self.model(input_ids[:, start:end].to(device), positions=positions, cache=self.latent,
+                                    rows=rows)
             else:
                 logits = self.model(inputs_embeds=inputs_embeds[:, start:end].to(device), positions=positions,
-                                    cache=scratch)
-        for kv, new in zip(self.cache, scratch.kv):
-            kv[rows, :t] = new
+                                    cache=self.latent, rows=rows)
         return logits[:, -1]
 
-    @torch.no_grad()
-    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens [n] at positions [n] of rows 0..n-1 -> logits [n, vocab]; n <= batch (the rows beyond n
-        step at position 0 of their own slot, so the compiled shapes never change)."""
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [n] at positions [n] of slots `rows` [n] (default 0..n-1) -> logits [n, vocab].
+
+        Without rows, all `batch` slots step (those beyond n at position 0 of their own slot, their output
+        dropped): one shape. With rows, the step runs bucket(n) rows (at most batch), padded with slots not in
+        rows at position max_len - 1: a slot writes a position before it reads it, so nothing is lost."""
+        # inference tensors in, always: dynamo guards on dispatch keys, so normal tensors (from callers under
+        # no_grad) and inference tensors (from callers under inference_mode) would each compile a graph
+        tokens, positions = tokens.clone(), positions.clone()
+        rows = None if rows is None else rows.clone()
         n = tokens.shape[0]
-        if n < self.batch:
-            tokens, positions = F.pad(tokens, (0, self.batch - n)), F.pad(positions, (0, self.batch - n))
-        if self._compiled and self.compile_seconds is None:
-            start = time.perf_counter()
-            logits = self._step(self.cache, tokens, positions)
-            self.compile_seconds = time.perf_counter() - start
+        gather = rows is not None
+        if gather:
+            size = min(bucket(n), self.batch)
+            if size > n:
+                free = torch.ones(self.batch, dtype=torch.bool, device=rows.device)
+                free[rows] = False
+                rows = torch.cat([rows, free.nonzero()[: size - n, 0]])
         else:
-            logits = self._step(self.cache, tokens, positions)
+            size, rows = self.batch, self.all_rows.clone()
+        if size > n:
+            pad = (0, size - n)
+            tokens, positions = F.pad(tokens, pad), F.pad(positions, pad, value=self.max_len - 1 if gather else 0)
+        if not self._compiled or (size, gather) in self._graphs:
+            return self._step(self.cache, tokens, positions, rows, gather)[:n]
+        start = time.perf_counter()
+        logits = self._step(self.cache, tokens, positions, rows, gather)
+        seconds = time.perf_counter() - start
+        self._graphs.add((size, gather))
+        self.compile_seconds += seconds
+        print(f"k2lab: compiled the decode step for {size} rows x {self.max_len} positions in {seconds:.1f} s "
+              f"(kept in {cache_dir()} for later processes)", file=sys.stderr, flush=True)
         return logits[:n]
 
     # ---- the step, traced by torch.compile ------------------------------------------------------------------
-    def _forward(self, cache: list[torch.Tensor], tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _forward(self, cache: list[torch.Tensor], tokens: torch.Tensor, positions: torch.Tensor,
+                 rows: torch.Tensor, gather: bool) -> torch.Tensor:
+        """One token per row; gather: attend to the cache slots `rows` (else rows are all slots, in order)."""
         model = self.model.model
         x = model.embed_tokens(tokens)  # [B, D]
         rope = model.rotary_emb
         angles = positions.to(torch.float32)[:, None] * rope.inv_freq  # [B, rope/2]
         cos, sin = rope.scale * angles.cos(), rope.scale * angles.sin()
         visible = torch.arange(self.max_len, device=x.device)[None, :] <= positions[:, None]  # [B, S]
-        rows = torch.arange(x.shape[0], device=x.device)
         for block, kv in zip(model.layers, cache):
             h = x + self._attention(block.self_attn, block.input_layernorm(x), cos, sin, kv, rows, positions,
-                                    visible)
+                                    visible, gather)
             x = h + self._ffn(block.mlp, block.post_attention_layernorm(h))
         return self.model.lm_head(model.norm(x))
 
@@ -138,7 +170,7 @@ class Decoder:
 
     @staticmethod
     def _attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
-                   rows: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+                   rows: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor, gather: bool) -> torch.Tensor:
         """Absorbed MLA for one token per row: x [B, D] -> [B, D]; writes the token's latent into kv."""
         bsz, h, r = x.shape[0], attn.n_heads, attn.kv_lora_rank
         nope, rope_dim = attn.qk_nope_head_dim, attn.qk_rope_head_dim
@@ -148,12 +180,13 @@ class Decoder:
         c_kv, k_rope = attn.kv_a_proj_with_mqa(x).split([r, rope_dim], dim=-1)
         latent = torch.cat([attn.kv_a_layernorm(c_kv), Decoder._rotate(k_rope, cos, sin)], dim=-1)
         kv.index_put_((rows, positions), latent.to(kv.dtype))
+        ctx = kv[rows] if gather else kv  # [B, S, r + rope]
         w = attn.kv_b_proj.weight.view(h, nope + attn.v_head_dim, r)
         w_uk, w_uv = w[:, :nope], w[:, nope:]
         q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)  # k_nope folded into the query
-        scores = torch.einsum("bhc,bsc->bhs", torch.cat([q_lat, q_rope], dim=-1), kv) * attn.softmax_scale
+        scores = torch.einsum("bhc,bsc->bhs", torch.cat([q_lat, q_rope], dim=-1), ctx) * attn.softmax_scale
         probs = scores.float().masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1).to(kv.dtype)
-        o_lat = torch.einsum("bhs,bsr->bhr", probs, kv[..., :r])
+        o_lat = torch.einsum("bhs,bsr->bhr", probs, ctx[..., :r])
         out = torch.einsum("bhr,hvr->bhv", o_lat, w_uv)  # v folded into the output
         return attn.o_proj(out.reshape(bsz, -1).to(x.dtype))
 
@@ -181,9 +214,13 @@ class Decoder:
 
 def decoder_for(model: torch.nn.Module, batch: int, max_len: int) -> Decoder:
     """The model's compiled decoder for `batch` rows and `max_len` positions, rounded up to buckets (powers
-    of two; at least 256 positions) so that generate calls of similar sizes share one compiled step."""
-    key = (bucket(batch), min(bucket(max_len, 256), max(max_len, model.config.max_position_embeddings)))
+    of two; at least 256 positions) so that calls of similar sizes share one compiled step. A kept decoder at
+    most 4x the needed work (rows x positions) serves a smaller call, so that fewer sizes pay a compile."""
+    need = (bucket(batch), min(bucket(max_len, 256), max(max_len, model.config.max_position_embeddings)))
     kept = vars(model).setdefault("compiled_decoders", {})  # held by the model, so they go when it goes
+    fits = [key for key in kept
+            if key[0] >= need[0] and key[1] >= need[1] and key[0] * key[1] <= 4 * need[0] * need[1]]
+    key = min(fits, key=lambda k: k[0] * k[1]) if fits else need
     if key not in kept:
         if len(kept) >= _KEEP:  # drop the least recently used
             kept.pop(next(iter(kept)))

@@ -20,21 +20,24 @@ from k2lab.model.rope import apply_rope
 
 
 class LatentCache:
-    """The decode cache: per layer and slot, [c_kv | k_rope] for each position, [L, slots, max_len, r + rope]."""
+    """The decode cache: per layer and slot, [c_kv | k_rope] for each position: `kv` holds one [slots, max_len,
+    r + rope] tensor per layer (separate tensors, so the compiled decode step of k2lab.model.decode can update
+    one layer's in place without copying the others)."""
 
     def __init__(self, config: ModelConfig, slots: int, max_len: int, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
         self.kv_lora_rank = config.kv_lora_rank
         width = config.kv_lora_rank + config.qk_rope_head_dim
-        self.kv = torch.zeros(config.num_hidden_layers, slots, max_len, width, dtype=dtype, device=device)
+        self.kv = [torch.zeros(slots, max_len, width, dtype=dtype, device=device)
+                   for _ in range(config.num_hidden_layers)]
 
     @property
     def max_len(self) -> int:
-        return self.kv.shape[2]
+        return self.kv[0].shape[1]
 
     @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        return sum(kv.numel() * kv.element_size() for kv in self.kv)
 
 
 @dataclass

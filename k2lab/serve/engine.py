@@ -6,7 +6,10 @@ at most `prefill_chunk` tokens in total (one forward per chunk length: rows of o
 one decode forward for every request that is generating, each row at its own position of its own slot.
 The tokens of every row a forward produced are drawn in one call of the shared sampler (k2lab.model.sampling),
 each request from its own seeded generator. The model is reached only through the `CausalLM` methods.
-Requests join between steps and leave (freeing their slot) when they finish or are cancelled. Written by hand
+Requests join between steps and leave (freeing their slot) when they finish or are cancelled. With compile=True
+the decode forward is the compiled static-shape step of k2lab.model.decode over the same cache, run for the
+next power of two of the decoding rows (one graph per bucket, compiled once each; prefill stays eager); the
+default is the eager forward, which parity tests compare against. Written by hand
 because serving engines (vLLM, SGLang) are not a CPU/laptop-scale library; it follows gpt-fast in size.
 
 Output is streamed per token through the request's callback as `Event`s; stop strings are matched on the
@@ -28,6 +31,7 @@ import torch
 
 from k2lab.config import ModelConfig
 from k2lab.model import LatentCache, sample
+from k2lab.model.decode import Decoder
 from k2lab.serve.sampling import SamplingParams, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -115,9 +119,10 @@ class _Decoding:
 class Engine:
     def __init__(self, model: CausalLM, token_bytes: Callable[[int], bytes], eos_ids: tuple[int, ...],
                  max_len: int = 2048, cache_bytes: int = 512 << 20, max_slots: int = 64,
-                 prefill_chunk: int = 256, max_queue: int = 1024):
+                 prefill_chunk: int = 256, max_queue: int = 1024, compile: bool = False):
         """`token_bytes(id)` gives a token's bytes (special tokens as their text); `eos_ids` end every request.
-        Slots = min(max_slots, cache_bytes // (max_len * bytes per cached token))."""
+        Slots = min(max_slots, cache_bytes // (max_len * bytes per cached token)). compile: decode through the
+        compiled step (a text model with full-precision experts only)."""
         self.model = model.eval()
         config = model.config
         if max_len > config.max_position_embeddings:
@@ -127,7 +132,8 @@ class Engine:
         if slots < 1:
             raise ValueError(f"cache budget {cache_bytes} bytes holds no slot of {max_len} tokens "
                              f"({per_token} bytes per token)")
-        self.cache = model.new_cache(slots, max_len)
+        self.decoder = Decoder(model, slots, max_len) if compile else None
+        self.cache = model.new_cache(slots, max_len) if self.decoder is None else self.decoder.latent
         self.max_len, self.slots, self.prefill_chunk, self.max_queue = max_len, slots, prefill_chunk, max_queue
         self.vocab = config.vocab_size
         self.token_bytes, self.eos_ids = token_bytes, tuple(eos_ids)
@@ -255,10 +261,13 @@ class Engine:
         rows = [r for r in self.running if r.prefilled == len(r.prompt) and r.output and r.finish_reason is None]
         if not rows:
             return 0
-        ids = torch.tensor([[r.output[-1]] for r in rows], device=self.device)
-        positions = torch.tensor([[len(r.prompt) + len(r.output) - 1] for r in rows], device=self.device)
+        ids = torch.tensor([r.output[-1] for r in rows], device=self.device)
+        positions = torch.tensor([len(r.prompt) + len(r.output) - 1 for r in rows], device=self.device)
         slots = torch.tensor([r.slot for r in rows], device=self.device)
-        logits = self.model(ids, positions=positions, cache=self.cache, rows=slots)[:, -1]
+        if self.decoder is not None:
+            logits = self.decoder.step(ids, positions, rows=slots)
+        else:
+            logits = self.model(ids[:, None], positions=positions[:, None], cache=self.cache, rows=slots)[:, -1]
         self._emit(rows, logits)
         return len(rows)
 

@@ -61,7 +61,7 @@ def shard(model: nn.Module, world: int) -> nn.Module:
     if world == 1:
         return model
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     from k2lab.train.expert_parallel import expert_parallel_
 
@@ -70,6 +70,7 @@ def shard(model: nn.Module, world: int) -> nn.Module:
     for block in model.model.layers:
         fully_shard(block, mesh=mesh, ignored_params=experts)
     fully_shard(model, mesh=mesh, ignored_params=experts)
+    register_fsdp_forward_method(model, "loss")  # the training loss runs the head through model.loss, not forward
     return model
 
 

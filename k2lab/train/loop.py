@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from k2lab.optim.balance import moe_layers, sequence_aux_loss, update_bias_
@@ -34,11 +33,16 @@ from k2lab.train.settings import TrainSettings
 
 
 def token_losses(model, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token cross-entropy per position: tokens [B, T+1] -> losses [B, T] (fp32). document_ids [B, T+1]
-    (packed rows, SFT) keep attention and positions within each document."""
-    logits = model(tokens[:, :-1], document_ids=None if document_ids is None else document_ids[:, :-1])
-    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(
-        tokens.shape[0], -1)
+    """Next-token cross-entropy per position: tokens [B, T+1] -> losses [B, T] (fp32), through the model's
+    chunked head (model.loss: no [B, T, vocab] logits). document_ids [B, T+1] (packed rows, SFT) keep attention
+    and positions within each document. As the training loss, `train` takes the same head's mean directly."""
+    return _head_loss(model, tokens, None, None, document_ids, token_gradients=True)[1]
+
+
+def _head_loss(model, tokens, mask, normalizer, document_ids=None, token_gradients=False):
+    docs = None if document_ids is None else document_ids[:, :-1]
+    return model.loss(tokens[:, :-1], tokens[:, 1:], mask, document_ids=docs, normalizer=normalizer,
+                      token_gradients=token_gradients)
 
 
 def _extras(batch: dict) -> dict:
@@ -141,7 +145,7 @@ def train(s: TrainSettings, run_dir: Path, init_model: Callable[[], torch.nn.Mod
         on_model(model)
     track_max_logits(model)
     aux = RouterScores(model) if s.aux_loss_alpha > 0 else None
-    model = dist_utils.shard(model, world)
+    model = dist_utils.shard(model, world)  # (FSDP runs model.loss like forward: see dist_utils.shard)
     opt = build_optimizer(model, kind=s.optimizer, lr=s.lr, weight_decay=s.weight_decay)
     if opt_state is not None:
         dist_utils.load_optimizer_state(model, opt, opt_state)
@@ -171,8 +175,11 @@ def train(s: TrainSettings, run_dir: Path, init_model: Callable[[], torch.nn.Mod
         loss_sum = torch.zeros((), device=device)
         for j, (mb, mb_mask) in enumerate(zip(tokens, mask)):
             with autocast:
-                losses = loss_fn(model, mb, **{k: v[j] for k, v in extras.items()})
-                loss = losses / s.grad_accum if losses.dim() == 0 else (losses * mb_mask).sum() / n_tokens
+                if loss_fn is token_losses:  # the chunked head computes its gradients in the forward: 3 matmuls
+                    loss = _head_loss(model, mb, mb_mask, n_tokens, **{k: v[j] for k, v in extras.items()})[0]
+                else:
+                    losses = loss_fn(model, mb, **{k: v[j] for k, v in extras.items()})
+                    loss = losses / s.grad_accum if losses.dim() == 0 else (losses * mb_mask).sum() / n_tokens
             loss_sum += loss.detach()
             if aux is not None:
                 loss = loss + aux.loss(mb.shape[0], s.aux_loss_alpha) / s.grad_accum
