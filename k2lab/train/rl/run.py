@@ -88,7 +88,7 @@ def rl(s: RLSettings) -> dict:
     policy: dict = {}
 
     def on_model(model):
-        policy["model"], policy["generator"] = model, InProcessGenerator(model, eos)
+        policy["model"], policy["generator"] = model, InProcessGenerator(model, eos, compile=s.compile)
 
     def batches(step: int) -> dict:
         model, generator = policy["model"], policy["generator"]
