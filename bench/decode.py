@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import statistics
 import sys
@@ -153,12 +154,13 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=2048, help="prefill chunk (tokens)")
     parser.add_argument("--quick", action="store_true", help="short contexts, for a smoke run")
     parser.add_argument("--only", choices=["short", "long"], help="run only the 2K points or only 8K/32K")
+    parser.add_argument("--long", default="8192,32768", help="the long contexts, comma-separated")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
     # (context, batch, steps, repeats): fewer steps and repeats where transformers takes seconds per token
     short = [(2048, 1, 64, args.repeats), (2048, 8, 64, args.repeats)]  # bench/model.py's decode shapes
-    long = [(c, b, 16, max(3, args.repeats // 2)) for c in (8192, 32768) for b in (1, 4)]
+    long = [(c, b, 16, max(3, args.repeats // 2)) for c in map(int, args.long.split(",")) for b in (1, 4)]
     if args.quick:
         short, long = [(256, 1, 8, 2), (256, 8, 8, 2)], [(1024, 1, 8, 2), (1024, 4, 8, 2)]
     grid = {"short": short, "long": long}.get(args.only, short + long)
@@ -172,15 +174,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         k2lab.save_model(model, tmp)
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    load_before = os.getloadavg()
     points = [measure(model, hf, b, c, s, args.chunk, r) for c, b, s, r in grid]
-    result = {"preset": args.preset, "quick": args.quick, "threads": torch.get_num_threads(),
+    load = {"before": load_before, "after": os.getloadavg()}
+    result = {"load_average_1_5_15": load, "preset": args.preset, "quick": args.quick, "threads": torch.get_num_threads(),
               "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
               "prefill_chunk": args.chunk, "max_position_embeddings": max_pos, "points": points}
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "decode" + (f"_{args.only}" if args.only else "") + ("_quick" if args.quick else "")
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / f"{name}.md").write_text(table(points))
-    print(table(points))
+    note = (f"`python bench/decode.py{' --only ' + args.only if args.only else ''}`, `{args.preset}`, "
+            f"{torch.get_num_threads()} threads, load average {load['before'][0]:.1f} -> {load['after'][0]:.1f} "
+            f"on {os.cpu_count()} CPUs (shared machine: ratios from alternating runs, medians)\n\n")
+    (RESULTS / f"{name}.md").write_text(note + table(points))
+    print(note + table(points))
 
 
 if __name__ == "__main__":

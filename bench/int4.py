@@ -2,7 +2,8 @@
 
 1. Memory: a `tiny` checkpoint is quantized (`k2lab quantize`) and loaded with `k2lab.load_model`; the bytes
    its routed experts occupy are compared with the same experts of the bf16 model (also loaded from disk).
-2. Decode: greedy generation, batch 1, fp32 / bf16 / INT4 experts (+ fp32 rest) / INT4 experts (+ bf16 rest).
+2. Decode: greedy generation, batch 1, fp32 / bf16 / INT4 experts (+ fp32 rest) / INT4 experts (+ bf16 rest),
+   eager, alternating every round, and fp32 through the compiled decode step (INT4 experts cannot take it).
 3. One K2-sized expert projection (2048 x 7168, one token, as in decode): fp32 and bf16 F.linear, torch's CPU
    INT4 kernel from packed weights (what Int4Experts uses), and unpack + dequantize + matmul (the alternative).
 
@@ -58,10 +59,18 @@ def expert_bytes(model: torch.nn.Module) -> tuple[int, int]:
     return total, weights
 
 
-def decode_tokens_per_s(model: K2ForCausalLM, new_tokens: int, repeats: int) -> float:
+def decode_tokens_per_s(runs: dict, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Greedy decode tokens/s of each (model, compile) in runs, alternating between them every round; medians."""
     prompt = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    times = {name: [] for name in runs}
     with torch.no_grad():
-        return new_tokens / median_time(lambda: model.generate(prompt, new_tokens), repeats)
+        for r in range(repeats + 1):  # round 0 warms up (and compiles)
+            for name, (model, compile) in runs.items():
+                t = time.perf_counter()
+                model.generate(prompt, new_tokens, compile=compile)
+                if r:
+                    times[name].append(time.perf_counter() - t)
+    return {name: new_tokens / statistics.median(t) for name, t in times.items()}
 
 
 def expert_matmul(repeats: int) -> dict:
@@ -108,14 +117,18 @@ def main() -> None:
                              "checkpoint_bytes": {k: sum(f.stat().st_size for f in (tmp / k).glob("*.safetensors"))
                                                   for k in ("fp", "int4")}}
         print(f"experts: bf16 {b16} B, INT4 {b4} B -> {b4 / b16:.4f}x ({8 * b4 / n4:.2f} bits/weight)")
-        tps = {}
-        for name, m in models.items():
-            tps[name] = decode_tokens_per_s(m, new_tokens, repeats)
-            print(f"decode {name}: {tps[name]:.1f} tokens/s", flush=True)
+        # INT4 experts decode eagerly (the compiled step needs full-precision experts): against fp32 both ways
+        runs = {**{name: (m, False) for name, m in models.items()}, "fp32_compiled": (models["fp32"], True)}
+        results["load_average_1_5_15_at_start"] = os.getloadavg()
+        tps = decode_tokens_per_s(runs, new_tokens, repeats)
+        results["load_average_1_5_15_at_end"] = os.getloadavg()
+        for name, rate in tps.items():
+            print(f"decode {name}: {rate:.1f} tokens/s", flush=True)
         results["decode"] = {"new_tokens": new_tokens, "batch": 1, "repeats": repeats, "tokens_per_s": tps,
-                             "int4_over_bf16": tps["int4"] / tps["bf16"],
+                             "alternating": True, "int4_over_bf16": tps["int4"] / tps["bf16"],
                              "int4_bf16_rest_over_bf16": tps["int4_bf16_rest"] / tps["bf16"],
-                             "int4_over_fp32": tps["int4"] / tps["fp32"]}
+                             "int4_over_fp32": tps["int4"] / tps["fp32"],
+                             "int4_over_fp32_compiled": tps["int4"] / tps["fp32_compiled"]}
     results["k2_expert_matmul"] = expert_matmul(repeats=20)
     print(json.dumps(results["k2_expert_matmul"], indent=1))
     OUT.parent.mkdir(parents=True, exist_ok=True)

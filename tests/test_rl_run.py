@@ -40,7 +40,7 @@ def ckpt(tmp_path_factory):
 def _launch(ckpt, run_dir, *extra):
     args = ["--checkpoint", str(ckpt), "--env", "arithmetic,knowledge", "--run-dir", str(run_dir),
             "--max-steps", "4", "--save-every", "1", "--batch-size", "4", "--samples", "2",
-            "--max-new-tokens", "12", "--max-turns", "2", "--optimizer", "adamw", "--lr", "1e-3", *extra]
+            "--max-new-tokens", "12", "--max-turns", "2", "--optimizer", "adamw", "--lr", "1e-3", "--no-compile", *extra]
     return subprocess.Popen([sys.executable, "-m", "k2lab.cli", "rl", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
 

@@ -9,17 +9,18 @@ One call is one static batch (the engine's continuous batching and streaming buy
 starts together). Each prompt is prefilled once into the first of its K cache slots and its latent cache copied
 into the other K-1; then every unfinished sample decodes one token per forward, each at its own position:
 through the compiled static-shape step of k2lab.model.decode (one graph per batch-size bucket, reused by every
-later call of that size) or the model's eager cached forward, which parity tests compare against. By default a
-generator decodes eagerly until it has spent COMPILE_AFTER seconds doing so, then compiles: a compile costs
-10-90 s here (warm or cold inductor cache) and saves about 30% of each call, so short jobs (tests, one eval)
-never pay it and long ones (an RL run) pay it once, early (see the README's performance section). The
+later call of that size) with compile=True, or the model's eager cached forward (the default, which parity
+tests compare against). A compile costs 40-160 s on this loaded 2-core machine (warm or cold inductor cache)
+and then halves each call at the RL recipe's sizes (bench/compile_cost.py), so a caller making many calls (an
+RL run: `k2lab rl` compiles by default) turns it on and a one-off call (an eval) does not. The choice is
+fixed per generator, never switched on measured time, so that a run and its resumption draw the same samples.
+The
 tokens are drawn by the shared sampler (k2lab.model.sampling), whose log-probabilities are those of the
 distribution actually sampled from (after temperature, top-k, top-p): the behaviour policy an RL loss needs.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -28,8 +29,6 @@ import torch
 from k2lab.model import LatentCache, sample
 from k2lab.model.decode import compilable, decoder_for
 from k2lab.serve.engine import CausalLM
-
-COMPILE_AFTER = 30.0  # seconds of eager decoding after which a generator with compile=None compiles
 
 
 @dataclass(frozen=True)
@@ -70,21 +69,14 @@ class RolloutSample:
 
 class InProcessGenerator:
     def __init__(self, model: CausalLM, eos_ids: Sequence[int] = (), policy_version: int = 0,
-                 compile: bool | None = None):
+                 compile: bool = False):
         """eos_ids end every sample with finish_reason "stop" (the tokenizer's EOS and end-of-turn ids).
-        compile: decode through the compiled step (True), the eager forward (False), or None: eagerly until
-        COMPILE_AFTER seconds of eager decoding, then compiled where the model allows it (a text model with
-        full-precision experts)."""
+        compile: decode through the compiled step where the model allows it (a text model with full-precision
+        experts; others decode eagerly)."""
         self.model = model
         self.eos_ids = tuple(eos_ids)
         self.policy_version = policy_version
-        self.compile = False if compile is None and not compilable(model) else compile
-        self.eager_seconds = 0.0  # spent in eager decode loops so far
-
-    @property
-    def compiling(self) -> bool:
-        """Whether the next call decodes through the compiled step."""
-        return self.compile if self.compile is not None else self.eager_seconds >= COMPILE_AFTER
+        self.compile = compile and compilable(model)
 
     def _check(self, prompts: Sequence[Sequence[int]], k: int, params: RolloutParams) -> None:
         vocab, limit = self.model.config.vocab_size, self.model.config.max_position_embeddings
@@ -110,7 +102,7 @@ class InProcessGenerator:
         n = len(prompts) * k
         lengths = torch.tensor([len(p) for p in prompts], device=device).repeat_interleave(k)
         max_len = max(len(p) for p in prompts) + steps
-        decoder = decoder_for(model, n, max_len) if self.compiling else None
+        decoder = decoder_for(model, n, max_len) if self.compile else None
         cache = model.new_cache(n, max_len) if decoder is None else decoder.latent
         logits = self._prefill(prompts, k, cache).repeat_interleave(k, dim=0)  # [n, V]
 
@@ -122,7 +114,6 @@ class InProcessGenerator:
         produced = torch.full((n,), steps, device=device)
         stopped = torch.zeros(n, dtype=torch.bool, device=device)
         active = torch.arange(n, device=device)  # samples still generating; sample r lives in cache slot r
-        start = time.perf_counter()
         for step in range(steps):
             # every sample draws every step, finished or not, so its draws depend on the seed and its index only
             uniform = torch.rand(n, generator=generator, device=device)[active]
@@ -142,8 +133,6 @@ class InProcessGenerator:
                 every[active], where[active] = token, positions
                 logits = decoder.step(every, where)[active]
 
-        if decoder is None:
-            self.eager_seconds += time.perf_counter() - start
         tokens, logprobs, produced, stopped = tokens.tolist(), logprobs.tolist(), produced.tolist(), stopped.tolist()
         return [RolloutSample(r // k, r % k, list(prompts[r // k]), tokens[r][:int(produced[r])],
                               logprobs[r][:int(produced[r])], "stop" if stopped[r] else "length", version)

@@ -136,6 +136,8 @@ class RLSettings(TrainSettings):
     temperature_end: float = option(0.6, "sampling temperature at the last step")
     lr: float = option(3e-4, "peak learning rate")
     max_steps: int = option(50, "optimizer steps (one rollout batch each); a larger value continues a finished run")
+    compile: bool = option(True, "decode rollouts through the compiled step (compiled once, cached across "
+                                 "processes; repaid within a few rollout calls); --no-compile: eager")
     run_dir: str = option("runs/rl", "run directory; a rerun resumes from its last checkpoint")
     rollout_url: str = option("", "OpenAI-compatible server (…/v1) to roll out on instead of in process; started "
                                   "with --logprobs-mode processed_logprobs, reloading weights between steps")

@@ -82,7 +82,7 @@ class Rollouts:
 
     def _generator(self, step: int):
         if self.remote is None:  # the model itself (or its replica): the current weights, version = step
-            return InProcessGenerator(self.current, self.eos, policy_version=step)
+            return InProcessGenerator(self.current, self.eos, policy_version=step, compile=self.s.compile)
         version = step - step % (self.s.max_staleness + 1)
         if version != self.server_version:
             path = self.run_dir / "policy" / f"step-{version:06d}"
