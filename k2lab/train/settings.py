@@ -116,7 +116,7 @@ class SftSettings(TrainSettings):
 
 
 
-RL_ENVS = ("arithmetic", "knowledge", "store", "files", "lookup")  # the embedded domains (k2lab.synth.domains)
+RL_ENVS = ("arithmetic", "knowledge", "store", "files", "lookup", "coding")  # the embedded domains (k2lab.synth.domains)
 RL_LOSSES = ("k15", "k25", "grpo")
 
 

@@ -69,7 +69,8 @@ def score(env: Environment, traj: Trajectory, over_budget: bool, budget_penalty:
     """Reward components of a finished episode and its grade. Knowledge (calibration QA): the rules grader on
     the final answer, +1 correct, -1 wrong, 0 abstained (seen and unseen entities alike: for an entity the model
     never saw a guess is most likely wrong). Tool domains: the share of the rubric's checkpoints that pass
-    (tool calls really executed, answers checked numerically). Every domain: the budget penalty."""
+    (tool calls really executed, answers checked numerically). Coding: the share of its unit tests that pass
+    in the sandbox. Every domain: the budget penalty."""
     components = {"budget": rewards.budget(over_budget, budget_penalty)}
     if env.task.domain == "knowledge":
         answer = env.answers[0] if env.answers else ""
@@ -78,8 +79,9 @@ def score(env: Environment, traj: Trajectory, over_budget: bool, budget_penalty:
         grade = {"A": "correct", "B": "wrong", "D": "abstained"}[letter]
     else:
         verdicts = env.verdicts()
-        components["rubric"] = sum(v["passed"] for v in verdicts) / len(verdicts)
-        grade = "correct" if components["rubric"] == 1.0 else "wrong"
+        name = "unit_tests" if env.task.domain == "coding" else "rubric"  # coding: the share of tests passing
+        components[name] = sum(v["passed"] for v in verdicts) / len(verdicts)
+        grade = "correct" if components[name] == 1.0 else "wrong"
     total, components = rewards.compose(components)
     traj.set_reward(components, total)
     return {"grade": grade, "domain": env.task.domain}
