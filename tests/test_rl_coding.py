@@ -17,8 +17,8 @@ DOMAIN = registry()["coding"]
 def task(fn: str) -> Task:
     name, prompt, tests, solution = next(p for p in PROBLEMS if p[0] == fn)
     cps = [{"id": f"test_{i}", "kind": "unit_test", "turn": 0, "index": i, "test": t} for i, t in enumerate(tests)]
-    return Task(f"t-{fn}", "coding", Coding.system, [prompt], {"success_criteria": [], "expected_tools": [],
-                                                             "checkpoints": cps}, {"function": fn, "solution": solution})
+    rubric = {"success_criteria": [], "expected_tools": [], "checkpoints": cps}
+    return Task(f"t-{fn}", "coding", Coding.system, [prompt], rubric, {"function": fn, "solution": solution})
 
 
 def play(t: Task, answer: str) -> tuple[float, list[dict]]:

@@ -109,13 +109,14 @@ class Domain:
 
 
 def registry() -> dict[str, Domain]:
-    from k2lab.synth.domains import arithmetic, coding, files, knowledge, lookup, store
+    from k2lab.synth.domains import arithmetic, coding, files, knowledge, lookup, mental, store
 
     return {d.name: d for d in (arithmetic.Arithmetic(), store.Store(), files.Files(), lookup.Lookup(),
-                                knowledge.Knowledge(), coding.Coding())}
+                                knowledge.Knowledge(), coding.Coding(), mental.Mental())}
 
 
-EMBEDDED = ("arithmetic", "store", "files", "lookup", "knowledge")  # synthesis's set; coding is an RL environment
+# synthesis's set (`k2lab synth --domains embedded`); coding and mental are RL environments only
+EMBEDDED = ("arithmetic", "store", "files", "lookup", "knowledge")
 
 
 def make_tasks(domains: list[str], n: int, seed: int = 0) -> list[Task]:

@@ -107,7 +107,8 @@ PROBLEMS = [
      ["assert mean([1, 2, 3]) == 2", "assert mean([5]) == 5", "assert abs(mean([1, 2]) - 1.5) < 1e-9"],
      "def mean(xs):\n    return sum(xs) / len(xs)"),
     ("merge_dicts", "Write `merge_dicts(a, b)` that returns a new dict with the items of a, then b (b wins).",
-     ["assert merge_dicts({'x': 1}, {'y': 2}) == {'x': 1, 'y': 2}", "assert merge_dicts({'x': 1}, {'x': 3}) == {'x': 3}",
+     ["assert merge_dicts({'x': 1}, {'y': 2}) == {'x': 1, 'y': 2}",
+      "assert merge_dicts({'x': 1}, {'x': 3}) == {'x': 3}",
       "a = {'x': 1}\nmerge_dicts(a, {'x': 2})\nassert a == {'x': 1}"],
      "def merge_dicts(a, b):\n    return {**a, **b}"),
 ]
@@ -129,7 +130,8 @@ def family(rng: random.Random) -> tuple[str, str, list[str], str]:
     m = rng.randint(2, 7)
     ns = rng.sample(range(1, 40), 3)
     return ("multiples", f"Write `multiples(n)` that returns the list of the first n positive multiples of {m}.",
-            [f"assert multiples({n}) == {[m * i for i in range(1, n + 1)]}" for n in ns] + ["assert multiples(0) == []"],
+            [f"assert multiples({n}) == {[m * i for i in range(1, n + 1)]}" for n in ns]
+            + ["assert multiples(0) == []"],
             f"def multiples(n):\n    return [{m} * i for i in range(1, n + 1)]")
 
 
