@@ -15,6 +15,7 @@ import torch
 from k2lab.runs import read_jsonl
 from k2lab.serve.rollout import InProcessGenerator, RolloutParams
 from k2lab.train.loop import train
+from k2lab.train.rl import rewards
 from k2lab.train.rl.run import rl_loss
 from k2lab.train.rl.trajectory import Trajectory, collate
 from k2lab.train.settings import TrainSettings
@@ -74,6 +75,8 @@ def test_rl_command_runs_logs_metrics_and_resumes_after_kill_identically(ckpt, t
                 "log_ratio_max_abs", "temperature"} <= set(r)
         assert 0 < r["response_tokens"] <= 2 * 12 and r["entropy"] > 0
         assert r["log_ratio_max_abs"] < 1e-3  # on-policy: the loss's log-probs are the sampler's
+    # temperature decay: each step samples at the cosine schedule's value for that step (1.0 -> 0.6 by default)
+    assert [r["temperature"] for r in expected] == [rewards.temperature(step, 4, 1.0, 0.6) for step in range(4)]
     assert expected[0]["temperature"] == 1.0 and expected[-1]["temperature"] < 1.0
     assert (tmp_path / "ref" / "plots").is_dir() and any((tmp_path / "ref" / "plots").iterdir())
 
