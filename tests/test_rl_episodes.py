@@ -73,7 +73,7 @@ def test_multi_turn_trajectory_is_the_rendered_conversation_and_masks_the_enviro
         assert env_text.endswith("<|im_assistant|>assistant<|im_middle|><think></think>")
         assert all(lp == (-0.5 if m else 0.0) for lp, m in zip(t.logprobs, t.loss_mask))
         assert t.rewards == {"budget": 0.0, "rubric": 1.0} and t.reward == 1.0 and t.policy_version == 3
-        assert g == {"grade": "correct", "domain": "arithmetic"}
+        assert g == {"grade": "correct", "domain": "arithmetic", "prompt": task.turns[0], "answer": script[1]["content"]}
 
 
 def _knowledge_task(seen: bool):

@@ -15,12 +15,13 @@ import torch
 from k2lab.runs import read_jsonl
 from k2lab.serve.rollout import InProcessGenerator, RolloutParams
 from k2lab.train.loop import train
+from k2lab.train.rl import rewards
 from k2lab.train.rl.run import rl_loss
 from k2lab.train.rl.trajectory import Trajectory, collate
 from k2lab.train.settings import TrainSettings
 from tests.conftest import random_model, tiny_config
 
-TIMING = ("tokens_per_s",)
+TIMING = ("tokens_per_s",)  # wall-clock; every other metric is reproduced exactly
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,18 @@ def _launch(ckpt, run_dir, *extra):
                             stderr=subprocess.PIPE)
 
 
+def _kill_after(proc, run_dir, steps: int) -> None:
+    """kill -9 once `steps` steps are logged (and checkpointed, with --save-every 1)."""
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= steps:
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def _metrics(run_dir):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(run_dir / "metrics.jsonl")]
 
@@ -62,19 +75,14 @@ def test_rl_command_runs_logs_metrics_and_resumes_after_kill_identically(ckpt, t
                 "log_ratio_max_abs", "temperature"} <= set(r)
         assert 0 < r["response_tokens"] <= 2 * 12 and r["entropy"] > 0
         assert r["log_ratio_max_abs"] < 1e-3  # on-policy: the loss's log-probs are the sampler's
+    # temperature decay: each step samples at the cosine schedule's value for that step (1.0 -> 0.6 by default)
+    assert [r["temperature"] for r in expected] == [rewards.temperature(step, 4, 1.0, 0.6) for step in range(4)]
     assert expected[0]["temperature"] == 1.0 and expected[-1]["temperature"] < 1.0
     assert (tmp_path / "ref" / "plots").is_dir() and any((tmp_path / "ref" / "plots").iterdir())
 
     killed = tmp_path / "killed"
     proc = _launch(ckpt, killed)
-    deadline = time.time() + 900
-    while time.time() < deadline:  # kill after step 2 is logged (and checkpointed)
-        if (killed / "metrics.jsonl").exists() and len((killed / "metrics.jsonl").read_text().splitlines()) >= 2:
-            break
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_after(proc, killed, 2)
     resumed = _launch(ckpt, killed)
     _, err = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, err.decode()[-2000:]
@@ -159,3 +167,73 @@ def test_group_loss_over_micro_batches_equals_the_whole_batch(tmp_path):
                            loss_fn=lambda m, tokens, **kw: rl_loss(m, tokens, **kw, loss="k15", k=k, tau=0.1))
     assert out[1]["loss"] > 0 and abs(out[1]["loss"] - out[2]["loss"]) < 1e-6
     assert out[1]["grad_norm"] > 0 and abs(out[1]["grad_norm"] / out[2]["grad_norm"] - 1) < 1e-4
+
+
+def _rl(ckpt, run_dir, **kw):
+    from k2lab.train.rl.run import rl
+    from k2lab.train.settings import RLSettings
+
+    s = RLSettings(checkpoint=str(ckpt), run_dir=str(run_dir), batch_size=4, samples=2, max_new_tokens=8,
+                   max_turns=1, optimizer="adamw", lr=1e-3, **{"env": "mental", "max_steps": 3, **kw})
+    rl(s)
+    return _metrics(run_dir)
+
+
+@pytest.fixture(scope="module")
+def ptx_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ptx") / "curated.jsonl"
+    convs = [{"messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                           {"role": "assistant", "content": str(i + 1)}]} for i in range(6)]
+    path.write_text("".join(json.dumps(c) + "\n" for c in convs))
+    return path
+
+
+def test_ptx_adds_the_curated_cross_entropy_to_the_loss_and_resumes_exactly(ckpt, ptx_file, tmp_path):
+    """PTX rows travel in the loop's batch and the loss fn adds their weighted cross-entropy: the first step's
+    rollouts are the same with and without it, its loss is not. A run killed after step 2 and rerun logs what an
+    uninterrupted run logs (the PTX rows are a function of (seed, step), kept in the run directory)."""
+    base = ["--env", "mental", "--max-turns", "1", "--max-new-tokens", "8"]
+    args = [*base, "--max-steps", "3", "--ptx-data", str(ptx_file), "--ptx-weight", "0.5", "--ptx-seq-len", "64"]
+    runs = {"plain": _launch(ckpt, tmp_path / "plain", *base, "--max-steps", "1"),
+            "ptx": _launch(ckpt, tmp_path / "ptx", *args)}
+    for name, proc in runs.items():
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    plain, ptx = _metrics(tmp_path / "plain"), _metrics(tmp_path / "ptx")
+    assert ptx[0]["ptx_loss"] > 0 and "ptx_loss" not in plain[0]
+    for key in ("reward", "response_tokens", "entropy"):
+        assert ptx[0][key] == plain[0][key]
+    assert abs(ptx[0]["loss"] - plain[0]["loss"] - 0.5 * ptx[0]["ptx_loss"]) < 1e-3 * ptx[0]["ptx_loss"]
+    assert (tmp_path / "ptx" / "data" / "ptx.pt").is_file()
+    steps = [r["step"] for r in read_jsonl(tmp_path / "ptx" / "timings.jsonl")]
+    assert steps == [1, 2, 3]  # wall-clock shares are logged apart from the metrics
+
+    killed = tmp_path / "killed"
+    _kill_after(_launch(ckpt, killed, *args), killed, 2)
+    resumed = _launch(ckpt, killed, *args)
+    _, err = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, err.decode()[-2000:]
+    assert _metrics(killed) == ptx
+
+
+def test_rl_on_the_coding_environment_scores_in_the_sandbox(ckpt, tmp_path):
+    (r,) = _rl(ckpt, tmp_path / "coding", env="coding", max_steps=1, max_new_tokens=6)
+    assert r["reward_unit_tests"] == 0.0 and r["accuracy"] == 0.0  # six random tokens pass no test
+    (t,) = read_jsonl(tmp_path / "coding" / "timings.jsonl")
+    assert t["reward_s"] > 0 and t["generate_s"] > 0
+
+
+def test_bad_ptx_input_is_one_line(ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from k2lab.cli import app
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": "no"}\n')
+    base = ["rl", "--checkpoint", str(ckpt), "--run-dir", str(tmp_path / "run")]
+    for extra, needle in ((["--ptx-data", str(tmp_path / "none.jsonl")], "no such file"),
+                          (["--ptx-data", str(bad)], "'messages' list"),
+                          (["--ptx-data", str(bad), "--ptx-weight", "0"], "--ptx-weight")):
+        r = CliRunner().invoke(app, base + extra)
+        assert r.exit_code == 1 and needle in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "run").exists()

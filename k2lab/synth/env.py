@@ -151,7 +151,7 @@ class Environment:
             elif cp["turn"] >= len(self.answers):
                 ok, why = False, f"turn {cp['turn'] + 1} was never answered"
             else:
-                ok, why = check_answer(cp, self.answers[cp["turn"]])
+                ok, why = self.domain.check_answer(self.state, cp, self.answers[cp["turn"]])
             out.append({"checkpoint": cp["id"], "passed": bool(ok), "explanation": why})
         return out
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from k2lab.config import ModelConfig
 from k2lab.optim.schedules import check_schedule
@@ -116,7 +117,8 @@ class SftSettings(TrainSettings):
 
 
 
-RL_ENVS = ("arithmetic", "knowledge", "store", "files", "lookup")  # the embedded domains (k2lab.synth.domains)
+# the domains of k2lab.synth.domains
+RL_ENVS = ("arithmetic", "mental", "knowledge", "store", "files", "lookup", "coding")
 RL_LOSSES = ("k15", "k25", "grpo")
 
 
@@ -134,6 +136,12 @@ class RLSettings(TrainSettings):
     max_turns: int = option(4, "assistant messages per episode at most")
     temperature_start: float = option(1.0, "sampling temperature at step 0 (cosine decay)")
     temperature_end: float = option(0.6, "sampling temperature at the last step")
+    ptx_data: str = option("", "PTX: chat JSONL of curated conversations, their cross-entropy added (off if empty)")
+    ptx_weight: float = option(0.1, "PTX: weight of that cross-entropy in the loss")
+    ptx_seq_len: int = option(512, "PTX: tokens per packed row (one row per trajectory each step)")
+    critic_url: str = option("", "self-critique rubric reward: OpenAI-compatible critic endpoint (off when empty)")
+    critic_model: str = option("", "self-critique rubric reward: the critic's model name (default K2LAB_MODEL)")
+    critic_weight: float = option(1.0, "self-critique rubric reward: weight of the group win rate in the reward")
     lr: float = option(3e-4, "peak learning rate")
     max_steps: int = option(50, "optimizer steps (one rollout batch each); a larger value continues a finished run")
     compile: bool = option(True, "decode rollouts through the compiled step (compiled once, cached across "
@@ -165,6 +173,11 @@ class RLSettings(TrainSettings):
         if self.max_staleness < 0 or (self.max_staleness and not self.rollout_url):
             raise ValueError(f"--max-staleness {self.max_staleness}: must be >= 0, and > 0 only with --rollout-url "
                              f"(in-process rollouts always use the current weights)")
+        if self.ptx_data and (self.ptx_weight <= 0 or self.ptx_seq_len < 2):
+            raise ValueError(f"--ptx-weight ({self.ptx_weight}) must be > 0 and --ptx-seq-len ({self.ptx_seq_len}) "
+                             f">= 2 with --ptx-data")
+        if self.ptx_data and not Path(self.ptx_data).is_file():
+            raise ValueError(f"--ptx-data {self.ptx_data}: no such file; give chat JSONL (one conversation per line)")
         if self.max_new_tokens < 1 or self.max_turns < 1:
             raise ValueError(f"max_new_tokens ({self.max_new_tokens}) and max_turns ({self.max_turns}) must be >= 1")
 

@@ -14,7 +14,7 @@ import math
 import operator
 import random
 
-from k2lab.synth.env import Task, ToolError
+from k2lab.synth.env import Task, ToolError, check_answer
 
 # The user simulator's personas: how a request is worded (the content of the request never changes).
 PERSONAS = {
@@ -91,6 +91,11 @@ class Domain:
         """Tool calls [(name, args)] or the final answer text, from the turn's results so far."""
         raise NotImplementedError
 
+    def check_answer(self, state, cp: dict, answer: str) -> tuple[bool, str]:
+        """An answer checkpoint; a domain with answers that need its own machinery (coding: unit tests in the
+        sandbox) overrides this."""
+        return check_answer(cp, answer)
+
     def check_state(self, state, cp: dict) -> tuple[bool, str]:
         raise NotImplementedError(f"domain {self.name} has no state checkpoints")
 
@@ -104,12 +109,13 @@ class Domain:
 
 
 def registry() -> dict[str, Domain]:
-    from k2lab.synth.domains import arithmetic, files, knowledge, lookup, store
+    from k2lab.synth.domains import arithmetic, coding, files, knowledge, lookup, mental, store
 
     return {d.name: d for d in (arithmetic.Arithmetic(), store.Store(), files.Files(), lookup.Lookup(),
-                                knowledge.Knowledge())}
+                                knowledge.Knowledge(), coding.Coding(), mental.Mental())}
 
 
+# synthesis's set (`k2lab synth --domains embedded`); coding and mental are RL environments only
 EMBEDDED = ("arithmetic", "store", "files", "lookup", "knowledge")
 
 

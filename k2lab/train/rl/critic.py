@@ -72,3 +72,19 @@ async def rubric_rewards(llm, prompt: str, responses: list[str],
         wins[i] += s
         wins[j] += 1.0 - s
     return [w / (2 * (len(responses) - 1)) for w in wins]
+
+
+async def add_critic_reward(llm, trajectories: list, episodes: list[dict], k: int, weight: float = 1.0) -> None:
+    """The rubric reward as a component of an environment's reward (for free-form answers): each group of K
+    trajectories (K samples of one prompt) is judged pairwise on its episodes' final answers; a trajectory gets
+    the component "critic" (its win rate) and `weight` times it added to its total. `episodes[i]` holds the
+    prompt and the answer of trajectories[i] (run_episodes' grades)."""
+    if len(trajectories) != len(episodes) or len(trajectories) % k:
+        raise ValueError(f"add_critic_reward: need groups of {k}, got {len(trajectories)} trajectories and "
+                         f"{len(episodes)} episodes")
+    starts = range(0, len(trajectories), k)
+    wins = await asyncio.gather(*(rubric_rewards(llm, episodes[g]["prompt"], [e["answer"] for e in episodes[g:g + k]])
+                                  for g in starts))
+    for g, group in zip(starts, wins):
+        for traj, win in zip(trajectories[g:g + k], group):
+            traj.set_reward({**traj.rewards, "critic": win}, traj.reward + weight * win)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import time
 from typing import Protocol, Sequence
 
 from k2lab.data.encyclopedia import questions
@@ -69,7 +70,8 @@ def score(env: Environment, traj: Trajectory, over_budget: bool, budget_penalty:
     """Reward components of a finished episode and its grade. Knowledge (calibration QA): the rules grader on
     the final answer, +1 correct, -1 wrong, 0 abstained (seen and unseen entities alike: for an entity the model
     never saw a guess is most likely wrong). Tool domains: the share of the rubric's checkpoints that pass
-    (tool calls really executed, answers checked numerically). Every domain: the budget penalty."""
+    (tool calls really executed, answers checked numerically). Coding: the share of its unit tests that pass
+    in the sandbox. Every domain: the budget penalty."""
     components = {"budget": rewards.budget(over_budget, budget_penalty)}
     if env.task.domain == "knowledge":
         answer = env.answers[0] if env.answers else ""
@@ -78,18 +80,23 @@ def score(env: Environment, traj: Trajectory, over_budget: bool, budget_penalty:
         grade = {"A": "correct", "B": "wrong", "D": "abstained"}[letter]
     else:
         verdicts = env.verdicts()
-        components["rubric"] = sum(v["passed"] for v in verdicts) / len(verdicts)
-        grade = "correct" if components["rubric"] == 1.0 else "wrong"
+        name = "unit_tests" if env.task.domain == "coding" else "rubric"  # coding: the share of tests passing
+        components[name] = sum(v["passed"] for v in verdicts) / len(verdicts)
+        grade = "correct" if components[name] == 1.0 else "wrong"
     total, components = rewards.compose(components)
     traj.set_reward(components, total)
     return {"grade": grade, "domain": env.task.domain}
 
 
 def run_episodes(generator: Generator, tokenizer, tasks: list[Task], k: int, params: RolloutParams,
-                 max_turns: int, context: int, budget_penalty: float,
-                 seed: int = 0) -> tuple[list[Trajectory], list[dict]]:
-    """K episodes of each task (prompt-major: K consecutive trajectories per task) and their grades. Turn t
-    samples with seed sub_seed(seed, t), so the episodes are a function of (seed, tasks, weights)."""
+                 max_turns: int, context: int, budget_penalty: float, seed: int = 0,
+                 timings: dict | None = None) -> tuple[list[Trajectory], list[dict]]:
+    """K episodes of each task (prompt-major: K consecutive trajectories per task) and their grades (with each
+    episode's first user turn and final answer). Turn t samples with seed sub_seed(seed, t), so the episodes are
+    a function of (seed, tasks, weights). `timings`, when given, gets the seconds spent sampling ("generate_s"),
+    stepping the environments ("env_s") and scoring ("reward_s")."""
+    clock = {"generate_s": 0.0, "env_s": 0.0, "reward_s": 0.0}
+    t0 = time.perf_counter()
     reg = registry()
     envs = [Environment(reg[t.domain], t, seed=seed, max_steps=max_turns) for t in tasks for _ in range(k)]
     starts = [env.reset() for env in envs]
@@ -100,10 +107,12 @@ def run_episodes(generator: Generator, tokenizer, tasks: list[Task], k: int, par
     im_end = tokenizer.special_tokens["<|im_end|>"]
     for turn in range(max_turns):
         turn_params = dataclasses.replace(params, seed=sub_seed(seed, turn), stop_token_ids=(im_end,))
+        t1 = time.perf_counter()
         if turn == 0:
             out = generator.generate(prompts, k, turn_params)
         else:
             out = generator.generate([trajs[i].prompt_ids + trajs[i].completion_ids for i in live], 1, turn_params)
+        clock["generate_s"] += time.perf_counter() - t1
         still = []
         for i, sample in zip(live, out):
             traj, env = trajs[i], envs[i]
@@ -123,7 +132,14 @@ def run_episodes(generator: Generator, tokenizer, tasks: list[Task], k: int, par
         live = still
         if not live:
             break
-    grades = [score(env, traj, o, budget_penalty) for env, traj, o in zip(envs, trajs, over)]
+    t1 = time.perf_counter()
+    grades = [score(env, traj, o, budget_penalty) | {"prompt": env.task.turns[0], "answer": env.answers[-1]
+                                                     if env.answers else ""}
+              for env, traj, o in zip(envs, trajs, over)]
     for env in envs:
         env.close()
+    clock["reward_s"] = time.perf_counter() - t1
+    clock["env_s"] = t1 - t0 - clock["generate_s"]
+    if timings is not None:
+        timings.update(clock)
     return trajs, grades

@@ -60,8 +60,9 @@ class Rollouts:
         """The policy being trained (the loop's on_model, before sharding)."""
         self.model = model
 
-    def play(self, step: int, temperature: float):
-        """(trajectories, grades, the current policy as a plain model on this rank) for the step's whole batch."""
+    def play(self, step: int, temperature: float, timings: dict | None = None):
+        """(trajectories, grades, the current policy as a plain model on this rank) for the step's whole batch;
+        `timings` gets this rank's seconds sampling, stepping environments and scoring (run_episodes' keys)."""
         fresh = self.current is None
         self.current = dist_utils.full_model(self.model, self.current)  # collective under torchrun
         if fresh and self.s.qat and self.current is not self.model:  # the replica samples as the policy trains
@@ -75,8 +76,13 @@ class Rollouts:
         mine = []
         for c in dist_utils.my_shares(self.chunks):
             part = tasks[c * self.groups_per_chunk:(c + 1) * self.groups_per_chunk]
+            clock: dict = {}
             mine.append(run_episodes(generator, self.tokenizer, part, self.s.samples, params, self.s.max_turns,
-                                     self.context, self.s.budget_penalty, seed=sub_seed(self.s.seed, "rollout", step, c)))
+                                     self.context, self.s.budget_penalty, seed=sub_seed(self.s.seed, "rollout", step, c),
+                                     timings=clock))
+            if timings is not None:
+                for key, sec in clock.items():
+                    timings[key] = timings.get(key, 0.0) + sec
         played = dist_utils.gather_objects(mine)
         return [t for trajs, _ in played for t in trajs], [g for _, grades in played for g in grades], self.current
 

@@ -15,19 +15,24 @@ entropy, the share of groups with all-equal rewards, log-ratio statistics, polic
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import time
 from pathlib import Path
 
 import torch
 
 from k2lab.config import ModelConfig
-from k2lab.runs import claim
+from k2lab.runs import append_jsonl, atomic_path, claim
 from k2lab.train import distributed as dist_utils
-from k2lab.train.loop import check_unfinished, train
+from k2lab.train.loop import check_unfinished, token_losses, train
 from k2lab.train.rl import rewards
+from k2lab.train.rl.critic import add_critic_reward
 from k2lab.train.rl.losses import LOSSES, all_equal_share, entropy, log_ratio_stats
 from k2lab.train.rl.rollouts import Rollouts, staleness
 from k2lab.train.rl.trajectory import collate
 from k2lab.train.settings import RLSettings
+from k2lab.train.sft import Packed, batches_from, load_packed, pack, read_conversations, render
 
 
 def policy_logprobs(model, tokens: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
@@ -36,11 +41,21 @@ def policy_logprobs(model, tokens: torch.Tensor, temperature: torch.Tensor) -> t
     return logits.log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
 
-def rl_loss(model, tokens, sampled, old_logprobs, rewards, temperature, *, loss: str, k: int, tau: float):
-    """The micro-batch's loss (whole groups of K rows): a 0-dim tensor, as the loop takes for sequence losses."""
+def ptx_loss(model, tokens: torch.Tensor, mask: torch.Tensor, document_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the masked (assistant) tokens of packed curated conversations."""
+    return (token_losses(model, tokens, document_ids) * mask).sum() / mask.sum().clamp(min=1)
+
+
+def rl_loss(model, tokens, sampled, old_logprobs, rewards, temperature, *, loss: str, k: int, tau: float,
+            ptx_weight: float = 0.0, ptx_tokens=None, ptx_mask=None, ptx_document_ids=None):
+    """The micro-batch's loss (whole groups of K rows): a 0-dim tensor, as the loop takes for sequence losses.
+    With PTX rows in the batch, plus ptx_weight times their cross-entropy."""
     logp = policy_logprobs(model, tokens, temperature)
     kw = {} if loss == "grpo" else {"tau": tau}
-    return LOSSES[loss](logp, old_logprobs, sampled, rewards, k, **kw)
+    out = LOSSES[loss](logp, old_logprobs, sampled, rewards, k, **kw)
+    if ptx_tokens is not None:
+        out = out + ptx_weight * ptx_loss(model, ptx_tokens, ptx_mask, ptx_document_ids)
+    return out
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -71,6 +86,30 @@ def _check_checkpoint(path: str) -> Path:
     return d
 
 
+def prepare_ptx(s: RLSettings, tokenizer, run_dir: Path) -> Packed | None:
+    """The PTX set packed into rows (None when off): read and checked from --ptx-data on a new run, kept in
+    RUN_DIR/data/ptx.pt so a resumed run trains on exactly the rows it started with."""
+    if not s.ptx_data:
+        return None
+    path = run_dir / "data" / "ptx.pt"
+    if path.exists():
+        return load_packed(path)
+    conversations = read_conversations([s.ptx_data])
+    if not conversations:
+        raise ValueError(f"--ptx-data {s.ptx_data}: no conversation; give chat JSONL of curated conversations")
+    return pack(render(tokenizer, conversations), s.ptx_seq_len, tokenizer.pad_id)
+
+
+def critic_rewards(s: RLSettings, trajs, grades) -> None:
+    """Add the self-critique rubric reward (each group's pairwise win rates) to every trajectory."""
+    from k2lab.agents.llm import LLM
+
+    async def go():
+        async with LLM(base_url=s.critic_url, model=s.critic_model or None) as llm:
+            await add_critic_reward(llm, trajs, grades, s.samples, s.critic_weight)
+    asyncio.run(go())
+
+
 def rl(s: RLSettings) -> dict:
     """Train (or resume) the RL run in s.run_dir; returns the last step's metrics."""
     import k2lab
@@ -81,30 +120,51 @@ def rl(s: RLSettings) -> dict:
     config = ModelConfig.load(ckpt)
     tokenizer = Tokenizer.load(ckpt)
     run_dir = Path(s.run_dir)
+    ptx = prepare_ptx(s, tokenizer, run_dir)  # input errors surface before the run directory is claimed
     rollouts = Rollouts(s, tokenizer, config.max_position_embeddings, run_dir)  # torchrun: joins the group
-    if dist_utils.rank() == 0:
-        claim(run_dir, s.identity(config), "rl")
+    rank0 = dist_utils.rank() == 0
+    if rank0:
+        claim(run_dir, s.identity(config), "rl", inputs=("data",))
     dist_utils.barrier()
     check_unfinished(run_dir, s.max_steps)
+    if rank0 and ptx is not None and not (run_dir / "data" / "ptx.pt").exists():
+        with atomic_path(run_dir / "data" / "ptx.pt") as tmp:
+            torch.save(dataclasses.asdict(ptx), tmp)
+    ptx_batches = batches_from(ptx, s.batch_size, s.seed) if ptx is not None else None
     pad = config.pad_token_id if config.pad_token_id is not None else 0
 
     def batches(step: int) -> dict:
         temp = rewards.temperature(step, s.max_steps, s.temperature_start, s.temperature_end)
-        trajs, grades, model = rollouts.play(step, temp)  # model: the current policy, unsharded
+        timings: dict = {}
+        trajs, grades, model = rollouts.play(step, temp, timings)  # model: the current policy, unsharded
+        if s.critic_url:
+            t0 = time.perf_counter()
+            critic_rewards(s, trajs, grades)
+            timings["reward_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
         b = collate(trajs, s.samples, pad)
         temperature = torch.full((len(trajs),), temp)
+        out = {"tokens": b.input_ids, "loss_mask": b.mask, "sampled": b.mask, "old_logprobs": b.old_logprobs,
+               "rewards": b.rewards, "temperature": temperature}
         with torch.no_grad():  # the policy before this update: log-ratio to the sampler, entropy
             logits = model(b.input_ids[:, :-1].to(model.device)).float().cpu() / temp
             logp_all = logits.log_softmax(-1)
             logp = logp_all.gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)
-        metrics = {**rollout_metrics(trajs, grades, s.samples), **log_ratio_stats(logp, b.old_logprobs, b.mask),
-                   "entropy": entropy(logp_all, b.mask), "policy_version": min(t.policy_version for t in trajs),
-                   **staleness(trajs, step), "temperature": temp}
-        return {"tokens": b.input_ids, "loss_mask": b.mask, "sampled": b.mask, "old_logprobs": b.old_logprobs,
-                "rewards": b.rewards, "temperature": temperature, "metrics": metrics}
+            metrics = {**rollout_metrics(trajs, grades, s.samples), **log_ratio_stats(logp, b.old_logprobs, b.mask),
+                       "entropy": entropy(logp_all, b.mask), "policy_version": min(t.policy_version for t in trajs),
+                       **staleness(trajs, step), "temperature": temp}
+            if ptx_batches is not None:
+                p = ptx_batches(step)
+                out.update(ptx_tokens=p["tokens"], ptx_mask=p["loss_mask"], ptx_document_ids=p["document_ids"])
+                metrics["ptx_loss"] = float(ptx_loss(model, *(p[k].to(model.device)
+                                                             for k in ("tokens", "loss_mask", "document_ids"))))
+        timings["stats_s"] = time.perf_counter() - t0
+        if rank0:  # wall-clock seconds stay out of metrics.jsonl, which a resumed run reproduces exactly
+            append_jsonl(run_dir / "timings.jsonl", {"step": step + 1, **timings})
+        return out | {"metrics": metrics}
 
     def loss_fn(model, tokens, **batch):
-        return rl_loss(model, tokens, **batch, loss=s.loss, k=s.samples, tau=s.tau)
+        return rl_loss(model, tokens, **batch, loss=s.loss, k=s.samples, tau=s.tau, ptx_weight=s.ptx_weight)
 
     return train(s, run_dir, lambda: k2lab.load_model(str(ckpt), dtype=torch.float32), batches, loss_fn=loss_fn,
                  tokenizer_dir=ckpt, desc=f"rl-{s.loss}", on_model=rollouts.attach)
