@@ -76,3 +76,15 @@ def test_a_run_directory_of_one_preset_is_refused_for_another(tmp_path):
         run_demo(tmp_path, "reduced")
     with pytest.raises(ValueError, match="unknown preset"):
         run_demo(tmp_path / "new", "huge")
+
+
+def test_the_demo_command_answers_a_preset_mismatch_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from k2lab.cli import app
+
+    claim(tmp_path, {"preset": "default", "recipe": PRESETS["default"].as_dict()}, "demo")
+    r = CliRunner().invoke(app, ["demo", "--run-dir", str(tmp_path), "--preset", "reduced"])
+    assert r.exit_code == 2 and "preset" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["demo", "--run-dir", str(tmp_path / "x"), "--preset", "huge"])
+    assert r.exit_code == 2 and "unknown preset" in r.output

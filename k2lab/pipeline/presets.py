@@ -64,7 +64,9 @@ class Recipe:
 
 
 PRESETS: dict[str, Recipe] = {
-    # fits 30 minutes on 2 CPU cores (stage times in the report of the run that measured it)
+    # sized for 30 minutes on 2 quiet CPU cores: pre-training 614k tokens at the ~1,150 tokens/s a quiet 2-core
+    # machine gave (~9 min), SFT 184k tokens (~3 min), RL 12 steps, 4 served evals; not yet measured end to end
+    # on a quiet machine (the report's time per stage says what a run took)
     "default": Recipe(),
     # the `small` model, longer at every stage (hours on CPU)
     "small": Recipe(model="small", corpus_mb=13.0, pretrain_steps=1500, pretrain_batch=16, pretrain_seq_len=512,
@@ -76,7 +78,7 @@ PRESETS: dict[str, Recipe] = {
                   synth_tasks=3000, sft_steps=800, sft_batch=16, sft_seq_len=1024, rl_steps=150, rl_batch=32,
                   rl_samples=8, qat_steps=60, calibration_items=400, agent_tasks=40, swarm_tasks=4,
                   agreement_prompts=32, agreement_tokens=256, serve_max_len=4096, device="cuda"),
-    # the slow test's reduced setting: every stage, shorter (about a third of the default's time)
+    # the slow test's reduced setting: every stage, about half the default's steps
     "reduced": Recipe(corpus_mb=1.5, pretrain_steps=150, synth_tasks=200, sft_steps=30, rl_steps=4, qat_steps=4,
                       calibration_items=40, agent_tasks=6, agreement_prompts=4, agreement_tokens=64),
 }
