@@ -88,3 +88,14 @@ def test_the_demo_command_answers_a_preset_mismatch_in_one_line(tmp_path):
     assert r.exit_code == 2 and "preset" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(app, ["demo", "--run-dir", str(tmp_path / "x"), "--preset", "huge"])
     assert r.exit_code == 2 and "unknown preset" in r.output
+
+
+def test_an_unfinished_run_reports_what_finished_and_where_training_stands(tmp_path):
+    from k2lab.runs import append_jsonl
+
+    st = Stages(tmp_path)
+    st.run("tokenizer", FIXTURE[0]["title"], lambda: FIXTURE[0]["result"])
+    append_jsonl(tmp_path / "pretrain" / "metrics.jsonl", {"step": 25, "loss": 6.0, "tokens_per_s": 40.0})
+    text = write_report(tmp_path, "default", PRESETS["default"], st.records(), 1.0).read_text()
+    assert "in progress: pretrain at step 25 of 300" in text and "stages not finished yet: pretrain" in text
+    assert "None" not in text and "## Tokenizer" in text

@@ -265,6 +265,14 @@ def write_report(run_dir: Path, preset_name: str, r: Recipe, records: list[dict]
     dirs = directions(res)
     summary = [f"- {'worked' if ok else ('not measured' if ok is None else 'did NOT work')}: {what} ({numbers})"
                for what, ok, numbers in dirs]
+    progress = []
+    for name, steps in (("pretrain", r.pretrain_steps), ("sft", r.sft_steps), ("rl", r.rl_steps),
+                        ("qat", r.qat_steps)):
+        logged = [x for x in read_metrics(run_dir / name) if "loss" in x] if name not in res else []
+        if logged:
+            progress.append(f"- in progress: {name} at step {logged[-1]['step']} of {steps} "
+                            f"({fmt(logged[-1].get('tokens_per_s'))} tokens/s at the last step; a rerun resumes "
+                            "from its last checkpoint)")
     missing = [name for name in ("tokenizer", "pretrain", "eval_base", "synth", "sft", "eval_sft", "rl", "eval_rl",
                                  "qat", "eval_int4") if name not in res]
     lines = [
@@ -278,7 +286,7 @@ def write_report(run_dir: Path, preset_name: str, r: Recipe, records: list[dict]
         "on synthesized tool-use trajectories, trained with RL on tool, arithmetic and calibration tasks, "
         "quantized to INT4 with QAT and served over the OpenAI API. What the run shows:", "",
         *summary, *[f"- limitation: {x}" for x in LIMITS],
-        *([f"- stages not finished yet: {', '.join(missing)}"] if missing else []), "",
+        *([f"- stages not finished yet: {', '.join(missing)}"] if missing else []), *progress, "",
         "## Published claim | what this run measured", "",
         *(_table(("published claim", "what this run measured"), claims(res)) if claims(res)
           else ["No stage that measures a claim has finished yet.", ""]),

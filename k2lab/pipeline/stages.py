@@ -41,7 +41,11 @@ class Stages:
         start = time.perf_counter()
         try:
             result = fn()
-        except BaseException:  # an interrupted attempt's time still counts toward the stage
+        except KeyboardInterrupt:  # Ctrl-C: the attempt's time counts toward the stage; the report shows progress
+            self._note_attempt(attempts_path, earlier, time.perf_counter() - start)
+            self.after(self.records())
+            raise
+        except BaseException:  # a failed attempt's time still counts toward the stage
             self._note_attempt(attempts_path, earlier, time.perf_counter() - start)
             raise
         attempts = [*earlier, round(time.perf_counter() - start, 2)]
