@@ -187,7 +187,7 @@ def _stage_sections(res: dict) -> list[str]:
         p = res["pretrain"]
         lines += ["## Pre-training with MuonClip", "", *_table(("metric", "value"), [
             ("steps", p["steps"]), ("tokens", p["tokens"]), ("training loss, first step", p["first_loss"]),
-            ("training loss, mean of the last 10 steps", p["final_loss"]),
+            ("training loss, mean of the last (up to) 10 steps", p["final_loss"]),
             ("held-out loss (rows spread over the same corpus)", p["val_loss"]),
             ("QK-Clip tau", p["qk_clip_tau"]), ("max attention logit, peak / final",
                                                 f"{fmt(p['max_logit_peak'])} / {fmt(p['max_logit_final'])}"),

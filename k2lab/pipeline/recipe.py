@@ -180,5 +180,6 @@ def run_demo(run_dir: str | Path = "runs/demo", preset_name: str = "default") ->
     st.run("eval_int4", "serve the INT4 checkpoint: evals, agent tasks and a swarm run",
            lambda: evaluate(int4_dir, run_dir / "evals" / "int4", r, run_dir, swarm=True))
 
-    print(f"\nreport: {run_dir / 'report.md'}\nINT4 checkpoint: {int4_dir}")
-    return run_dir / "report.md"
+    report = write_report(run_dir, preset_name, r, st.records(), time.perf_counter() - started)
+    print(f"\nreport: {report}\nINT4 checkpoint: {int4_dir}")
+    return report

@@ -17,7 +17,8 @@ from k2lab.runs import read_json, write_json
 
 class Stages:
     def __init__(self, run_dir: Path, after: Callable[[list[dict]], object] | None = None):
-        """after(records): called after each stage has run (or been reused) with the finished stages' records."""
+        """after(records): called with the finished stages' records after each stage that ran (or was interrupted
+        by Ctrl-C); not after a reused one, so a rerun of a finished run does nothing but read records."""
         self.dir = Path(run_dir) / "stages"
         self.order: list[str] = []
         self.after = after or (lambda records: None)
@@ -33,7 +34,6 @@ class Stages:
         if done is not None:
             print(f"== {title}: done before ({done['wall_s']:.1f} s), reusing {self.dir / (name + '.json')}",
                   flush=True)
-            self.after(self.records())
             return done["result"]
         attempts_path = self.dir / f"{name}.attempts.json"
         earlier = read_json(attempts_path)["wall_s"] if attempts_path.exists() else []
