@@ -206,8 +206,8 @@ app.command("sft")(_settings_options(sft, "SftSettings"))
 
 @app.command()
 def demo(run_dir: Path = typer.Option(Path("runs/demo"), metavar="DIR", help="run directory (reruns resume it)"),
-         preset: str = typer.Option("default", help="recipe preset: default (sized for 30 min on 2 CPU cores), small, gpu, "
-                                                     "reduced (k2lab/pipeline/presets.py)")):
+         preset: str = typer.Option("default", help="recipe preset: default (sized for 30 min on 2 CPU cores), "
+                                                     "small, gpu, reduced (k2lab/pipeline/presets.py)")):
     """The whole K2.6 recipe on the embedded data (what `make run` runs): tokenizer, MuonClip pre-training,
     synthesis, SFT, RL, INT4 QAT, the INT4 model served with agent and swarm runs, evals after every stage;
     report card in DIR/report.md. A rerun skips finished stages and resumes an unfinished one."""

@@ -89,7 +89,8 @@ def _plots(run_dir: Path, res: dict) -> list[str]:
     if train and "pretrain" in res:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot([x["step"] for x in train], [max(x["max_logit"]) for x in train], label="max attention logit")
-        ax.axhline(res["pretrain"]["qk_clip_tau"], color="red", ls="--", label=f"tau {res['pretrain']['qk_clip_tau']:g}")
+        tau = res["pretrain"]["qk_clip_tau"]
+        ax.axhline(tau, color="red", ls="--", label=f"tau {tau:g}")
         ax.plot([x["step"] for x in train], [sum(x.get("heads_clipped") or [0]) for x in train], label="heads clipped")
         ax.set(xlabel="pre-training step", title="QK-Clip during pre-training")
         ax.legend()
@@ -132,10 +133,11 @@ def claims(res: dict) -> list[tuple[str, str]]:
     f = res.get("eval_int4")
     rows = []
     if s and rl:
+        before, after = s["calibration"], rl["calibration"]
         rows.append(("K2.6: hallucination rate 65% -> 39% on AA-Omniscience (post-training)",
-                     f"SFT {pct(s['calibration']['hallucination_rate'], s['calibration']['hallucination_rate_ci95'])}"
-                     f" -> RL {pct(rl['calibration']['hallucination_rate'], rl['calibration']['hallucination_rate_ci95'])}"
-                     f" on {s['calibration']['total']} encyclopedia questions (rules grader)"))
+                     f"SFT {pct(before['hallucination_rate'], before['hallucination_rate_ci95'])} -> RL "
+                     f"{pct(after['hallucination_rate'], after['hallucination_rate_ci95'])} on {before['total']} "
+                     "encyclopedia questions (rules grader)"))
     if f:
         t = f["toolcalls"]
         ok = t["trigger_f1"] is not None and t["trigger_f1"] >= 0.80
@@ -152,9 +154,10 @@ def claims(res: dict) -> list[tuple[str, str]]:
     if q and rl and f:
         a, b = q["qat_agreement"], q["ptq_agreement"]
         rows.append(("K2 Thinking: INT4 QAT is lossless",
-                     f"greedy agreement QAT-INT4 vs its full-precision weights {pct(a['token_agreement'])}, PTQ-INT4 vs "
-                     f"RL weights {pct(b['token_agreement'])} ({a['prompts']} prompts x {a['tokens_per_prompt']} tokens);"
-                     f" tool-call F1 RL {fmt(rl['toolcalls']['trigger_f1'])} vs INT4 {fmt(f['toolcalls']['trigger_f1'])}"))
+                     f"greedy agreement QAT-INT4 vs its full-precision weights {pct(a['token_agreement'])}, "
+                     f"PTQ-INT4 vs RL weights {pct(b['token_agreement'])} ({a['prompts']} prompts x "
+                     f"{a['tokens_per_prompt']} tokens); tool-call F1 RL {fmt(rl['toolcalls']['trigger_f1'])} vs "
+                     f"INT4 {fmt(f['toolcalls']['trigger_f1'])}"))
     if f and f.get("swarm"):
         w = f["swarm"]
         rows.append(("K2.6 Agent Swarm: critical steps well below total steps",
@@ -180,7 +183,8 @@ def _stage_sections(res: dict) -> list[str]:
     lines = []
     if "tokenizer" in res:
         t = res["tokenizer"]
-        lines += ["## Tokenizer", "", f"BPE vocabulary {t['vocab_size']} trained on the encyclopedia, then the embedded corpus. "
+        lines += ["## Tokenizer", "", f"BPE vocabulary {t['vocab_size']} trained on the encyclopedia, then the "
+                  "embedded corpus. "
                   f"Pre-training data: {t['pretrain_data_bytes'] / 1e6:.2f} MB (a seeded subset of the corpus, "
                   f"the encyclopedia's articles spread over its first half).", ""]
     if "pretrain" in res:
