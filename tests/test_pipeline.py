@@ -19,8 +19,8 @@ from k2lab.runs import RunDirError, claim
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "pipeline_stages.json").read_text())
 
 
-def _run_all(run_dir: Path, calls: list, fail_at: str | None = None) -> Stages:
-    st = Stages(run_dir)
+def _run_all(run_dir: Path, calls: list, fail_at: str | None = None, after=None) -> Stages:
+    st = Stages(run_dir, after)
     for rec in FIXTURE:
         def fn(rec=rec):
             calls.append(rec["name"])
@@ -33,9 +33,11 @@ def _run_all(run_dir: Path, calls: list, fail_at: str | None = None) -> Stages:
 
 def test_a_rerun_reuses_finished_stages_and_resumes_the_interrupted_one(tmp_path):
     calls: list = []
+    reported: list = []
     with pytest.raises(KeyboardInterrupt):
-        _run_all(tmp_path, calls, fail_at="sft")
+        _run_all(tmp_path, calls, fail_at="sft", after=lambda records: reported.append([r["name"] for r in records]))
     assert calls == ["tokenizer", "pretrain", "eval_base", "synth", "sft"]
+    assert reported[-1] == ["tokenizer", "pretrain", "eval_base", "synth"]  # Ctrl-C: the report of what finished
     calls.clear()
     st = _run_all(tmp_path, calls)
     assert calls == ["sft", "eval_sft", "rl", "eval_rl", "qat", "eval_int4"]  # finished stages are not run again
