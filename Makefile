@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
+PRESET ?= default
 
 .PHONY: run test test-all bench venv clean
 
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(PY) -m k2lab.cli demo --run-dir $(RUN_DIR)
+	$(PY) -m k2lab.cli demo --run-dir $(RUN_DIR) --preset $(PRESET)
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -m "not slow" -q

@@ -207,12 +207,21 @@ app.command("sft")(_settings_options(sft, "SftSettings"))
 
 @app.command()
 def demo(run_dir: Path = typer.Option(Path("runs/demo"), metavar="DIR", help="run directory (reruns resume it)"),
-         steps: int = typer.Option(300, min=1, metavar="N", help="pre-training steps")):
-    """The end-to-end pipeline on the embedded corpus (what `make run` runs): tokenizer, MuonClip pre-training,
-    generation, INT4 PTQ, the INT4 checkpoint served over the OpenAI API, a tool-call eval and a chat."""
-    from k2lab.pipeline import run_demo
+         preset: str = typer.Option("default", help="recipe preset: default (sized for 30 min on 2 CPU cores), "
+                                                     "small, gpu, reduced (k2lab/pipeline/presets.py)")):
+    """The whole K2.6 recipe on the embedded data (what `make run` runs): tokenizer, MuonClip pre-training,
+    synthesis, SFT, RL, INT4 QAT, the INT4 model served with agent and swarm runs, evals after every stage;
+    report card in DIR/report.md. A rerun skips finished stages and resumes an unfinished one."""
+    from k2lab.pipeline import PRESETS, run_demo
+    from k2lab.runs import RunDirError
 
-    run_demo(run_dir, steps)
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    try:
+        run_demo(run_dir, preset)
+    except RunDirError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
 
 
 # ---- tokenizer, chat format, tool calls (issue 3) ----

@@ -1,21 +1,103 @@
-"""`make run`'s pipeline end to end at a toy size: every stage runs and the report says what it measured."""
+"""The machinery of `make run` without training: resumable stages, the report card, presets and run directories.
+
+The stage results come from a fixture (tests/fixtures/pipeline_stages.json: the records of a real run of the
+recipe at a few steps per stage), so the card is rendered from numbers shaped exactly as the stages write them.
+The recipe itself runs in test_pipeline_recipe.py (slow).
+"""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
-from k2lab.pipeline import run_demo
+from k2lab.pipeline import PRESETS, run_demo
+from k2lab.pipeline.card import write_report
+from k2lab.pipeline.stages import Stages
+from k2lab.runs import RunDirError, claim
+
+FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "pipeline_stages.json").read_text())
 
 
-@pytest.mark.slow
-def test_demo_pipeline_runs_end_to_end(tmp_path):
-    report = run_demo(tmp_path / "demo", steps=6)
+def _run_all(run_dir: Path, calls: list, fail_at: str | None = None, after=None) -> Stages:
+    st = Stages(run_dir, after)
+    for rec in FIXTURE:
+        def fn(rec=rec):
+            calls.append(rec["name"])
+            if rec["name"] == fail_at:
+                raise KeyboardInterrupt
+            return rec["result"]
+        st.run(rec["name"], rec["title"], fn)
+    return st
+
+
+def test_a_rerun_reuses_finished_stages_and_resumes_the_interrupted_one(tmp_path):
+    calls: list = []
+    reported: list = []
+    with pytest.raises(KeyboardInterrupt):
+        _run_all(tmp_path, calls, fail_at="sft", after=lambda records: reported.append([r["name"] for r in records]))
+    assert calls == ["tokenizer", "pretrain", "eval_base", "synth", "sft"]
+    assert reported[-1] == ["tokenizer", "pretrain", "eval_base", "synth"]  # Ctrl-C: the report of what finished
+    calls.clear()
+    st = _run_all(tmp_path, calls)
+    assert calls == ["sft", "eval_sft", "rl", "eval_rl", "qat", "eval_int4"]  # finished stages are not run again
+    sft = st.record("sft")
+    assert len(sft["attempts"]) == 2 and sft["wall_s"] == pytest.approx(sum(sft["attempts"]), abs=0.02)
+    assert [r["name"] for r in st.records()] == [r["name"] for r in FIXTURE]
+    assert st.record("pretrain")["result"] == FIXTURE[1]["result"]
+
+
+def test_the_report_keeps_every_section_on_a_rerun_and_says_what_it_measured(tmp_path):
+    report = write_report(tmp_path, "default", PRESETS["default"], _run_all(tmp_path, []).records(), 12.0)
     text = report.read_text()
-    assert "INT4" in text and "tool-call eval" in text
-    data = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert data["int4"]["expert_bytes_int4_over_bf16"] <= 0.30
-    assert data["served"]["toolcalls"]["answered"] == data["served"]["toolcalls"]["requests"]
-    assert (tmp_path / "demo" / "int4" / "config.json").exists()
-    # a second run reuses every stage's work and keeps the pre-training numbers in the report
-    again = json.loads((run_demo(tmp_path / "demo", steps=6), tmp_path / "demo" / "report.json")[1].read_text())
-    assert again["pretrain"]["step"] == 6 and again["pretrain"]["loss"] == data["pretrain"]["loss"]
+    again = write_report(tmp_path, "default", PRESETS["default"], _run_all(tmp_path, []).records(), 0.5).read_text()
+    strip = lambda t: re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC|this invocation [\d.]+ min|load average at the end [\d.]+",
+                             "", t)
+    assert strip(again) == strip(text)
+    for section in ("## Summary", "## Published claim | what this run measured", "## Pre-training with MuonClip",
+                    "## SFT", "## RL", "## INT4 QAT", "## Evals after every stage", "## Swarm run", "## Time per stage",
+                    "## Plots"):
+        assert section in text
+    assert "None" not in text and "nan" not in text.lower()
+    qat = FIXTURE[8]["result"]["qat_agreement"]
+    assert f"{qat['prompts']} x {qat['tokens_per_prompt']}" in text  # agreement over prompts x tokens
+    assert f"tau {FIXTURE[1]['result']['qk_clip_tau']:g}" in text
+    for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", text):  # every linked plot exists and is not empty
+        assert (tmp_path / link).stat().st_size > 0
+    assert "plots/evals.png" in text
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert list(data["stages"]) == [r["name"] for r in FIXTURE]
+    assert data["total_stage_s"] == pytest.approx(sum(r["wall_s"] for r in data["stages"].values()))
+    assert {d["claim"].split(" ")[0] for d in data["directions"]} == {"tool-call", "hallucination", "the"}
+    assert data["machine"]["cores"] >= 1 and data["machine"]["torch"]
+
+
+def test_a_run_directory_of_one_preset_is_refused_for_another(tmp_path):
+    claim(tmp_path, {"preset": "default", "recipe": PRESETS["default"].as_dict()}, "demo")
+    with pytest.raises(RunDirError, match="preset"):
+        run_demo(tmp_path, "reduced")
+    with pytest.raises(ValueError, match="unknown preset"):
+        run_demo(tmp_path / "new", "huge")
+
+
+def test_the_demo_command_answers_a_preset_mismatch_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from k2lab.cli import app
+
+    claim(tmp_path, {"preset": "default", "recipe": PRESETS["default"].as_dict()}, "demo")
+    r = CliRunner().invoke(app, ["demo", "--run-dir", str(tmp_path), "--preset", "reduced"])
+    assert r.exit_code == 2 and "preset" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["demo", "--run-dir", str(tmp_path / "x"), "--preset", "huge"])
+    assert r.exit_code == 2 and "unknown preset" in r.output
+
+
+def test_an_unfinished_run_reports_what_finished_and_where_training_stands(tmp_path):
+    from k2lab.runs import append_jsonl
+
+    st = Stages(tmp_path)
+    st.run("tokenizer", FIXTURE[0]["title"], lambda: FIXTURE[0]["result"])
+    append_jsonl(tmp_path / "pretrain" / "metrics.jsonl", {"step": 25, "loss": 6.0, "tokens_per_s": 40.0})
+    text = write_report(tmp_path, "default", PRESETS["default"], st.records(), 1.0).read_text()
+    assert "in progress: pretrain at step 25 of 300" in text and "stages not finished yet: pretrain" in text
+    assert "None" not in text and "## Tokenizer" in text

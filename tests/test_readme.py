@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 SKIPPED = {  # command prefix -> why it does not run here (and what runs it instead)
-    "k2lab demo": "`make run` itself: minutes of pre-training; tests/test_pipeline.py runs the pipeline",
+    "k2lab demo": "`make run` itself: the whole recipe; tests/test_pipeline_recipe.py runs it on the reduced preset",
     "k2lab pretrain": "a training run; tests/test_pretrain.py runs it (resume, errors, determinism)",
     "k2lab qat": "a training run; tests/test_quant_qat.py runs it",
     "k2lab rl": "an RL run; tests/test_rl_run.py runs it (metrics, kill -9 resume, errors)",
@@ -82,13 +82,11 @@ def test_readme_points_only_inside_the_repository():
 
 
 def test_vllm_and_sglang_commands_use_paths_that_make_run_writes():
-    """`make run` = `k2lab demo --run-dir runs/demo` with its default steps; the pipeline writes the full-precision
+    """`make run` = `k2lab demo --run-dir runs/demo` with the default preset; the pipeline writes the pre-trained
     checkpoint as runs/demo/pretrain/checkpoints/step-NNNNNN and the INT4 one as runs/demo/int4."""
-    import inspect
+    from k2lab.pipeline import PRESETS
 
-    from k2lab.pipeline import run_demo
-
-    steps = inspect.signature(run_demo).parameters["steps"].default
+    steps = PRESETS["default"].pretrain_steps
     lines = [ln for ln in README.splitlines() if ln.startswith(("vllm serve", "python -m sglang"))]
     assert len(lines) == 2
     for line in lines:

@@ -1,0 +1,118 @@
+"""The data and eval sets the recipe uses, one function each, so a better builder replaces one function.
+
+Each takes the run directory and the recipe and returns paths (None: the eval's shipped set). What each one
+does not yet do is said in its docstring and repeated in the report (`LIMITS`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from k2lab.pipeline.presets import Recipe
+from k2lab.runs import write_atomic
+
+# Where this run's sets fall short of what the recipe wants; the report lists these under "what did not work".
+LIMITS = [
+    "The calibration eval draws its questions from the same encyclopedia pool as the knowledge domain that SFT "
+    "and RL train on, so it is not held out by entity.",
+    "The tool-call eval is the shipped 24-request set (tools unlike the embedded domains'), not a held-out set "
+    "of procedurally generated tools.",
+]
+
+
+def _corpus_subset(r: Recipe) -> list[Path]:
+    from k2lab.train.data import embedded_corpus
+
+    files = sorted(embedded_corpus())
+    random.Random(f"corpus-subset:{r.seed}").shuffle(files)
+    chosen, size = [], 0
+    for f in files:
+        if size >= r.corpus_mb * 1e6:
+            break
+        chosen.append(f)
+        size += f.stat().st_size
+    return chosen
+
+
+def pretrain_data(run_dir: Path, r: Recipe) -> list[Path]:
+    """One JSONL file of documents: a seeded subset (r.corpus_mb) of the embedded corpus, one document per
+    file, with r.encyclopedia_repeats shuffled passes over the seen entities' articles (one document each)
+    interleaved at random among the first half of the documents.
+
+    Why: the data set reads documents in order until the run has its tokens (and shuffles whole files), so a
+    separate encyclopedia file might never be read; spread over the first half, every article is read once
+    the run reads half its data (the subset is sized so that it reads more than that)."""
+    from k2lab.data.encyclopedia import describe, encyclopedia
+
+    path = run_dir / "data" / "pretrain.jsonl"
+    if path.exists():
+        return [path]
+    rng = random.Random(f"pretrain-data:{r.seed}")
+    docs = [f.read_text(encoding="utf-8", errors="replace") for f in _corpus_subset(r)]
+    rng.shuffle(docs)
+    seen = [e for e in encyclopedia(r.seed, r.encyclopedia_entities) if e.seen]
+    for _ in range(r.encyclopedia_repeats):
+        rng.shuffle(seen)
+        for e in seen:
+            docs.insert(rng.randrange(len(docs) // 2 + 1), f"{e.name}\n\n" + " ".join(describe(e)) + "\n")
+    write_atomic(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return [path]
+
+
+def tokenizer_data(run_dir: Path, r: Recipe) -> list[Path]:
+    """The tokenizer's text files: the encyclopedia's seen entities first, then the embedded corpus (the
+    tokenizer reads 256 bytes per vocabulary entry from the start)."""
+    from k2lab.data.encyclopedia import corpus_text
+    from k2lab.train.data import embedded_corpus
+
+    enc = run_dir / "data" / "encyclopedia.txt"
+    if not enc.exists():
+        write_atomic(enc, corpus_text(r.seed, r.encyclopedia_entities, r.encyclopedia_repeats))
+    return [enc, *sorted(embedded_corpus())]
+
+
+def sft_data(run_dir: Path, synth_dir: Path, r: Recipe) -> list[Path]:
+    """The conversations SFT trains on (and QAT continues on): the synthesis stage's kept trajectories."""
+    return [synth_dir / "kept.jsonl"]
+
+
+def toolcall_eval_set(run_dir: Path, r: Recipe) -> Path | None:
+    """The tool-call eval's requests (None: the shipped set, whose rows state the expected finish_reason)."""
+    return None
+
+
+def calibration_eval_set(run_dir: Path, r: Recipe) -> Path:
+    """r.calibration_items encyclopedia questions, half about seen entities and half about unseen ones, in the
+    calibration eval's format (kind: seen / unseen, so the report splits by it)."""
+    from k2lab.data.encyclopedia import questions
+
+    path = run_dir / "data" / "calibration.jsonl"
+    if path.exists():
+        return path
+    items = questions(r.seed, r.encyclopedia_entities)
+    rng = random.Random(f"calibration-eval:{r.seed}")
+    half = r.calibration_items // 2
+    chosen = (rng.sample([q for q in items if q["seen"]], half)
+              + rng.sample([q for q in items if not q["seen"]], r.calibration_items - half))
+    rows = [{"id": q["id"], "domain": "an encyclopedia of towns, people and minerals", "topic": q["entity"],
+             "question": q["question"], "answer": q["gold"], "kind": "seen" if q["seen"] else "unseen"}
+            for q in chosen]
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def coding_eval_set(run_dir: Path, r: Recipe) -> Path | None:
+    """The coding eval's problems (None: the shipped set)."""
+    return None
+
+
+def agent_tasks(r: Recipe, n: int) -> list:
+    """n single-turn tasks of the embedded tool domains, from a seed the synthesis stage never used (new
+    instances of the same domains: other numbers, items, files)."""
+    from k2lab.synth.domains import make_tasks
+
+    tasks = [t for t in make_tasks(["store", "files", "lookup", "arithmetic"], 4 * n, seed=r.seed + 7919)
+             if len(t.turns) == 1]
+    return tasks[:n]
