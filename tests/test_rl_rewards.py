@@ -148,3 +148,15 @@ def test_temperature_decays_from_start_to_end():
     assert temps[5] == pytest.approx(0.8) and all(a >= b for a, b in zip(temps, temps[1:]))
     with pytest.raises(ValueError):
         rewards.temperature(-1, 10)
+
+
+@pytest.mark.parametrize("answer", [
+    "green, violet, amber, grey, crimson, white, black, yellow",  # every colour the encyclopedia uses
+    "It is green or violet.", "Green? Violet?", "1620 or 1621", "Between 1600 and 1700.", "1620, 1650, 1700",
+    "I don't know, maybe violet.", "Not sure. Violet.",
+])
+def test_calibration_on_encyclopedia_golds_cannot_be_gamed_by_hedging(answer):
+    """Against the knowledge environment's golds (a colour, a year): listing the options, ranges and an
+    abstention phrase around a guess all grade as wrong, so under RL they earn less than abstaining."""
+    for gold in ("green", "1620"):
+        assert rewards.calibration(answer, gold) == -1.0
