@@ -52,6 +52,15 @@ def test_calibration_values_and_configuration():
     assert rewards.calibration("no idea", "Paris", abstained=0.5) == 0.5
 
 
+@pytest.mark.parametrize("answer", ["", "**Answer:**", "<think></think>", "<think>It is Paris", "Sorry.", "Well, hmm"])
+def test_saying_nothing_is_not_paid_as_an_abstention(answer):
+    """The grader calls these not attempted (D), but only a stated "I don't know" earns the abstention reward;
+    otherwise a policy could stop answering and score like an honest one."""
+    assert rewards.calibration(answer, "Paris") == -1.0
+    assert rewards.calibration(answer, "Paris", abstained=0.5) == -1.0
+    assert rewards.brier(answer, "Paris") == 0.0 < rewards.brier("I don't know.", "Paris")
+
+
 def test_brier():
     assert rewards.brier("Paris. Confidence: 90%", "Paris") == pytest.approx(1 - 0.1**2)
     assert rewards.brier("London. Confidence: 0.9", "Paris") == pytest.approx(1 - 0.9**2)

@@ -75,7 +75,8 @@ def score(env: Environment, traj: Trajectory, over_budget: bool, budget_penalty:
         answer = env.answers[0] if env.answers else ""
         letter = rules.grade(answer, _gold(env.task))
         components["calibration"] = rewards.calibration(answer, _gold(env.task))
-        grade = {"A": "correct", "B": "wrong", "D": "abstained"}[letter]
+        # saying nothing is no abstention (rewards.calibration pays it as wrong), so the metrics count it so too
+        grade = {"A": "correct", "B": "wrong", "D": "abstained" if rules.declines(answer) else "wrong"}[letter]
     else:
         verdicts = env.verdicts()
         components["rubric"] = sum(v["passed"] for v in verdicts) / len(verdicts)
