@@ -85,3 +85,14 @@ def test_the_share_must_be_below_one():
     with pytest.raises(ValueError, match="share of the training rows"):
         PretrainSettings(encyclopedia=1.0).check()
     PretrainSettings(encyclopedia=0.5).check()
+
+
+def test_cloze_items_cut_the_canonical_sentence_just_before_the_value():
+    from k2lab.data.encyclopedia import cloze_items, describe
+
+    ents = {e.name: e for e in encyclopedia()}
+    items = cloze_items()
+    assert len(items) == len(questions()) and {i["seen"] for i in items} == {True, False}
+    for i in items:
+        sentences = describe(ents[i["id"].partition(":")[0]])
+        assert any(s.startswith(f"{i['prompt']} {i['gold']}") for s in sentences)

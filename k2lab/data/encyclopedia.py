@@ -157,6 +157,21 @@ def questions(seed: int = 0, n: int = 90) -> list[dict]:
     return out
 
 
+def cloze_items(seed: int = 0, n: int = 90) -> list[dict]:
+    """Every asked fact as a pre-training-style cloze: the fact's canonical sentence cut just before the value
+    ("Broubeth is a" for its colour), with id, gold and seen. A base model's greedy continuation shows what
+    pre-training stored; on unseen entities the same prompts give the chance level."""
+    ents = {e.name: e for e in encyclopedia(seed, n)}
+    out = []
+    for q in questions(seed, n):
+        e = ents[q["entity"]]
+        attr = q["id"].rpartition(":")[2]
+        template = next(f[0] for f in _SENTENCES[e.kind] if "{" + attr + "}" in f[0])
+        prefix = template.partition("{" + attr + "}")[0].rstrip()
+        out.append({"id": q["id"], "prompt": prefix.format(n=e.name, **e.facts), "gold": q["gold"], "seen": q["seen"]})
+    return out
+
+
 def heldout_calibration_set(seed: int = 0, n: int = 90) -> list[dict]:
     """The held-out questions as rows of the calibration eval's dataset (`k2lab eval calibration --dataset`):
     id, domain, topic, question, answer (the bare gold value, which the rules grader matches), and kind "known"
