@@ -102,7 +102,7 @@ def fact_probe(checkpoint: Path) -> dict:
         out["seen" if seen else "unseen (chance)"] = {"items": len(h), "accuracy": float(h.mean()),
                                                       "accuracy_ci95": list(bootstrap_ci(h, np.mean))}
     out["examples"] = [{"prompt": i["prompt"], "gold": i["gold"], "continuation": tok.decode(o.completion_ids)}
-                       for i, o in list(zip(items, outs))[:6] if i["seen"]]
+                       for i, o in zip(items, outs) if i["seen"]][:6]
     return out
 
 
