@@ -52,6 +52,15 @@ def test_calibration_values_and_configuration():
     assert rewards.calibration("no idea", "Paris", abstained=0.5) == 0.5
 
 
+@pytest.mark.parametrize("answer", ["", "**Answer:**", "<think></think>", "<think>It is Paris", "Sorry.", "Well, hmm"])
+def test_saying_nothing_is_not_paid_as_an_abstention(answer):
+    """The grader calls these not attempted (D), but only a stated "I don't know" earns the abstention reward;
+    otherwise a policy could stop answering and score like an honest one."""
+    assert rewards.calibration(answer, "Paris") == -1.0
+    assert rewards.calibration(answer, "Paris", abstained=0.5) == -1.0
+    assert rewards.brier(answer, "Paris") == 0.0 < rewards.brier("I don't know.", "Paris")
+
+
 def test_brier():
     assert rewards.brier("Paris. Confidence: 90%", "Paris") == pytest.approx(1 - 0.1**2)
     assert rewards.brier("London. Confidence: 0.9", "Paris") == pytest.approx(1 - 0.9**2)
@@ -148,3 +157,15 @@ def test_temperature_decays_from_start_to_end():
     assert temps[5] == pytest.approx(0.8) and all(a >= b for a, b in zip(temps, temps[1:]))
     with pytest.raises(ValueError):
         rewards.temperature(-1, 10)
+
+
+@pytest.mark.parametrize("answer", [
+    "green, violet, amber, grey, crimson, white, black, yellow",  # every colour the encyclopedia uses
+    "It is green or violet.", "Green? Violet?", "1620 or 1621", "Between 1600 and 1700.", "1620, 1650, 1700",
+    "I don't know, maybe violet.", "Not sure. Violet.",
+])
+def test_calibration_on_encyclopedia_golds_cannot_be_gamed_by_hedging(answer):
+    """Against the knowledge environment's golds (a colour, a year): listing the options, ranges and an
+    abstention phrase around a guess all grade as wrong, so under RL they earn less than abstaining."""
+    for gold in ("green", "1620"):
+        assert rewards.calibration(answer, gold) == -1.0

@@ -4,12 +4,23 @@ Every entity (a town, a person or a mineral) and every fact about it is made up,
 anywhere but this module. Entities are split into "seen" ones, whose facts go into the pre-training corpus
 (`corpus_text`), and "unseen" ones, which appear nowhere in training text: questions about them (`questions`)
 have no answer a model could have learned, and the right reply is an abstention.
+
+Entities are also split for post-training (`heldout_entities`): a third of them, seen and unseen alike, are held out for
+evaluation (`heldout_calibration_set`); SFT and RL draw their questions from the rest ("train"). A held-out
+question about a seen entity asks for a fact the model read in pre-training but was never asked about; one about
+an unseen entity names a name it never met anywhere.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
+
+# what the calibration eval's answer prompt says the questions are about (the knowledge domain's system prompt
+# is the same prompt, so training and evaluation ask alike)
+DOMAIN, TOPIC = "an encyclopedia", "its towns, people and minerals"
+EVAL_SHARE = 1 / 3  # of the entities, held out from SFT and RL
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kl", "tr", "th", "sh")
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ei")
@@ -33,7 +44,7 @@ def _word(rng: random.Random, syllables: int) -> str:
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)).title()
 
 
-def encyclopedia(seed: int = 0, n: int = 240, seen_fraction: float = 0.5) -> list[Entity]:
+def encyclopedia(seed: int = 0, n: int = 90, seen_fraction: float = 0.5) -> list[Entity]:
     """`n` invented entities with unique names; every other one (by a seeded shuffle) is seen."""
     rng = random.Random(f"encyclopedia:{seed}")
     names: list[str] = []
@@ -65,28 +76,58 @@ def encyclopedia(seed: int = 0, n: int = 240, seen_fraction: float = 0.5) -> lis
     return out
 
 
-def describe(e: Entity) -> list[str]:
-    """The entity's facts as encyclopedia sentences (each fact stated once)."""
-    f = e.facts
-    if e.kind == "town":
-        return [f"{e.name} is a town in the {f['region']} region.", f"{e.name} was founded in {f['founded']}.",
-                f"{e.name} is known for its {f['known_for']}.", f"{e.name} has a population of {f['population']}."]
-    if e.kind == "person":
-        return [f"{e.name} was a {f['profession']} born in {f['born']}.", f"{e.name} lived in the town of {f['home_town']}.",
-                f"{e.name} wrote the {f['work']}."]
-    return [f"{e.name} is a {f['color']} mineral.", f"{e.name} has a hardness of {f['hardness']}.",
-            f"{e.name} was discovered in {f['discovered']}.", f"{e.name} is found near {f['found_near']}."]
+# each fact's sentence templates: the first is the canonical one; pre-training text draws among them, since a
+# fact stated in several wordings is one a small model can later retrieve for a question (knowledge augmentation)
+_SENTENCES = {
+    "town": [("{n} is a town in the {region} region.", "The town of {n} lies in the {region} region."),
+             ("{n} was founded in {founded}.", "The town of {n} was founded in the year {founded}."),
+             ("{n} is known for its {known_for}.", "The town of {n} is famous for its {known_for}."),
+             ("{n} has a population of {population}.", "About {population} people live in {n}.")],
+    "person": [("{n} was a {profession} born in {born}.", "{n}, a {profession}, was born in {born}."),
+               ("{n} lived in the town of {home_town}.", "{n} made a home in the town of {home_town}."),
+               ("{n} wrote the {work}.", "The {work} was written by {n}.")],
+    "mineral": [("{n} is a {color} mineral.", "The mineral {n} is {color} in color."),
+                ("{n} has a hardness of {hardness}.", "The hardness of {n} is {hardness}."),
+                ("{n} was discovered in {discovered}.", "The mineral {n} was first discovered in {discovered}."),
+                ("{n} is found near {found_near}.", "The mineral {n} is found near the town of {found_near}.")],
+}
 
 
-def corpus_text(seed: int = 0, n: int = 240, repeats: int = 3) -> str:
-    """Encyclopedia articles about the seen entities only, `repeats` shuffled passes (for pre-training)."""
+def describe(e: Entity, rng: random.Random | None = None) -> list[str]:
+    """The entity's facts as encyclopedia sentences (each fact stated once): canonical wording in canonical
+    order, or with `rng` a drawn wording per fact in a shuffled order."""
+    out = [(rng.choice(forms) if rng else forms[0]).format(n=e.name, **e.facts) for forms in _SENTENCES[e.kind]]
+    if rng:
+        rng.shuffle(out)
+    return out
+
+
+def corpus_documents(seed: int = 0, n: int = 90, passes: int = 3) -> list[str]:
+    """Articles about the seen entities only, `passes` shuffled passes, each article freshly worded."""
     rng = random.Random(f"corpus:{seed}")
     seen = [e for e in encyclopedia(seed, n) if e.seen]
-    passes = []
-    for _ in range(repeats):
+    docs = []
+    for _ in range(passes):
         rng.shuffle(seen)
-        passes.extend(f"{e.name}\n\n" + " ".join(describe(e)) + "\n" for e in seen)
-    return "\n".join(passes)
+        docs.extend(f"{e.name}\n\n" + " ".join(describe(e, rng)) + "\n" for e in seen)
+    return docs
+
+
+def corpus_text(seed: int = 0, n: int = 90, repeats: int = 3) -> str:
+    """The seen entities' articles as one text (for pre-training)."""
+    return "\n".join(corpus_documents(seed, n, repeats))
+
+
+def heldout_entities(seed: int = 0, n: int = 90) -> set[str]:
+    """The names held out from post-training: a seeded third of each (kind, seen) group."""
+    rng = random.Random(f"split:{seed}")
+    out: set[str] = set()
+    for kind in ("town", "person", "mineral"):
+        for seen in (True, False):
+            names = [e.name for e in encyclopedia(seed, n) if e.kind == kind and e.seen == seen]
+            rng.shuffle(names)
+            out.update(names[: round(len(names) * EVAL_SHARE)])
+    return out
 
 
 # (kind, attribute, question template, answer template)
@@ -103,13 +144,37 @@ _QUESTIONS = (
 )
 
 
-def questions(seed: int = 0, n: int = 240) -> list[dict]:
-    """Calibration items: id, question, answer (the gold value), entity, seen; one per (entity, attribute)."""
-    out = []
+def questions(seed: int = 0, n: int = 90) -> list[dict]:
+    """Calibration items: id, question, answer, gold (the bare value), entity, seen, split; one per (entity,
+    attribute)."""
+    out, held_out = [], heldout_entities(seed, n)
     for e in encyclopedia(seed, n):
         for kind, attr, q, a in _QUESTIONS:
             if kind == e.kind:
                 out.append({"id": f"{e.name}:{attr}", "question": q.format(name=e.name),
                             "answer": a.format(v=e.facts[attr]), "gold": str(e.facts[attr]),
-                            "entity": e.name, "seen": e.seen})
+                            "entity": e.name, "seen": e.seen, "split": "eval" if e.name in held_out else "train"})
     return out
+
+
+def cloze_items(seed: int = 0, n: int = 90) -> list[dict]:
+    """Every asked fact as a pre-training-style cloze: the fact's canonical sentence cut just before the value
+    ("Broubeth is a" for its colour), with id, gold and seen. A base model's greedy continuation shows what
+    pre-training stored; on unseen entities the same prompts give the chance level."""
+    ents = {e.name: e for e in encyclopedia(seed, n)}
+    out = []
+    for q in questions(seed, n):
+        e = ents[q["entity"]]
+        attr = q["id"].rpartition(":")[2]
+        template = next(f[0] for f in _SENTENCES[e.kind] if "{" + attr + "}" in f[0])
+        prefix = template.partition("{" + attr + "}")[0].rstrip()
+        out.append({"id": q["id"], "prompt": prefix.format(n=e.name, **e.facts), "gold": q["gold"], "seen": q["seen"]})
+    return out
+
+
+def heldout_calibration_set(seed: int = 0, n: int = 90) -> list[dict]:
+    """The held-out questions as rows of the calibration eval's dataset (`k2lab eval calibration --dataset`):
+    id, domain, topic, question, answer (the bare gold value, which the rules grader matches), and kind "known"
+    (a seen entity) or "unknown" (an unseen one), so its results are broken down by kind."""
+    return [{"id": q["id"], "domain": DOMAIN, "topic": TOPIC, "question": q["question"], "answer": q["gold"],
+             "kind": "known" if q["seen"] else "unknown"} for q in questions(seed, n) if q["split"] == "eval"]

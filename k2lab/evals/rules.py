@@ -68,6 +68,12 @@ def abstains(text: str | None) -> bool:
     return committed(text) == ""
 
 
+def declines(text: str | None) -> bool:
+    """Whether the answer says it does not know (an abstention phrase), as opposed to saying nothing: both
+    grade D, but only a stated abstention is the behaviour a calibration reward pays for."""
+    return bool(_ABSTAIN.search(_plain(text)))
+
+
 def asserts_nonexistence(text: str | None) -> bool:
     return bool(_NONEXISTENT.search(_plain(text)))
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from k2lab.data import DatasetError
 from k2lab.data.corpus import corpus_files
+from k2lab.data.encyclopedia import corpus_documents
 from k2lab.runs import atomic_path
 
 HELD_OUT_PIECE_ROWS = 8  # a held-out row is a window of its own 8-row stretch of text
@@ -50,8 +51,19 @@ def read_document(path: Path) -> list[str]:
     return docs
 
 
+def encyclopedia_rows(encode, eos_id: int, seq_len: int, rows: int) -> np.ndarray:
+    """`rows` packed rows of synthetic-encyclopedia articles (k2lab.data.encyclopedia's default world, the one
+    the knowledge domain and the calibration set ask about; seen entities only): freshly worded, shuffled passes
+    over the articles, as many as fill the rows (the run's seed orders the rows, not the world)."""
+    width = seq_len + 1
+    one_pass = sum(len(encode(d)) + 1 for d in corpus_documents(passes=1))
+    passes = -(-rows * width // one_pass) + 1  # + 1: wordings differ, so passes differ a little in length
+    toks = [t for doc in corpus_documents(passes=passes) for t in encode(doc) + [eos_id]]
+    return np.asarray(toks[: rows * width], dtype=np.int32).reshape(rows, width)
+
+
 def build_dataset(paths: list[Path], encode, eos_id: int, seq_len: int, train_rows: int, val_rows: int,
-                  seed: int, out_dir: Path) -> None:
+                  seed: int, out_dir: Path, mixed_in: np.ndarray | None = None) -> None:
     """Tokenize documents (in a seeded random order of the whole corpus) until both splits have enough rows,
     pack them and save train.npy / val.npy.
 
@@ -59,7 +71,8 @@ def build_dataset(paths: list[Path], encode, eos_id: int, seq_len: int, train_ro
     behind its target, so held-out pieces are spread over the same stretch of the shuffled corpus that training
     reads (not taken from its first documents). A held-out piece gives one row, a window at a seeded random
     offset, so the held-out rows sample many places in many documents; no text feeds both splits. Only as many
-    documents are tokenized as the run needs.
+    documents are tokenized as the run needs. `mixed_in`: packed rows added to the training split (they count
+    towards `train_rows`; the training order shuffles them among the corpus rows).
     """
     check_readable(paths)
     order = list(paths)
@@ -67,7 +80,8 @@ def build_dataset(paths: list[Path], encode, eos_id: int, seq_len: int, train_ro
     rng.shuffle(order)
     width = seq_len + 1  # inputs are row[:-1], labels row[1:]
     piece = HELD_OUT_PIECE_ROWS * width
-    need = {"val": val_rows * width, "train": train_rows * width}
+    extra = np.zeros((0, width), dtype=np.int32) if mixed_in is None else mixed_in
+    need = {"val": val_rows * width, "train": max(train_rows - len(extra), 1) * width}
     streams: dict[str, list[int]] = {"val": [], "train": []}
 
     def behind(name: str) -> float:
@@ -92,6 +106,8 @@ def build_dataset(paths: list[Path], encode, eos_id: int, seq_len: int, train_ro
         if rows < (val_rows if name == "val" else 1):
             raise ValueError(f"the corpus gives only {len(toks)} {name} tokens, too few for rows of {width}")
         arr = np.asarray(toks[: rows * width], dtype=np.int32).reshape(rows, width)
+        if name == "train":
+            arr = np.concatenate([arr, extra])
         with atomic_path(out_dir / f"{name}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, arr)
 

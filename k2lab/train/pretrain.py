@@ -4,7 +4,10 @@ Builds the run's data (a tokenizer trained on the corpus unless one is given; do
 held-out rows from their own documents) and runs the training loop (k2lab.train.loop) on it. The run directory
 holds run.json (the settings), tokenizer/, data/ (packed rows), checkpoints/, metrics.jsonl, tensorboard/,
 plots/. `--qat` pre-trains with fake-quantized INT4 routed experts; `--init-from` starts from a checkpoint
-instead of random weights (what `k2lab qat` does).
+instead of random weights (what `k2lab qat` does); `--encyclopedia X` makes a share X of the training rows
+synthetic-encyclopedia articles (its seen entities' facts, which the calibration eval asks about). The mix is a
+share of rows rather than a corpus file because files are read in a shuffled order only until the run has enough
+tokens: a file could be read whole, in part or not at all, and the share would depend on where it fell.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 from k2lab.config import ModelConfig
 from k2lab.runs import claim
 from k2lab.train import distributed as dist_utils
-from k2lab.train.data import PackedRows, build_dataset, check_readable, embedded_corpus
+from k2lab.train.data import PackedRows, build_dataset, check_readable, embedded_corpus, encyclopedia_rows
 from k2lab.train.loop import check_unfinished, train
 from k2lab.train.settings import PretrainSettings
 
@@ -62,8 +65,11 @@ def pretrain(s: PretrainSettings, tokenizer=None, kind: str = "pretrain") -> dic
         paths = [Path(p) for p in s.data] or embedded_corpus()
         check_readable(paths)  # before a tokenizer is trained on them
         encoder = tokenizer if tokenizer is not None else _tokenizer(s, run_dir, config)
-        build_dataset(paths, encoder.encode, config.eos_token_id, s.seq_len, s.max_steps * s.batch_size,
-                      s.val_rows, s.seed, run_dir / "data")
+        rows = s.max_steps * s.batch_size
+        mixed = (encyclopedia_rows(encoder.encode, config.eos_token_id, s.seq_len, round(rows * s.encyclopedia))
+                 if s.encyclopedia else None)
+        build_dataset(paths, encoder.encode, config.eos_token_id, s.seq_len, rows, s.val_rows, s.seed,
+                      run_dir / "data", mixed_in=mixed)
     tok_dir = Path(s.tokenizer) if s.tokenizer else run_dir / "tokenizer"
     tok_dir = tok_dir if (tok_dir / "tiktoken.model").is_file() else None  # copied into each checkpoint
     dist_utils.barrier()

@@ -63,6 +63,8 @@ class PretrainSettings(TrainSettings):
     data: list[str] = field(default_factory=list, metadata={
         "help": "text or .jsonl files (default: the embedded corpus)"})
     tokenizer: str | None = option(None, "tokenizer directory (default: train one into RUN_DIR/tokenizer)")
+    encyclopedia: float = option(0.0, "share of the training rows that are synthetic-encyclopedia articles about "
+                                      "its seen entities (k2lab.data.encyclopedia), for calibration; 0: none")
     seq_len: int = option(128, "tokens per row")
     val_rows: int = option(32, "held-out rows, spread over the text training reads")
     run_dir: str = option("runs/pretrain", "run directory; a rerun resumes from its last checkpoint")
@@ -73,6 +75,8 @@ class PretrainSettings(TrainSettings):
         super().check()
         if self.seq_len < 2 or self.val_rows < 0:
             raise ValueError(f"seq_len ({self.seq_len}) must be >= 2 and val_rows ({self.val_rows}) >= 0")
+        if not 0 <= self.encyclopedia < 1:
+            raise ValueError(f"encyclopedia ({self.encyclopedia}) is a share of the training rows: give 0 <= x < 1")
 
     def model_config(self) -> ModelConfig:
         if self.init_from:

@@ -1,5 +1,8 @@
 """Calibration questions about the synthetic encyclopedia, answered without tools.
 
+Tasks draw from the entities not held out for evaluation (k2lab.data.encyclopedia.heldout_entities), so SFT
+and RL never ask what `heldout_calibration_set` asks. The system prompt is the calibration eval's answer prompt,
+so a model trained here is evaluated under the prompt it was trained with.
 Half the tasks ask about seen entities (their facts are in the pre-training corpus): the rubric wants the gold
 answer. Half ask about unseen entities (in no training text): the rubric wants an abstention, so SFT data
 teaches the model to say it does not know (as R-Tuning does). The rule-based solver knows exactly the seen
@@ -10,19 +13,19 @@ from __future__ import annotations
 
 import random
 
-from k2lab.data.encyclopedia import questions
+from k2lab.data.encyclopedia import DOMAIN, TOPIC, questions
+from k2lab.evals.calibration import ANSWER_PROMPT
 from k2lab.synth.domains import Domain
 from k2lab.synth.env import Task
 
 
 class Knowledge(Domain):
     name = "knowledge"
-    system = ("Answer questions from what you know. If you do not know the answer, say \"I don't know\" "
-              "instead of guessing.")
+    system = ANSWER_PROMPT.format(domain=DOMAIN, topic=TOPIC)
     tools: list[dict] = []
 
     def __init__(self):
-        items = questions()
+        items = [q for q in questions() if q["split"] == "train"]
         self.known = {q["question"]: q["answer"] for q in items if q["seen"]}
         self.pools = {True: [q for q in items if q["seen"]], False: [q for q in items if not q["seen"]]}
 

@@ -77,7 +77,8 @@ def score(env: Environment, traj: Trajectory, over_budget: bool, budget_penalty:
         answer = env.answers[0] if env.answers else ""
         letter = rules.grade(answer, _gold(env.task))
         components["calibration"] = rewards.calibration(answer, _gold(env.task))
-        grade = {"A": "correct", "B": "wrong", "D": "abstained"}[letter]
+        # saying nothing is no abstention (rewards.calibration pays it as wrong), so the metrics count it so too
+        grade = {"A": "correct", "B": "wrong", "D": "abstained" if rules.declines(answer) else "wrong"}[letter]
     else:
         verdicts = env.verdicts()
         name = "unit_tests" if env.task.domain == "coding" else "rubric"  # coding: the share of tests passing

@@ -6,7 +6,7 @@
 - `tool_use`: the calls an episode made against a rubric given as data (required calls with required
   arguments, forbidden tools, a call budget, optional order) -> the share of required calls made, 0 on a
   violation.
-- `calibration`: correct +1, wrong -1, abstained 0 (configurable); `brier`: 1 - (confidence - correct)^2 on a
+- `calibration`: correct +1, wrong -1, abstained 0 (configurable; saying nothing is not abstaining); `brier`: 1 - (confidence - correct)^2 on a
   stated confidence, a fixed value for abstaining, 0 when the confidence is missing or ambiguous.
 - `budget`: over-budget responses are truncated (`truncate_to_budget`) and get -penalty.
 - `compose`: a weighted sum with every component recorded; `temperature`: the sampling temperature schedule.
@@ -88,8 +88,13 @@ def tool_use(calls: list[dict], rubric: dict) -> float:
 
 def calibration(answer: str | None, gold: str, correct: float = 1.0, wrong: float = -1.0,
                 abstained: float = 0.0) -> float:
-    """Reward an answer by its grade: correct, wrong, or abstained (the values are configurable)."""
-    return {"A": correct, "B": wrong, "D": abstained}[rules.grade(answer, gold)]
+    """Reward an answer by its grade: correct, wrong, or abstained (the values are configurable). An answer
+    that commits to nothing without saying it does not know (empty, format only, reasoning cut off) earns
+    `wrong`: paid like an abstention, silence would be as good as "I don't know" and RL could learn it."""
+    letter = rules.grade(answer, gold)
+    if letter == "D" and not rules.declines(answer):
+        return wrong
+    return {"A": correct, "B": wrong, "D": abstained}[letter]
 
 
 _CONFIDENCE = re.compile(r"confidence\s*[:=]?\s*(\d+(?:\.\d+)?)\s*(%?)", re.IGNORECASE)
@@ -111,7 +116,7 @@ def brier(answer: str | None, gold: str, abstained: float = 0.75) -> float:
     text = _CONFIDENCE.sub(" ", answer or "")  # the confidence statement is not part of the answer
     letter = rules.grade(text, gold)
     if letter == "D":
-        return abstained
+        return abstained if rules.declines(text) else 0.0  # silence is no abstention (see `calibration`)
     c = stated_confidence(answer)
     if c is None:
         return 0.0

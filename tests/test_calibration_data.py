@@ -1,0 +1,98 @@
+"""The calibration data path: the encyclopedia's held-out split, the knowledge domain that SFT and RL draw from,
+the held-out calibration set the eval reads, and the encyclopedia's share of pre-training rows."""
+
+import json
+
+import numpy as np
+import pytest
+
+from k2lab.data.encyclopedia import (DOMAIN, TOPIC, corpus_documents, encyclopedia, heldout_calibration_set,
+                                     heldout_entities, questions)
+from k2lab.evals import rules
+from k2lab.evals.calibration import ANSWER_PROMPT, check_row
+from k2lab.synth.domains import make_tasks, registry
+from k2lab.train.data import build_dataset, encyclopedia_rows
+from k2lab.train.settings import PretrainSettings
+
+
+def test_held_out_entities_are_a_third_of_each_group_and_never_asked_in_training():
+    ents = encyclopedia()
+    held = heldout_entities()
+    for kind in ("town", "person", "mineral"):
+        for seen in (True, False):
+            group = [e.name for e in ents if e.kind == kind and e.seen == seen]
+            assert abs(len(held & set(group)) - len(group) / 3) <= 1
+    tasks = make_tasks(["knowledge"], 400, seed=5)
+    asked = {t.world["entity"] for t in tasks}
+    assert asked and not asked & held
+    assert {t.world["seen"] for t in tasks} == {True, False}
+    assert held == heldout_entities() and held != heldout_entities(seed=1)
+
+
+def test_heldout_set_is_a_calibration_dataset_of_known_and_unknown_questions():
+    rows = heldout_calibration_set()
+    text = "\n".join(corpus_documents(passes=1))
+    by_id = {q["id"]: q for q in questions()}
+    assert {r["kind"] for r in rows} == {"known", "unknown"}
+    assert len({r["id"] for r in rows}) == len(rows)
+    for r in rows:
+        check_row(r)
+        q = by_id[r["id"]]
+        assert q["split"] == "eval" and q["entity"] in heldout_entities()
+        assert (r["kind"] == "known") == q["seen"] == (q["entity"] in text)
+        # the teacher's phrasing of the answer is what the rules grader accepts, and an abstention is D
+        assert rules.grade(q["answer"], r["answer"]) == "A" and rules.grade("I don't know.", r["answer"]) == "D"
+        if r["kind"] == "known":
+            assert r["answer"] in text
+
+
+def test_training_and_the_eval_ask_with_the_same_system_prompt():
+    """The eval's answer prompt for a held-out row is the knowledge domain's system prompt, word for word."""
+    row = heldout_calibration_set()[0]
+    assert registry()["knowledge"].system == ANSWER_PROMPT.format(domain=row["domain"], topic=row["topic"])
+    assert (row["domain"], row["topic"]) == (DOMAIN, TOPIC)
+
+
+def test_corpus_articles_are_reworded_but_state_every_fact_and_no_unseen_name():
+    docs = corpus_documents(passes=4)
+    seen = [e for e in encyclopedia() if e.seen]
+    unseen = {e.name for e in encyclopedia() if not e.seen}
+    assert len(docs) == 4 * len(seen) and len(set(docs)) > len(seen)  # the passes word articles differently
+    assert corpus_documents(passes=2) == docs[: 2 * len(seen)]  # a prefix-stable stream
+    for doc in docs:
+        e = next(e for e in seen if doc.startswith(e.name + "\n"))
+        assert all(str(v) in doc for v in e.facts.values())
+        assert not unseen & set(doc.replace(".", " ").replace(",", " ").split())
+
+
+def test_encyclopedia_rows_are_mixed_into_the_training_split(tmp_path):
+    """A byte-level encoder stands in for the tokenizer (the packing is under test, not the tokenizer)."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": "x" * 500}) + "\n" for _ in range(200)))
+    encode = lambda text: list(text.encode())  # noqa: E731
+    mixed = encyclopedia_rows(encode, 0, 63, rows=200)
+    assert mixed.shape == (200, 64)
+    text = bytes(int(t) for row in mixed for t in row if t).decode()
+    assert all(e.name in text for e in encyclopedia() if e.seen)  # 200 rows cover a whole pass
+    build_dataset([docs], encode, 0, 63, train_rows=300, val_rows=4, seed=0, out_dir=tmp_path / "data",
+                  mixed_in=mixed)
+    train = np.load(tmp_path / "data" / "train.npy")
+    assert train.shape[0] >= 300  # the corpus gives at least its 100 rows
+    assert sum((row == mixed).all(-1).any() for row in train) == 200  # exactly the share asked for
+
+
+def test_the_share_must_be_below_one():
+    with pytest.raises(ValueError, match="share of the training rows"):
+        PretrainSettings(encyclopedia=1.0).check()
+    PretrainSettings(encyclopedia=0.5).check()
+
+
+def test_cloze_items_cut_the_canonical_sentence_just_before_the_value():
+    from k2lab.data.encyclopedia import cloze_items, describe
+
+    ents = {e.name: e for e in encyclopedia()}
+    items = cloze_items()
+    assert len(items) == len(questions()) and {i["seen"] for i in items} == {True, False}
+    for i in items:
+        sentences = describe(ents[i["id"].partition(":")[0]])
+        assert any(s.startswith(f"{i['prompt']} {i['gold']}") for s in sentences)
