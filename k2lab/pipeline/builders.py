@@ -15,8 +15,6 @@ from k2lab.runs import write_atomic
 
 # Where this run's sets fall short of what the recipe wants; the report lists these under "what did not work".
 LIMITS = [
-    "The calibration eval draws its questions from the same encyclopedia pool as the knowledge domain that SFT "
-    "and RL train on, so it is not held out by entity.",
     "The tool-call eval is the shipped 24-request set (tools unlike the embedded domains'), not a held-out set "
     "of procedurally generated tools.",
 ]
@@ -37,26 +35,14 @@ def _corpus_subset(r: Recipe) -> list[Path]:
 
 
 def pretrain_data(run_dir: Path, r: Recipe) -> list[Path]:
-    """One JSONL file of documents: a seeded subset (r.corpus_mb) of the embedded corpus, one document per
-    file, with r.encyclopedia_repeats shuffled passes over the seen entities' articles (one document each)
-    interleaved at random among the first half of the documents.
-
-    Why: the data set reads documents in order until the run has its tokens (and shuffles whole files), so a
-    separate encyclopedia file might never be read; spread over the first half, every article is read once
-    the run reads half its data (the subset is sized so that it reads more than that)."""
-    from k2lab.data.encyclopedia import describe, encyclopedia
-
+    """One JSONL file of documents: a seeded subset (r.corpus_mb) of the embedded corpus, one document per file.
+    The encyclopedia's articles come in through pre-training's own mix (PretrainSettings.encyclopedia, a share
+    of the training rows), not as documents here."""
     path = run_dir / "data" / "pretrain.jsonl"
     if path.exists():
         return [path]
-    rng = random.Random(f"pretrain-data:{r.seed}")
     docs = [f.read_text(encoding="utf-8", errors="replace") for f in _corpus_subset(r)]
-    rng.shuffle(docs)
-    seen = [e for e in encyclopedia(r.seed, r.encyclopedia_entities) if e.seen]
-    for _ in range(r.encyclopedia_repeats):
-        rng.shuffle(seen)
-        for e in seen:
-            docs.insert(rng.randrange(len(docs) // 2 + 1), f"{e.name}\n\n" + " ".join(describe(e)) + "\n")
+    random.Random(f"pretrain-data:{r.seed}").shuffle(docs)
     write_atomic(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
     return [path]
 
@@ -69,7 +55,7 @@ def tokenizer_data(run_dir: Path, r: Recipe) -> list[Path]:
 
     enc = run_dir / "data" / "encyclopedia.txt"
     if not enc.exists():
-        write_atomic(enc, corpus_text(r.seed, r.encyclopedia_entities, r.encyclopedia_repeats))
+        write_atomic(enc, corpus_text())
     return [enc, *sorted(embedded_corpus())]
 
 
@@ -84,21 +70,16 @@ def toolcall_eval_set(run_dir: Path, r: Recipe) -> Path | None:
 
 
 def calibration_eval_set(run_dir: Path, r: Recipe) -> Path:
-    """r.calibration_items encyclopedia questions, half about seen entities and half about unseen ones, in the
-    calibration eval's format (kind: seen / unseen, so the report splits by it)."""
-    from k2lab.data.encyclopedia import questions
+    """The encyclopedia's held-out questions (k2lab.data.encyclopedia.heldout_calibration_set: entities that no
+    SFT or RL question names, about seen ("known") and unseen ("unknown") entities), at most
+    r.calibration_items of them, in the calibration eval's format."""
+    from k2lab.data.encyclopedia import heldout_calibration_set
 
     path = run_dir / "data" / "calibration.jsonl"
     if path.exists():
         return path
-    items = questions(r.seed, r.encyclopedia_entities)
-    rng = random.Random(f"calibration-eval:{r.seed}")
-    half = r.calibration_items // 2
-    chosen = (rng.sample([q for q in items if q["seen"]], half)
-              + rng.sample([q for q in items if not q["seen"]], r.calibration_items - half))
-    rows = [{"id": q["id"], "domain": "an encyclopedia of towns, people and minerals", "topic": q["entity"],
-             "question": q["question"], "answer": q["gold"], "kind": "seen" if q["seen"] else "unseen"}
-            for q in chosen]
+    rows = heldout_calibration_set()
+    rows = random.Random(f"calibration-eval:{r.seed}").sample(rows, min(r.calibration_items, len(rows)))
     write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
     return path
 

@@ -185,8 +185,8 @@ def _stage_sections(res: dict) -> list[str]:
         t = res["tokenizer"]
         lines += ["## Tokenizer", "", f"BPE vocabulary {t['vocab_size']} trained on the encyclopedia, then the "
                   "embedded corpus. "
-                  f"Pre-training data: {t['pretrain_data_bytes'] / 1e6:.2f} MB (a seeded subset of the corpus, "
-                  f"the encyclopedia's articles spread over its first half).", ""]
+                  f"Pre-training data: {t['pretrain_data_bytes'] / 1e6:.2f} MB (a seeded subset of the corpus), "
+                  f"plus encyclopedia articles as a share of the training rows (the preset's `encyclopedia`).", ""]
     if "pretrain" in res:
         p = res["pretrain"]
         lines += ["## Pre-training with MuonClip", "", *_table(("metric", "value"), [
@@ -241,14 +241,14 @@ def _eval_sections(res: dict) -> list[str]:
         *[(f"  {kind}: accuracy / abstention", *[
             f"{pct(e['calibration']['by_kind'].get(kind, {}).get('accuracy'))} / "
             f"{pct(e['calibration']['by_kind'].get(kind, {}).get('abstention_rate'))}" for _, e in stages])
-          for kind in ("seen", "unseen")],
+          for kind in ("known", "unknown")],
         ("coding pass@1", *[e["coding"]["pass_at_1"] for _, e in stages]),
         ("embedded agent tasks solved", *[f"{e['agent']['succeeded']}/{e['agent']['tasks']}" for _, e in stages]),
     ]
     lines = ["## Evals after every stage that changed the model (each checkpoint served over the OpenAI API)", "",
              *_table(("metric", *[label for label, _ in stages]), rows),
              "Tool calls: the eval's request set with its expected finish_reason (trigger F1 = tool call or not); "
-             "calibration: encyclopedia questions about seen and unseen entities, graded by the deterministic "
+             "calibration: held-out encyclopedia questions about seen (known) and unseen (unknown) entities, graded by the deterministic "
              "rules grader, hallucination rate = wrong / (wrong + abstained); agent tasks: an agent with the "
              "domain's tools, success = every rubric checkpoint passed. Details under `evals/`.", ""]
     swarm = res.get("eval_int4", {}).get("swarm")

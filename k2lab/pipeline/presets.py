@@ -15,10 +15,9 @@ class Recipe:
     model: str = "tiny"  # ModelConfig preset
     seed: int = 0
     # pre-training: a seeded subset of the embedded corpus (MB; more than the run reads, ~3.3 bytes per token)
-    # + the synthetic encyclopedia's seen entities, each article encyclopedia_repeats times
+    # + a share of rows that are the synthetic encyclopedia's articles about its seen entities (PretrainSettings)
     corpus_mb: float = 3.0
-    encyclopedia_entities: int = 240
-    encyclopedia_repeats: int = 3
+    encyclopedia: float = 0.2
     pretrain_steps: int = 300
     pretrain_batch: int = 8
     pretrain_seq_len: int = 256
@@ -49,7 +48,7 @@ class Recipe:
     qat_lr: float = 3e-4
     # evals after every stage that changes the model (base, SFT, RL, INT4)
     eval_max_tokens: int = 96  # tool-call and coding answers
-    calibration_items: int = 60  # half about seen entities, half about unseen ones
+    calibration_items: int = 60  # held-out questions about seen (known) and unseen (unknown) entities
     calibration_max_tokens: int = 32
     agent_tasks: int = 8  # embedded single-turn tasks, played by an agent over the OpenAI API
     agent_max_steps: int = 4
