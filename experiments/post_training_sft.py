@@ -16,6 +16,11 @@ parameter names that never appear in the SFT data).
 Every stage resumes (synth, SFT and eval runs live in --work), so a rerun after a kill continues.
 
     python experiments/post_training_sft.py --checkpoint /tmp/demo1/pretrain/checkpoints/step-000300
+
+The committed results: the three seeds ran as three processes (`--seeds 0`, `--seeds 1`, `--seeds 2`, after one
+had synthesized the data and measured "before"), then one run with every seed gathered them from --work. With
+OMP_NUM_THREADS=1 each seed's 40 steps took ~28 min on the shared 2-core machine at load ~20 (2 threads per
+process were 4x slower there); a quiet machine is about 10x faster.
 """
 
 from __future__ import annotations
