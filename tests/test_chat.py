@@ -206,14 +206,20 @@ def test_sft_k26_trains_the_trailing_turns_in_their_generation_context(tok, mess
     t = len(messages)
     while t and messages[t - 1]["role"] in ("assistant", "tool"):
         t -= 1
-    trailing = [i for i in range(t, len(messages)) if messages[i]["role"] == "assistant"]
+    # Thinking on: the trailing turns (earlier ones lost their reasoning). Thinking off: every turn renders as it
+    # was generated (`<think></think>` prompt-side), so every assistant turn is trained.
+    trailing = [i for i in range(t if thinking else 0, len(messages)) if messages[i]["role"] == "assistant"]
     # The trained spans decode to exactly what the model generates after each generation prompt.
     expected = [render_assistant(messages[i], thinking=thinking, first_call=next_tool_call_index(messages[:i]))
                 + "<|im_end|>" for i in trailing]
     assert [tok.decode(s) for s in _spans(ids, mask)] == [e for e in expected if e]
     # The context of the first trailing turn is exactly the prompt the server renders for it.
-    if trailing and messages[t]["role"] == "assistant":
+    if t < len(messages) and messages[t]["role"] == "assistant":
         assert tok.decode(ids).startswith(render(messages[:t], tools, add_generation_prompt=True, thinking=thinking))
+    if not thinking:  # the whole conversation is the thinking-off rendering, each turn after its own prompt
+        assert tok.decode(ids) == render(messages, tools, thinking=False)
+        for i in trailing:
+            assert tok.decode(ids).startswith(render(messages[:i], tools, add_generation_prompt=True, thinking=False))
 
 
 @settings(max_examples=40, deadline=None)

@@ -99,9 +99,10 @@ def spans(ids, mask):
     return out + ([cur] if cur else [])
 
 
-def test_loss_mask_selects_exactly_assistant_tokens(tok, tmp_path):
+@pytest.mark.parametrize("thinking", [False, True])
+def test_loss_mask_selects_exactly_assistant_tokens(tok, tmp_path, thinking):
     data = write_jsonl(tmp_path / "chat.jsonl", CONVERSATIONS)
-    packed = pack(render(tok, read_conversations([data])), seq_len=400, pad_id=tok.pad_id)
+    packed = pack(render(tok, read_conversations([data]), thinking), seq_len=400, pad_id=tok.pad_id)
     batches = batches_from(packed, batch_size=2, seed=0)
     assert packed.dropped == []
     seen = set()
@@ -109,7 +110,8 @@ def test_loss_mask_selects_exactly_assistant_tokens(tok, tmp_path):
         for doc in sorted(set(packed.document_ids[r].tolist()) - {PAD_DOCUMENT}):
             sel = packed.document_ids[r] == doc
             ids, mask = packed.input_ids[r][sel].tolist(), packed.loss_mask[r][sel].tolist()
-            want = [render_assistant(m) + "<|im_end|>" for m in CONVERSATIONS[doc]["messages"]
+            # thinking off: `<think></think>` is prompt-side, the model generates content, calls and <|im_end|>
+            want = [render_assistant(m, thinking=thinking) + "<|im_end|>" for m in CONVERSATIONS[doc]["messages"]
                     if m["role"] == "assistant"]
             assert [tok.decode(s) for s in spans(ids, mask)] == want
             seen.add(doc)
@@ -209,7 +211,7 @@ def test_turns_with_reasoning_are_trained_in_their_own_context(tok):
     assert [len(t) for t in turns(messages)] == [2, 4]
     assert turns([{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages]) == \
         [[{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages]]
-    (ids1, mask1), (ids2, mask2) = render_examples(tok, [{"messages": messages}])
+    (ids1, mask1), (ids2, mask2) = render_examples(tok, [{"messages": messages}], thinking=True)
     assert [tok.decode(s) for s in spans(ids1, mask1)] == ["add them</think>4<|im_end|>"]
     assert [tok.decode(s) for s in spans(ids2, mask2)] == ["multiply</think>12<|im_end|>"]
     # the second example's context is what a server renders for that turn: earlier reasoning dropped
@@ -232,9 +234,9 @@ def test_toolcall_eval_scores_reference_answers_as_perfect_and_silence_as_no_rec
     the model would generate them, score F1 1 and schema accuracy 1; answering nothing but text scores recall 0;
     a call with arguments off the schema counts against schema accuracy."""
     from k2lab.tokenizer.chat import render_assistant
-    from k2lab.train.toolcall_eval import ToolcallEval
+    from k2lab.train.toolcall_eval import ToolcallEval, requests_from_conversations
 
-    ev = ToolcallEval(CONVERSATIONS, tok, max_new_tokens=16, max_len=4096)
+    ev = ToolcallEval(requests_from_conversations(CONVERSATIONS, thinking=True), tok, max_new_tokens=16, max_len=4096)
     assert [ev.reference[r["id"]] for r in ev.rows] == ["tool_calls", "stop", "stop"]
     firsts = [next(m for m in c["messages"] if m["role"] == "assistant") for c in CONVERSATIONS]
     perfect = [(tok.encode(render_assistant(m), allow_special=True), "stop") for m in firsts]

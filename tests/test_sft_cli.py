@@ -81,6 +81,21 @@ def test_loss_falls_on_the_training_data(inputs, tmp_path):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses
 
 
+def test_sft_with_the_heldout_tool_set_as_the_eval(inputs, tmp_path):
+    """--eval-toolcalls: the held-out tool set (request bodies with expect, k2lab.synth.heldout) is the in-training
+    eval; it is kept in the run's data/ so a resumed run scores the same requests."""
+    from k2lab.synth.heldout import write_heldout_toolcall_set
+
+    ckpt, data = inputs
+    evalset = write_heldout_toolcall_set(tmp_path / "heldout.jsonl", seed=0, n=6, max_tokens=8)
+    r = sft(ckpt, data, tmp_path / "run", "--max-steps", "2", "--eval-every", "2", "--val-fraction", "0.1",
+            "--eval-toolcalls", str(evalset))
+    assert r.returncode == 0, r.stderr
+    last = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert last["step"] == 2 and 0 <= last["toolcall_f1"] <= 1 and 0 <= last["toolcall_recall"] <= 1
+    assert read_jsonl(tmp_path / "run" / "data" / "toolcalls.jsonl") == read_jsonl(evalset)
+
+
 def test_kill_9_and_rerun_gives_the_metrics_of_an_uninterrupted_run(inputs, tmp_path):
     ckpt, data = inputs
     args = ["--max-steps", "6", "--save-every", "2", "--eval-every", "3", "--val-fraction", "0.2"]

@@ -29,7 +29,7 @@ def test_output_renders_parses_back_and_validates(tmp_path):
     assert r.returncode == 0, r.stderr
     kept, rejected = read_jsonl(out / "kept.jsonl"), read_jsonl(out / "rejected.jsonl")
     assert len(kept) + len(rejected) == 100 and len(kept) >= 90
-    assert {r["domain"] for r in kept} == {"arithmetic", "store", "files", "lookup", "knowledge"}
+    assert {r["domain"] for r in kept} == {"arithmetic", "store", "files", "lookup", "knowledge", "toolbox"}
     for rec in kept:
         assert set(rec) >= {"messages", "tools", "rubric", "verdicts", "domain", "task_id"}
         assert rec["verdicts"] and all(v["passed"] for v in rec["verdicts"]) and rec["teacher"] == "rule-based solver"

@@ -88,7 +88,7 @@ class Environment:
             raise ValueError(f"fault_rate must be in [0, 1), got {fault_rate}")
         self.domain, self.task, self.fault_rate, self.max_steps = domain, task, fault_rate, max_steps
         self.rng = random.Random(f"faults:{seed}:{task.task_id}")
-        self.tools = copy.deepcopy(domain.tools)
+        self.tools = copy.deepcopy(domain.task_tools(task))
         self._validators = {t["function"]["name"]: jsonschema.Draft202012Validator(t["function"]["parameters"])
                             for t in self.tools}
         self.state = None

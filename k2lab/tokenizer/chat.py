@@ -218,8 +218,10 @@ def render_sft(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | N
     message), that is `render(messages[:t], add_generation_prompt=True)` followed by those turns with their
     reasoning, and only the trailing assistant turns are trained; earlier turns are context (mask 0). To
     train every turn, call this once per prefix that ends before a user message. With preserve_thinking
-    every assistant turn keeps its reasoning and all are trained. K2-Instruct trains every assistant turn."""
-    if check_format(chat_format) == K2_INSTRUCT or preserve_thinking:
+    every assistant turn keeps its reasoning and all are trained. With thinking=False every turn renders as
+    `<think></think>` (prompt-side, as the thinking-off generation prompt ends), exactly as it was generated, so
+    all are trained. K2-Instruct trains every assistant turn."""
+    if check_format(chat_format) == K2_INSTRUCT or preserve_thinking or not thinking:
         drop, train_from = -1, 0
     else:
         train_from = len(messages)

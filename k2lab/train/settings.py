@@ -100,7 +100,11 @@ class SftSettings(TrainSettings):
     lr: float = option(1e-3, "peak learning rate")
     seq_len: int = option(1024, "tokens per packed row (longer conversations are left out)")
     val_fraction: float = option(0.1, "share of the conversations held out for the held-out loss and tool-call eval")
-    eval_max_new_tokens: int = option(96, "tool-call eval: generation cap of each held-out first answer")
+    eval_max_new_tokens: int = option(96, "tool-call eval: generation cap of requests that set no max_tokens")
+    eval_toolcalls: str | None = option(None, "tool-call eval set: JSONL of `k2lab eval toolcalls` request bodies "
+                                              "with expect (default: the held-out conversations' first turns)")
+    thinking: bool = option(False, "render with K2.6 thinking on (reasoning trained) instead of off, as RL "
+                                   "episodes render and eval requests ask with chat_template_kwargs")
     run_dir: str = option("runs/sft", "run directory; a rerun resumes from its last checkpoint")
 
     CONTROL = (*TrainSettings.CONTROL, "run_dir")

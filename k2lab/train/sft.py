@@ -4,8 +4,11 @@ Data: chat JSONL -> K2-format token ids with assistant-only loss masks -> packed
 
 A conversation is one JSONL line `{"messages": [...], "tools": [...]}` (the shape the synthesis stage writes
 and the server accepts). `chat.render_sft` gives its ids and a mask that is 1 on what the assistant produces
-(reasoning, content, tool calls, the closing <|im_end|>). Conversations are packed, in file order, into rows of
-`seq_len` tokens (next fit; the tail of a row is padding with document id -1); each row carries `document_ids`
+(content, tool calls, the closing <|im_end|>; reasoning with --thinking). Thinking is off by default: every
+assistant turn is `<think></think>` (prompt-side) + its output, token for token what RL episodes render and what
+the server renders for a request with `chat_template_kwargs: {"thinking": false}`, so the model learns to answer
+after exactly the prompt it will be given. Conversations are packed, in file order, into rows of
+`seq_len` tokens (first fit; the tail of a row is padding with document id -1); each row carries `document_ids`
 so the model attends only within a conversation and restarts positions per conversation
 (`K2ForCausalLM(..., document_ids=...)`): a packed row computes what each conversation computes alone.
 
@@ -17,7 +20,9 @@ that is assistant output of the same conversation as the token before it.
 A run (`sft`): held-out conversations are drawn from the data before packing; the run directory keeps the
 prepared data (data/: packed rows and held-out conversations), so a resumed run trains on exactly what it
 started with even if the files changed. Every eval_every steps the held-out loss and the tool-call eval
-(k2lab.train.toolcall_eval) are logged to metrics.jsonl and plotted.
+(k2lab.train.toolcall_eval; on --eval-toolcalls, a `k2lab eval toolcalls` set such as the held-out tools of
+k2lab.synth.heldout, kept in data/ too, else on the held-out conversations' first turns) are logged to
+metrics.jsonl and plotted.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from k2lab.evals.toolcall import load_dataset
 from k2lab.runs import atomic_path, claim, read_jsonl, rewrite_jsonl
 from k2lab.tokenizer.chat import render_sft
 from k2lab.train import distributed as dist_utils
@@ -75,17 +81,21 @@ def turns(messages: list[dict]) -> list[list[dict]]:
     return [messages[:i] for i in ends] + [messages]
 
 
-def render(tokenizer, conversations: list[dict]) -> list[tuple[list[int], list[int]]]:
-    """(ids, loss mask) per training example (one per conversation, or per user turn when earlier turns hold
-    reasoning, see `turns`); a conversation the chat format refuses raises with its file:line."""
+def render(tokenizer, conversations: list[dict], thinking: bool = False) -> list[tuple[list[int], list[int]]]:
+    """(ids, loss mask) per training example; a conversation the chat format refuses raises with its file:line.
+
+    Thinking off (the default): one example per conversation, every turn as `<think></think>` + its output,
+    token for token what RL episodes (`encode_turns`) and a server asked with thinking off render; reasoning
+    in the data is not trained. Thinking on: one example per conversation, or per user turn when earlier turns
+    hold reasoning (see `turns`)."""
     out = []
     for conv in conversations:
         where = conv.get("where", "conversation")
-        examples = turns(conv["messages"])
+        examples = turns(conv["messages"]) if thinking else [conv["messages"]]
         for messages in examples:
             try:
                 ids, mask = render_sft(tokenizer, messages, conv.get("tools"), chat_format=tokenizer.chat_format,
-                                       preserve_thinking=len(examples) == 1)
+                                       thinking=thinking, preserve_thinking=thinking and len(examples) == 1)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
             if not any(mask):
@@ -108,22 +118,25 @@ class Packed:
 
 
 def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> Packed:
-    """Next-fit packing in order: a conversation goes into the current row if it fits, else starts a new one.
-    Conversations longer than seq_len are left out and listed in `dropped` (never cut: the cut would fall in
-    an answer)."""
+    """First-fit packing in order: a conversation goes into the first row with room for it, else starts a new
+    one (padding is compute spent on nothing: next fit left a third of the rows empty on tool conversations of
+    a quarter to a half of a row). Conversations longer than seq_len are left out and listed in `dropped`
+    (never cut: the cut would fall in an answer)."""
     if seq_len < 2:
         raise ValueError(f"seq_len must be >= 2, got {seq_len}")
     rows: list[list[tuple[int, list[int], list[int]]]] = []
-    used, dropped = seq_len, []
+    used: list[int] = []
+    dropped = []
     for doc, (ids, mask) in enumerate(examples):
         if len(ids) > seq_len:
             dropped.append(doc)
             continue
-        if used + len(ids) > seq_len:
+        r = next((r for r, u in enumerate(used) if u + len(ids) <= seq_len), len(rows))
+        if r == len(rows):
             rows.append([])
-            used = 0
-        rows[-1].append((doc, ids, mask))
-        used += len(ids)
+            used.append(0)
+        rows[r].append((doc, ids, mask))
+        used[r] += len(ids)
     if not rows:
         raise ValueError(f"no conversation fits in seq_len {seq_len} ({len(dropped)} longer ones left out)")
     input_ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
@@ -181,9 +194,18 @@ def prepare(s: SftSettings, tokenizer) -> dict:
     conversations = read_conversations(s.data)
     if not conversations:
         raise ValueError(f"no conversation in {', '.join(s.data)}; pass chat JSONL (one conversation per line)")
-    rendered = [(conv, render(tokenizer, [conv])) for conv in conversations]  # every input error before the split
+    out = {}
+    if s.eval_toolcalls:
+        try:
+            out["toolcalls"] = load_dataset(s.eval_toolcalls).rows
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--eval-toolcalls {s.eval_toolcalls}: {e}") from None
+        if missing := [r["id"] for r in out["toolcalls"] if not r.get("expect")]:
+            raise ValueError(f"--eval-toolcalls {s.eval_toolcalls}: rows {missing[:5]} have no 'expect' "
+                             f"(tool_calls or stop), which the eval scores against")
+    rendered = [(conv, render(tokenizer, [conv], s.thinking)) for conv in conversations]  # every error before the split
     train_part, val_part = split(rendered, s.val_fraction, s.seed)
-    out = {"heldout": [conv for conv, _ in val_part]}
+    out["heldout"] = [conv for conv, _ in val_part]
     for name, part in (("train", train_part), ("val", val_part)):
         if part:
             out[name] = pack([e for _, examples in part for e in examples], s.seq_len, tokenizer.pad_id)
@@ -191,11 +213,14 @@ def prepare(s: SftSettings, tokenizer) -> dict:
 
 
 def save_prepared(data: dict, data_dir: Path) -> None:
-    """data_dir/{train,val}.pt and heldout.jsonl (written last: its presence means the data is complete)."""
+    """data_dir/{train,val}.pt, toolcalls.jsonl (the eval set, when given) and heldout.jsonl (written last: its
+    presence means the data is complete)."""
     for name in ("train", "val"):
         if name in data:
             with atomic_path(data_dir / f"{name}.pt") as tmp:
                 torch.save(dataclasses.asdict(data[name]), tmp)
+    if "toolcalls" in data:
+        rewrite_jsonl(data_dir / "toolcalls.jsonl", data["toolcalls"])
     rewrite_jsonl(data_dir / "heldout.jsonl", data["heldout"])
 
 
@@ -217,7 +242,7 @@ def sft(s: SftSettings) -> dict:
     from k2lab.config import ModelConfig
     from k2lab.tokenizer import Tokenizer
     from k2lab.train.metrics import read_metrics
-    from k2lab.train.toolcall_eval import ToolcallEval, plot_toolcalls
+    from k2lab.train.toolcall_eval import ToolcallEval, plot_toolcalls, requests_from_conversations
 
     s.check()
     checkpoint, run_dir = Path(s.checkpoint), Path(s.run_dir)
@@ -241,8 +266,10 @@ def sft(s: SftSettings) -> dict:
     train_rows = load_packed(data_dir / "train.pt")
     heldout = read_jsonl(data_dir / "heldout.jsonl")
     val = loop_batch(load_packed(data_dir / "val.pt")) if heldout else None
-    evals = (dist_utils.on_rank0(ToolcallEval(heldout, tokenizer, s.eval_max_new_tokens,
-                                              config.max_position_embeddings)) if heldout else None)
+    requests = (read_jsonl(data_dir / "toolcalls.jsonl") if (data_dir / "toolcalls.jsonl").exists()
+                else requests_from_conversations(heldout, s.thinking))
+    evals = (dist_utils.on_rank0(ToolcallEval(requests, tokenizer, s.eval_max_new_tokens,
+                                              config.max_position_embeddings)) if requests else None)
     record = train(s, run_dir, lambda: k2lab.load_model(checkpoint, dtype=torch.float32, text_only=True),
                    batches_from(train_rows, s.batch_size, s.seed), val=val, evals=evals, tokenizer_dir=checkpoint,
                    desc="sft")

@@ -1,12 +1,15 @@
-"""The tool-call eval during SFT: held-out conversations' first assistant decision, generated in process.
+"""The tool-call eval during SFT: `k2lab eval toolcalls`' request bodies, generated in process.
 
-For each held-out conversation the prompt is its messages up to the first assistant turn, rendered with its
-tools and the generation prompt exactly as the server renders a request; the model answers greedily (a short
-cap) through the in-process generator, and the output is parsed and scored as `k2lab eval toolcalls` scores a
-server's responses (k2lab.evals.toolcall.compute_results): trigger precision/recall/F1 of "decided to call a
-tool" (opened a tool-call section) against the reference turn, and schema accuracy: the share of those answers
-whose calls parse, name a declared tool and validate against its JSON schema (a cut-off or malformed call counts
-as triggered but not schema-valid, where a server would report finish_reason "length" or "stop").
+The eval set is request bodies with `expect` (what `k2lab eval toolcalls` replays against a server, for example
+the held-out tool set of `k2lab.synth.heldout`), or, when no set is given, the held-out conversations' first
+assistant decisions turned into such requests (`requests_from_conversations`). Each request is rendered with
+its tools, its `chat_template_kwargs` and the generation prompt exactly as the server renders it; the model
+answers greedily (the request's `max_tokens`, else a short cap) through the in-process generator, and the output
+is parsed and scored as `k2lab eval toolcalls` scores a server's responses (k2lab.evals.toolcall.compute_results):
+trigger precision/recall/F1 of "decided to call a tool" (opened a tool-call section) against `expect`, and schema
+accuracy: the share of those answers whose calls parse, name a declared tool and validate against its JSON schema
+(a cut-off or malformed call counts as triggered but not schema-valid, where a server would report
+finish_reason "length" or "stop").
 """
 
 from __future__ import annotations
@@ -23,36 +26,58 @@ TOOL_SECTION = "<|tool_calls_section_begin|>"
 METRICS = ("toolcall_f1", "toolcall_precision", "toolcall_recall", "toolcall_schema_accuracy")
 
 
-def prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None) -> list[int]:
-    """The chat rendering with the generation prompt as ids: markers are special tokens, text never is."""
+def prompt_ids(tokenizer, messages: list[dict], tools: list[dict] | None,
+               template_kwargs: dict | None = None) -> list[int]:
+    """The chat rendering with the generation prompt as ids (as the server's chat_ids): markers are special
+    tokens, text never is."""
     ids: list[int] = []
-    for text, is_marker, _ in segments(messages, tools, add_generation_prompt=True, chat_format=tokenizer.chat_format):
+    for text, is_marker, _ in segments(messages, tools, add_generation_prompt=True, chat_format=tokenizer.chat_format,
+                                       **(template_kwargs or {})):
         ids.extend([tokenizer.special_tokens[text]] if is_marker else tokenizer.encode(text))
     return ids
 
 
-class ToolcallEval:
-    """`evals(model) -> {toolcall_f1, ...}` for the training loop, over held-out conversations."""
+def requests_from_conversations(conversations: list[dict], thinking: bool) -> list[dict]:
+    """Eval requests from conversations: the messages before the first assistant turn, `expect` from that turn."""
+    out = []
+    for i, conv in enumerate(conversations):
+        messages = conv["messages"]
+        first = next(k for k, m in enumerate(messages) if m.get("role") == "assistant")
+        out.append({"id": str(i), "messages": messages[:first], "tools": conv.get("tools") or None,
+                    "expect": "tool_calls" if messages[first].get("tool_calls") else "stop",
+                    "chat_template_kwargs": {"thinking": thinking}})
+    return out
 
-    def __init__(self, conversations: list[dict], tokenizer, max_new_tokens: int, max_len: int):
-        """max_len: the model's positions; prompts that leave no room for max_new_tokens are left out."""
-        self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
-        self.rows, self.prompts, self.reference = [], [], {}
-        for i, conv in enumerate(conversations):
-            messages = conv["messages"]
-            first = next(k for k, m in enumerate(messages) if m.get("role") == "assistant")
-            row_id, ids = str(i), prompt_ids(tokenizer, messages[:first], conv.get("tools") or None)
-            if len(ids) + max_new_tokens > max_len:
+
+class ToolcallEval:
+    """`evals(model) -> {toolcall_f1, ...}` for the training loop, over eval requests (see the module docstring)."""
+
+    def __init__(self, requests: list[dict], tokenizer, max_new_tokens: int, max_len: int):
+        """max_new_tokens: the cap of requests that set no max_tokens; max_len: the model's positions (prompts
+        that leave no room for their cap are left out)."""
+        self.tokenizer = tokenizer
+        self.rows, self.prompts, self.caps, self.reference = [], [], [], {}
+        for row in requests:
+            ids = prompt_ids(tokenizer, row["messages"], row.get("tools") or None, row.get("chat_template_kwargs"))
+            cap = row.get("max_tokens") or max_new_tokens
+            if len(ids) + cap > max_len:
                 continue
-            self.rows.append({"id": row_id, "tools": conv.get("tools")})
+            self.rows.append({"id": str(row["id"]), "tools": row.get("tools")})
             self.prompts.append(ids)
-            self.reference[row_id] = "tool_calls" if messages[first].get("tool_calls") else "stop"
+            self.caps.append(cap)
+            self.reference[str(row["id"])] = row["expect"]
 
     def generate(self, model) -> list[tuple[list[int], str]]:
         """Greedy answers to the prompts: (completion ids without the stop id, "stop" or "length")."""
         tok = self.tokenizer
-        samples = InProcessGenerator(model, (tok.eos_id, tok.im_end_id)).generate(
-            self.prompts, params=RolloutParams(max_new_tokens=self.max_new_tokens, temperature=0.0))
+        generator = InProcessGenerator(model, (tok.eos_id, tok.im_end_id))
+        samples = [None] * len(self.prompts)
+        for cap in sorted(set(self.caps)):  # one batch per cap (a set usually has one)
+            which = [i for i, c in enumerate(self.caps) if c == cap]
+            out = generator.generate([self.prompts[i] for i in which],
+                                     params=RolloutParams(max_new_tokens=cap, temperature=0.0))
+            for i, smp in zip(which, out):
+                samples[i] = smp
         return [(smp.completion_ids[:-1] if smp.finish_reason == "stop" else smp.completion_ids, smp.finish_reason)
                 for smp in samples]
 

@@ -78,6 +78,10 @@ class Domain:
     system = ""
     tools: list[dict] = []
 
+    def task_tools(self, task: Task) -> list[dict]:
+        """The tools an episode of `task` declares (the domain's own, unless its tasks bring theirs)."""
+        return self.tools
+
     def make_task(self, rng: random.Random, task_id: str, index: int) -> Task:
         raise NotImplementedError
 
@@ -109,14 +113,16 @@ class Domain:
 
 
 def registry() -> dict[str, Domain]:
-    from k2lab.synth.domains import arithmetic, coding, files, knowledge, lookup, mental, store
+    from k2lab.synth.domains import arithmetic, coding, files, knowledge, lookup, mental, store, toolbox
 
     return {d.name: d for d in (arithmetic.Arithmetic(), store.Store(), files.Files(), lookup.Lookup(),
-                                knowledge.Knowledge(), coding.Coding(), mental.Mental())}
+                                knowledge.Knowledge(), toolbox.Toolbox("train"), toolbox.Toolbox("heldout"),
+                                coding.Coding(), mental.Mental())}
 
 
-# synthesis's set (`k2lab synth --domains embedded`); coding and mental are RL environments only
-EMBEDDED = ("arithmetic", "store", "files", "lookup", "knowledge")
+# what `k2lab synth --domains embedded` plays; coding and mental are RL environments only, and toolbox_heldout's
+# tools are for evaluation only
+EMBEDDED = ("arithmetic", "store", "files", "lookup", "knowledge", "toolbox")
 
 
 def make_tasks(domains: list[str], n: int, seed: int = 0) -> list[Task]:
