@@ -126,7 +126,7 @@ class SftSettings(TrainSettings):
 
 
 # the domains of k2lab.synth.domains
-RL_ENVS = ("arithmetic", "mental", "knowledge", "store", "files", "lookup", "coding")
+RL_ENVS = ("arithmetic", "mental", "knowledge", "store", "files", "lookup", "coding", "toolbox")
 RL_LOSSES = ("k15", "k25", "grpo")
 
 
