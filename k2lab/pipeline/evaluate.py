@@ -113,7 +113,7 @@ def evaluate(checkpoint: Path, out: Path, r: Recipe, run_dir: Path, swarm: bool 
             try:
                 tc_dir, cal_dir, code_dir = out / "toolcalls", out / "calibration", out / "coding"
                 tc = await run_toolcalls(llm, ToolcallSettings(
-                    dataset=toolcall_set, run_dir=str(tc_dir), resume=True, on_error="skip",
+                    dataset=str(toolcall_set), run_dir=str(tc_dir), resume=True, on_error="skip",
                     max_tokens=r.eval_max_tokens))
                 cal = await run_calibration(llm, [RulesJudge()], CalibrationSettings(
                     dataset=str(calibration_set), run_dir=str(cal_dir), resume=True, grader="rules",
