@@ -12,8 +12,8 @@ completion's text is decoded only to step the environment, never re-encoded.
 
 The generator interface is `generate(prompts: list[list[int]], k, RolloutParams) -> list[RolloutSample]`
 (prompt-major, K consecutive samples per prompt) with a `policy_version`; `k2lab.serve.rollout.
-InProcessGenerator` is its in-process backend. An OpenAI-compatible server backend is not here yet (see the
-README's RL section for what it needs).
+InProcessGenerator` is its in-process backend and `k2lab.serve.rollout_client.RemoteGenerator` its
+OpenAI-compatible server backend (token ids in and out; k2lab.train.rl.rollouts chooses).
 """
 
 from __future__ import annotations
