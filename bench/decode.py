@@ -177,7 +177,8 @@ def main() -> None:
     load_before = os.getloadavg()
     points = [measure(model, hf, b, c, s, args.chunk, r) for c, b, s, r in grid]
     load = {"before": load_before, "after": os.getloadavg()}
-    result = {"load_average_1_5_15": load, "preset": args.preset, "quick": args.quick, "threads": torch.get_num_threads(),
+    result = {"load_average_1_5_15": load, "preset": args.preset, "quick": args.quick,
+              "threads": torch.get_num_threads(),
               "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
               "prefill_chunk": args.chunk, "max_position_embeddings": max_pos, "points": points}
     RESULTS.mkdir(parents=True, exist_ok=True)

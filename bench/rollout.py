@@ -116,7 +116,8 @@ def main() -> None:
     rows = [{"method": name, "tokens_per_s": rate[name], "median_s": statistics.median(seconds[name]),
              "seconds": seconds[name], "rollout_api_speedup": base / rate[name]} for name in methods]
     result = {"preset": args.preset, "prompts": args.prompts, "k": args.k, "new_tokens": new,
-              "prompt_len": args.prompt_len, "temperature": 1.0, "first_compiled_call_s": compile_seconds, "repeats": args.repeats, "quick": args.quick,
+              "prompt_len": args.prompt_len, "temperature": 1.0, "first_compiled_call_s": compile_seconds,
+              "repeats": args.repeats, "quick": args.quick,
               "threads": torch.get_num_threads(), "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
               "load_average_1_5_15": {"before": load_before, "after": load_after},

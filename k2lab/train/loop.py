@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from k2lab.optim.balance import moe_layers, sequence_aux_loss, update_bias_
