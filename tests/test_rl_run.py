@@ -173,8 +173,8 @@ def _rl(ckpt, run_dir, **kw):
     from k2lab.train.rl.run import rl
     from k2lab.train.settings import RLSettings
 
-    s = RLSettings(checkpoint=str(ckpt), run_dir=str(run_dir), batch_size=4, samples=2, max_new_tokens=8,
-                   max_turns=1, optimizer="adamw", lr=1e-3, **{"env": "mental", "max_steps": 3, **kw})
+    s = RLSettings(checkpoint=str(ckpt), run_dir=str(run_dir), batch_size=4, samples=2, max_turns=1,
+                   optimizer="adamw", lr=1e-3, **{"env": "mental", "max_steps": 3, "max_new_tokens": 8, **kw})
     rl(s)
     return _metrics(run_dir)
 
