@@ -131,7 +131,8 @@ def markdown(results: dict) -> str:
         last = statistics.mean(r["metrics"][-1]["accuracy"] for r in runs)
         lines.append(f"| {loss} | {', '.join(f'{a:.3f}' for a in accs)} | {mean:.3f} | "
                      f"{mean - results['sft_heldout_accuracy']:+.3f} | {first:.3f} -> {last:.3f} |")
-    lines += ["", f"Wall time: {results['wall_s'] / 60:.1f} min on a shared 2-core CPU machine.", "",
+    lines += ["", f"Wall time of this invocation: {results['wall_s'] / 60:.1f} min on a shared 2-core CPU machine "
+              "(stages already in the work directory are reused, not rerun).", "",
               "![plot](post_training_rlvr.png)", ""]
     return "\n".join(lines)
 
