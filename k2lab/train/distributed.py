@@ -177,8 +177,9 @@ def run_main(settings_cls, run, prog: str, argv: list[str] | None = None) -> Non
     parser = argparse.ArgumentParser(prog=prog)
     for f, typ, _ in settings_fields(settings_cls):
         flag = "--" + f.name.replace("_", "-")
-        if typ is bool:
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+        if typ is bool:  # --x / --no-x, defaulting as the settings do (store_true would turn a True default off)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
         elif f.default_factory is list:
             parser.add_argument(flag, nargs="*", default=[], help=f.metadata["help"])
         else:
