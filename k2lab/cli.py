@@ -546,12 +546,23 @@ def serve_cmd(
                                                           "before they are aborted"),
     logprobs_mode: str = typer.Option("raw_logprobs", help="raw_logprobs (the model's distribution) or "
                                       "processed_logprobs (the one sampled from, for RL rollouts), as vLLM's"),
+    default_chat_template_kwargs: str = typer.Option(
+        None, help='JSON object of chat_template_kwargs every request gets unless it sets them, as vLLM\'s, e.g. '
+                   '\'{"thinking": false}\' for a model trained with thinking off (k2lab sft and make run train so)'),
 ) -> None:
     """Serve a checkpoint with an OpenAI-compatible API (chat, completions, responses, tools, streaming)."""
     from k2lab.serve.server import build_server, run
 
-    server = _user_errors(lambda: build_server(checkpoint, api_key, max_len, cache_mb, max_slots, model_name,
-                                               drain_timeout, logprobs_mode))
+    def build():
+        import json
+
+        defaults = json.loads(default_chat_template_kwargs) if default_chat_template_kwargs else None
+        if defaults is not None and not isinstance(defaults, dict):
+            raise ValueError("--default-chat-template-kwargs takes a JSON object, e.g. '{\"thinking\": false}'")
+        return build_server(checkpoint, api_key, max_len, cache_mb, max_slots, model_name, drain_timeout,
+                            logprobs_mode, defaults)
+
+    server = _user_errors(build)
     run(server, host, port)
 
 

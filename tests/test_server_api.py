@@ -127,3 +127,20 @@ def _post_quietly(url: str, body: dict) -> None:
         httpx.post(url, json=body, timeout=httpx.Timeout(5, read=1.5))
     except httpx.ReadTimeout:  # the client gives up; the server cancels its request
         pass
+
+
+def test_default_chat_template_kwargs_apply_unless_the_request_sets_them(tok):
+    """The server's default chat_template_kwargs (vLLM's --default-chat-template-kwargs): a model trained with
+    thinking off is served with `<think></think>` after the generation prompt; a request's own kwargs win; an
+    option the chat format does not take is refused when the server is built."""
+    from k2lab.serve.server import Server
+
+    base = scripted_server(tok, "hi")
+    server = Server(base.engine, tok, "scripted", default_template_kwargs={"thinking": False})
+    messages = [{"role": "user", "content": "hello"}]
+    assert server.chat_ids(messages, None)[-2:] == [tok.special_tokens["<think>"], tok.special_tokens["</think>"]]
+    assert server.chat_ids(messages, None) == base.chat_ids(messages, None, {"thinking": False})
+    assert server.chat_ids(messages, None, {"thinking": True}) == base.chat_ids(messages, None)
+    assert base.chat_ids(messages, None) != server.chat_ids(messages, None)
+    with pytest.raises(ValueError, match="not options"):
+        Server(base.engine, tok, "scripted", default_template_kwargs={"colour": "blue"})

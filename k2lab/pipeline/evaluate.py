@@ -104,7 +104,9 @@ async def swarm_run(llm: LLM, tasks: list, run_dir: Path, max_steps: int) -> dic
 def evaluate(checkpoint: Path, out: Path, r: Recipe, run_dir: Path, swarm: bool = False) -> dict:
     """Serve `checkpoint` and run every eval against it; their results, summarized for the report."""
     name = f"k2lab-{out.name}"
-    server = build_server(checkpoint, max_len=r.serve_max_len, cache_mb=64, max_slots=16, model_name=name)
+    # the recipe trains with thinking off (SFT and RL render `<think></think>`), so it is served that way
+    server = build_server(checkpoint, max_len=r.serve_max_len, cache_mb=64, max_slots=16, model_name=name,
+                          default_template_kwargs={"thinking": False})
     toolcall_set, calibration_set = builders.toolcall_eval_set(run_dir, r), builders.calibration_eval_set(run_dir, r)
     coding_set, tasks = builders.coding_eval_set(run_dir, r), builders.agent_tasks(r, r.agent_tasks)
     with serve_in_thread(server) as base_url:

@@ -40,11 +40,18 @@ class Server:
     """Shared state of the app: the engine (running on its thread), tokenizer, grammars, served name, key."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
-                 vision=None, drain_timeout: float = 30.0):
+                 vision=None, drain_timeout: float = 30.0, default_template_kwargs: dict | None = None):
         """vision: the K2VLForConditionalGeneration whose language model the engine runs, for image input.
-        drain_timeout: seconds in-flight requests may take to finish after SIGTERM before they are aborted."""
+        drain_timeout: seconds in-flight requests may take to finish after SIGTERM before they are aborted.
+        default_template_kwargs: chat_template_kwargs every request gets unless it sets them itself (vLLM's
+        --default-chat-template-kwargs), e.g. {"thinking": False} for a model trained with thinking off."""
         self.engine, self.tokenizer, self.model_name, self.api_key = engine, tokenizer, model_name, api_key
         self.vision, self.drain_timeout = vision, drain_timeout
+        self.default_template_kwargs = dict(default_template_kwargs or {})
+        unknown = sorted(set(self.default_template_kwargs) - self.template_options())
+        if unknown:
+            raise ValueError(f"default chat_template_kwargs {unknown} are not options of the "
+                             f"{tokenizer.chat_format} chat format (it takes {sorted(self.template_options())})")
         self.grammars = GrammarCompiler(tokenizer)
         self.draining = False
         self.created = int(time.time())
@@ -63,10 +70,11 @@ class Server:
         template_kwargs (vLLM's chat_template_kwargs, e.g. thinking) go to the renderer; one it does not take
         is a 400 naming it."""
         accepted = self.template_options()
-        for key in template_kwargs or {}:
+        for key in template_kwargs or {}:  # checked before the server's defaults fill in the rest
             if key not in accepted:
                 raise APIError(400, f"chat_template_kwargs `{key}` is not supported by this server's chat format "
                                     f"(supported: {sorted(accepted) or 'none'})", param="chat_template_kwargs")
+        template_kwargs = {**self.default_template_kwargs, **(template_kwargs or {})}
         ids: list[int] = []
         try:
             for text, is_marker, _ in segments(messages, tools, add_generation_prompt=True,
@@ -189,7 +197,7 @@ class Server:
 
 def build_server(checkpoint: str | Path, api_key: str | None = None, max_len: int = 4096, cache_mb: int = 512,
                  max_slots: int = 64, model_name: str | None = None, drain_timeout: float = 30.0,
-                 logprobs_mode: str = "raw_logprobs") -> Server:
+                 logprobs_mode: str = "raw_logprobs", default_template_kwargs: dict | None = None) -> Server:
     """Load a checkpoint directory (weights + tokenizer files) into an engine behind a Server. logprobs_mode:
     vLLM's --logprobs-mode, raw_logprobs (the model's distribution) or processed_logprobs (the one sampled
     from: what an RL trainer needs as its behaviour policy)."""
@@ -213,7 +221,8 @@ def build_server(checkpoint: str | Path, api_key: str | None = None, max_len: in
                     max_len=min(max_len, model.config.max_position_embeddings), cache_bytes=cache_mb << 20,
                     max_slots=max_slots)
     engine.logprobs_mode = logprobs_mode
-    return Server(engine, tokenizer, model_name or checkpoint.resolve().name, api_key, vision, drain_timeout)
+    return Server(engine, tokenizer, model_name or checkpoint.resolve().name, api_key, vision, drain_timeout,
+                  default_template_kwargs)
 
 
 @contextmanager
