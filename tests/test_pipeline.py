@@ -99,5 +99,6 @@ def test_an_unfinished_run_reports_what_finished_and_where_training_stands(tmp_p
     st.run("tokenizer", FIXTURE[0]["title"], lambda: FIXTURE[0]["result"])
     append_jsonl(tmp_path / "pretrain" / "metrics.jsonl", {"step": 25, "loss": 6.0, "tokens_per_s": 40.0})
     text = write_report(tmp_path, "default", PRESETS["default"], st.records(), 1.0).read_text()
-    assert "in progress: pretrain at step 25 of 300" in text and "stages not finished yet: pretrain" in text
+    steps = PRESETS["default"].pretrain_steps
+    assert f"in progress: pretrain at step 25 of {steps}" in text and "stages not finished yet: pretrain" in text
     assert "None" not in text and "## Tokenizer" in text
