@@ -89,3 +89,19 @@ def tok(tok_dir):
     from k2lab.tokenizer import Tokenizer
 
     return Tokenizer.load(tok_dir)
+
+
+def sft_checkpoint_and_data(d, tok_dir):
+    """A random tiny checkpoint with the tokenizer of `tok_dir` in d/ckpt, and chat JSONL from `k2lab synth` on
+    the embedded domains (30 tasks) in d/synth: (checkpoint dir, kept.jsonl)."""
+    import k2lab
+    from k2lab.synth.pipeline import run_embedded
+    from k2lab.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tok_dir)
+    config = tiny_config(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id,
+                         eos_token_id=tok.eos_id)
+    k2lab.save_model(random_model(config, seed=0), d / "ckpt")
+    tok.save(d / "ckpt")
+    run_embedded("embedded", 30, d / "synth", seed=0)
+    return d / "ckpt", d / "synth" / "kept.jsonl"

@@ -14,8 +14,7 @@ import torch
 
 import k2lab
 from k2lab.runs import read_jsonl
-from k2lab.tokenizer import Tokenizer
-from tests.conftest import random_model, tiny_config
+from tests.conftest import random_model, sft_checkpoint_and_data, tiny_config
 
 TIMING = ("tokens_per_s",)
 
@@ -53,16 +52,7 @@ def _same_weights(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def sft_inputs(tmp_path_factory, tok_dir):
-    from k2lab.synth.pipeline import run_embedded
-
-    d = tmp_path_factory.mktemp("sft")
-    tok = Tokenizer.load(tok_dir)
-    config = tiny_config(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id,
-                         eos_token_id=tok.eos_id)
-    k2lab.save_model(random_model(config, seed=0), d / "ckpt")
-    tok.save(d / "ckpt")
-    run_embedded("embedded", 30, d / "synth", seed=0)
-    return d / "ckpt", d / "synth" / "kept.jsonl"
+    return sft_checkpoint_and_data(tmp_path_factory.mktemp("sft"), tok_dir)
 
 
 def test_sft_two_gloo_processes_match_one(sft_inputs, tmp_path):

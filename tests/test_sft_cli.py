@@ -14,10 +14,8 @@ import time
 
 import pytest
 
-import k2lab
 from k2lab.runs import read_jsonl
-from k2lab.tokenizer import Tokenizer
-from tests.conftest import random_model, tiny_config
+from tests.conftest import sft_checkpoint_and_data
 
 CLI = [sys.executable, "-m", "k2lab.cli", "sft"]
 FAST = ["--seq-len", "512", "--batch-size", "2", "--eval-max-new-tokens", "8"]
@@ -26,16 +24,7 @@ FAST = ["--seq-len", "512", "--batch-size", "2", "--eval-max-new-tokens", "8"]
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tok_dir):
     """(checkpoint with its tokenizer, chat JSONL from `k2lab synth` on the embedded domains)."""
-    from k2lab.synth.pipeline import run_embedded
-
-    d = tmp_path_factory.mktemp("sft")
-    tok = Tokenizer.load(tok_dir)
-    config = tiny_config(vocab_size=tok.vocab_size, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id,
-                         eos_token_id=tok.eos_id)
-    k2lab.save_model(random_model(config, seed=0), d / "ckpt")
-    tok.save(d / "ckpt")
-    run_embedded("embedded", 30, d / "synth", seed=0)
-    return d / "ckpt", d / "synth" / "kept.jsonl"
+    return sft_checkpoint_and_data(tmp_path_factory.mktemp("sft"), tok_dir)
 
 
 def sft(ckpt, data, run_dir, *args, **kw):
