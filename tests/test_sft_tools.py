@@ -136,3 +136,18 @@ def test_a_bad_eval_set_is_refused_before_the_run_starts(tok_dir, tmp_path, bad,
     s = SftSettings(checkpoint="x", data=[str(data)], eval_toolcalls=str(evalset), val_fraction=0)
     with pytest.raises(ValueError, match=f"--eval-toolcalls .*{message}"):
         prepare(s, Tokenizer.load(tok_dir))
+
+
+def test_small_talk_and_no_tool_rubrics_reject_garbled_replies():
+    """The rubric (also RL's reward) of a task that needs no call passes the teacher's reply and fails a garbled
+    one: small talk must contain the fitting word, a request no tool serves must name its noun. (Measured on the
+    demo's SFT model: "You're welcococome!" and "You Wh lanterns.04baith" passed small talk before.)"""
+    tasks = [t for t in make_tasks(["toolbox"], 80, seed=9) if t.world["kind"] in ("chat", "no_tool")]
+    assert {t.world["kind"] for t in tasks} == {"chat", "no_tool"}
+    for task in tasks:
+        for reply, ok in ((solver.solve(REG["toolbox"], task, [])["content"], True),
+                          ("You're welcococome! Hood morry, none relildvolume.", False), ("", False)):
+            env = Environment(REG["toolbox"], task, seed=0)
+            env.reset()
+            env.step({"role": "assistant", "content": reply})
+            assert all(v["passed"] for v in env.verdicts()) is ok, (task.turns[0], reply)

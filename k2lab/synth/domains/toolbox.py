@@ -87,11 +87,13 @@ def receipt(name: str, args: dict) -> int:
 CALL_TEMPLATES = ("Please {verb} the {noun} with {args}.", "Can you {verb} the {noun}? Use {args}.",
                   "I need to {verb} the {noun}: {args}.", "{Verb} the {noun}, {args}.")
 NO_TOOL_TEMPLATES = ("Please {verb} the {noun}.", "Can you {verb} the {noun} for me?", "I need to {verb} the {noun}.")
-CHAT = (("Hello! Who are you?", "Hello! I am an assistant; I can use the tools I was given."),
-        ("Thanks, that is all for today.", "You're welcome. Goodbye!"),
-        ("How are you today?", "I am fine, thank you. What can I do for you?"),
-        ("Good morning!", "Good morning! How can I help?"),
-        ("What is your name?", "I am an assistant with a few tools."))
+# small talk: (the user's line, the teacher's reply, the word a fitting reply must contain: the rubric's check,
+# so a garbled reply does not pass as small talk)
+CHAT = (("Hello! Who are you?", "Hello! I am an assistant; I can use the tools I was given.", "assistant"),
+        ("Thanks, that is all for today.", "You're welcome. Goodbye!", "welcome"),
+        ("How are you today?", "I am fine, thank you. What can I do for you?", "fine"),
+        ("Good morning!", "Good morning! How can I help?", "morning"),
+        ("What is your name?", "I am an assistant with a few tools.", "assistant"))
 
 
 class Toolbox(Domain):
@@ -132,8 +134,9 @@ class Toolbox(Domain):
             cps = [{"id": "says_it_cannot", "kind": "contains", "turn": 0, "contains": [noun], "not_abstain": False}]
             criteria = [f"says no tool can {verb} {noun}, without calling one"]
         else:
-            turns = [CHAT[rng.randrange(len(CHAT))][0]]
-            cps = [{"id": "replies", "kind": "contains", "turn": 0, "contains": []}]
+            line, _, word = CHAT[rng.randrange(len(CHAT))]
+            turns = [line]
+            cps = [{"id": "replies", "kind": "contains", "turn": 0, "contains": [word]}]
             criteria = ["replies without calling a tool"]
         if kind != "call":
             cps.append({"id": "no_call", "kind": "state", "calls": 0})
@@ -165,4 +168,4 @@ class Toolbox(Domain):
 
 def _chat_reply(said: str) -> str:
     """The reply to a small-talk line, whatever persona wrapped it."""
-    return next(reply for line, reply in CHAT if line.lower().rstrip(".!?") in said.lower())
+    return next(reply for line, reply, _ in CHAT if line.lower().rstrip(".!?") in said.lower())
