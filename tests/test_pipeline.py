@@ -102,3 +102,20 @@ def test_an_unfinished_run_reports_what_finished_and_where_training_stands(tmp_p
     steps = PRESETS["default"].pretrain_steps
     assert f"in progress: pretrain at step 25 of {steps}" in text and "stages not finished yet: pretrain" in text
     assert "None" not in text and "## Tokenizer" in text
+
+
+@pytest.mark.parametrize("repeat_nll, says_it", [(4.1, True), (0.3, False)])
+def test_the_report_says_when_the_base_does_not_copy_from_its_context(tmp_path, repeat_nll, says_it):
+    """The pre-training record's copying probe (k2lab.evals.copying) is in its table, and the summary names the
+    missing in-context copying as a limitation only when the repeated span is not predicted much better."""
+    import copy
+
+    records = copy.deepcopy(FIXTURE)
+    probe = {"first_nll": 4.2, "repeat_nll": repeat_nll, "repeat_top1": 0.1, "rows": 16, "span": 64}
+    next(r for r in records if r["name"] == "pretrain")["result"]["copying"] = probe
+    st = Stages(tmp_path)
+    for rec in records:
+        st.run(rec["name"], rec["title"], lambda rec=rec: rec["result"])
+    text = write_report(tmp_path, "default", PRESETS["default"], st.records(), 1.0).read_text()
+    assert f"{repeat_nll:.2f} when it is read again right after" in text
+    assert ("limitation: the pre-trained model does not copy from its context" in text) is says_it

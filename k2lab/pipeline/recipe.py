@@ -1,7 +1,7 @@
 """`make run` / `k2lab demo`: the whole K2.6 recipe on the embedded data, stage by stage, each resumable.
 
 tokenizer -> pre-training with MuonClip (corpus + the synthetic encyclopedia's seen entities) -> synthesis on the
-embedded domains -> SFT -> RL (tool tasks, verifiable arithmetic, calibration) -> INT4 QAT -> the INT4 checkpoint
+embedded domains -> SFT -> RL (calibration and tool tasks) -> INT4 QAT -> the INT4 checkpoint
 served over the OpenAI API, with an agent run and a small swarm run -> the evals after every stage that changes
 the model (base, SFT, RL, INT4) -> RUN_DIR/report.md, report.json and plots. The numbers are the preset's
 (k2lab.pipeline.presets); the data and eval sets come from k2lab.pipeline.builders.
@@ -40,6 +40,18 @@ def pretrain_summary(run_dir: Path, r: Recipe) -> dict:
             "max_logit_final": logits[-1] if logits else None,
             "steps_clipped": sum(c > 0 for c in clipped), "head_clips_total": sum(clipped),
             "tokens_per_s": train[-1].get("tokens_per_s")}
+
+
+def copying(checkpoint: Path, val_rows: Path, rows: int = 16, span: int = 64) -> dict:
+    """The in-context copying probe (k2lab.evals.copying) of `checkpoint` on the first `rows` held-out rows of
+    pre-training: whether the model predicts a span better when it reads it the second time."""
+    import numpy as np
+
+    import k2lab
+    from k2lab.evals.copying import copy_probe
+
+    return copy_probe(k2lab.load_model(checkpoint, dtype=torch.float32),
+                      torch.from_numpy(np.load(val_rows))[:rows], span)
 
 
 def loop_summary(run_dir: Path, keys: tuple[str, ...]) -> dict:
@@ -117,6 +129,7 @@ def run_demo(run_dir: str | Path = "runs/demo", preset_name: str = "default") ->
         tok = train_tokenizer(vocab, [str(p) for p in builders.tokenizer_data(run_dir, r)], out_dir=tok_dir)
         return {"vocab_size": tok.vocab_size, "pretrain_data_bytes": sum(p.stat().st_size for p in data)}
     st.run("tokenizer", "tokenizer (BPE, K2 split pattern) on the corpus + encyclopedia", tokenizer)
+    val_rows = run_dir / "pretrain" / "data" / "val.npy"  # held-out pre-training rows: the copying probe's text
 
     def do_pretrain() -> dict:
         pretrain(PretrainSettings(preset=r.model, optimizer="muonclip", qk_clip_tau=r.qk_clip_tau,
@@ -124,7 +137,8 @@ def run_demo(run_dir: str | Path = "runs/demo", preset_name: str = "default") ->
                                   lr=r.pretrain_lr, seed=r.seed, encyclopedia=r.encyclopedia, eval_every=max(1, r.pretrain_steps // 6),
                                   save_every=max(1, r.pretrain_steps // 12), data=[str(p) for p in data],
                                   tokenizer=str(tok_dir), run_dir=str(run_dir / "pretrain")))
-        return pretrain_summary(run_dir / "pretrain", r)
+        return {**pretrain_summary(run_dir / "pretrain", r),
+                "copying": copying(checkpoint_dirs(run_dir / "pretrain")[-1], val_rows)}
     st.run("pretrain", "pre-training with MuonClip", do_pretrain)
     base = checkpoint_dirs(run_dir / "pretrain")[-1]
     st.run("eval_base", "evals of the pre-trained model (served)",
@@ -148,7 +162,8 @@ def run_demo(run_dir: str | Path = "runs/demo", preset_name: str = "default") ->
                                qk_clip_tau=r.qk_clip_tau))
         return {**loop_summary(run_dir / name, ("loss", "toolcall_f1")),
                 "val_loss": last.get("val_loss"), "toolcall_f1": last.get("toolcall_f1"),
-                "toolcall_schema_accuracy": last.get("toolcall_schema_accuracy")}
+                "toolcall_schema_accuracy": last.get("toolcall_schema_accuracy"),
+                "copying": copying(checkpoint_dirs(run_dir / name)[-1], val_rows)}
     st.run("sft", "SFT on the synthesized trajectories", lambda: do_sft("sft", base, r.sft_steps, r.sft_lr, False))
     sft_ckpt = checkpoint_dirs(run_dir / "sft")[-1]
     st.run("eval_sft", "evals of the SFT model (served)",
@@ -161,7 +176,7 @@ def run_demo(run_dir: str | Path = "runs/demo", preset_name: str = "default") ->
                       qk_clip_tau=r.qk_clip_tau, run_dir=str(run_dir / "rl")))
         return loop_summary(run_dir / "rl", ("reward", "accuracy", "hallucination_rate", "abstention_rate",
                                              "all_equal_groups", "response_tokens", "entropy"))
-    st.run("rl", "RL: tool tasks, verifiable arithmetic, calibration (K1.5 objective)", do_rl)
+    st.run("rl", "RL: calibration and tool tasks (K1.5 objective)", do_rl)
     rl_ckpt = checkpoint_dirs(run_dir / "rl")[-1]
     st.run("eval_rl", "evals of the RL model (served)", lambda: evaluate(rl_ckpt, run_dir / "evals" / "rl", r, run_dir))
 

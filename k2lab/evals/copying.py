@@ -1,0 +1,40 @@
+"""In-context copying probe: does the model predict a span better the second time it reads it?
+
+A model with induction heads (Olsson et al., 2022) copies from its context: after reading a span once, its loss on
+a repetition of that span falls close to 0. A model without them predicts the repetition no better than the first
+occurrence. Copying is what held-out tool names (declared in the prompt, named in the call), the values of a
+request and tool results in an agent's answer all need, so this probe explains when those fail.
+
+`copy_probe(model, rows, span)`: for each held-out row, its first `span` tokens are read twice in a row; the mean
+next-token loss (nats) over the first reading and over the second (the first token of each reading excluded: it
+cannot be predicted from what comes before), and the share of the second reading's tokens whose greedy prediction
+is the copied token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def copy_probe(model, rows: torch.Tensor, span: int = 64) -> dict:
+    """rows [N, >= span] token ids (held-out text) -> {"first_nll", "repeat_nll", "repeat_top1", "rows", "span"}."""
+    if rows.dim() != 2 or rows.shape[1] < span or span < 2 or len(rows) == 0:
+        raise ValueError(f"need token rows [N >= 1, >= {span}] and span >= 2, got {tuple(rows.shape)}, span {span}")
+    seq = rows[:, :span].long()
+    x = torch.cat([seq, seq], dim=1)
+    was_training = getattr(model, "training", False)
+    if was_training:
+        model.eval()
+    try:
+        out = model(x)
+    finally:
+        if was_training:
+            model.train()
+    logits = (out.logits if hasattr(out, "logits") else out).float()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")  # [N, 2S-1]
+    # position p predicts token p + 1: the first reading's tokens 1..S-1, the second's S+1..2S-1
+    first, repeat = nll[:, : span - 1], nll[:, span:]
+    top1 = (logits[:, span:-1].argmax(-1) == x[:, span + 1:]).float()
+    return {"first_nll": first.mean().item(), "repeat_nll": repeat.mean().item(),
+            "repeat_top1": top1.mean().item(), "rows": len(rows), "span": span}
