@@ -47,10 +47,11 @@ RESULTS = Path(__file__).parent / "results"
 # sentence about 20, so 40 new tokens never cut an honest reply (a cut one is penalized).
 BASE = dict(preset="tiny", encyclopedia=0.95, max_steps=60, batch_size=8, seq_len=64, val_rows=8, eval_every=60)
 SYNTH_TASKS = 400  # knowledge conversations per seed (half answers, half abstentions)
-SFT = dict(max_steps=20, batch_size=4, seq_len=512, lr=2e-3, val_fraction=0.02, eval_every=20,
+SFT = dict(max_steps=60, batch_size=4, seq_len=512, lr=2e-3, val_fraction=0.02, eval_every=60,
            eval_max_new_tokens=16)
-RL = dict(env="knowledge", loss="k15", samples=4, batch_size=16, max_steps=6, lr=1e-3, tau=0.1,
-          max_new_tokens=40, max_turns=1, temperature_start=1.0, temperature_end=0.6, eval_every=6)
+# 4 prompts x K=8 a step: with 2 x 4 (the first run) most groups' rewards were all equal and nothing moved
+RL = dict(env="knowledge", loss="k15", samples=8, batch_size=32, max_steps=16, lr=1e-3, tau=0.1,
+          max_new_tokens=40, max_turns=1, temperature_start=1.0, temperature_end=0.6, eval_every=16)
 EVAL_MAX_TOKENS = 48
 
 
@@ -114,7 +115,8 @@ def evaluate(checkpoint: Path, dataset: Path, run_dir: Path) -> dict:
     if (run_dir / "results.json").exists():
         return json.loads((run_dir / "results.json").read_text())
     name = f"{checkpoint.parent.parent.name}/{checkpoint.name}"  # resuming against another checkpoint is refused
-    server = build_server(checkpoint, model_name=name)
+    # SFT and RL render thinking off (`<think></think>` closed in the prompt), so the server renders it so too
+    server = build_server(checkpoint, model_name=name, default_template_kwargs={"thinking": False})
     with serve_in_thread(server) as base_url:
         return eval_calibration(CalibrationSettings(dataset=str(dataset), grader="rules", model=name,
                                                     base_url=base_url, api_key="none", run_dir=str(run_dir),
