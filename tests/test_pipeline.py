@@ -111,7 +111,8 @@ def test_the_report_says_when_the_base_does_not_copy_from_its_context(tmp_path, 
     import copy
 
     records = copy.deepcopy(FIXTURE)
-    probe = {"first_nll": 4.2, "repeat_nll": repeat_nll, "repeat_top1": 0.1, "rows": 16, "span": 64}
+    probe = {"first_nll": 4.2, "repeat_nll": repeat_nll, "first_top1": 0.3, "repeat_top1": 0.35, "rows": 16,
+             "span": 64}
     next(r for r in records if r["name"] == "pretrain")["result"]["copying"] = probe
     st = Stages(tmp_path)
     for rec in records:

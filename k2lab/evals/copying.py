@@ -7,8 +7,8 @@ request and tool results in an agent's answer all need, so this probe explains w
 
 `copy_probe(model, rows, span)`: for each held-out row, its first `span` tokens are read twice in a row; the mean
 next-token loss (nats) over the first reading and over the second (the first token of each reading excluded: it
-cannot be predicted from what comes before), and the share of the second reading's tokens whose greedy prediction
-is the copied token.
+cannot be predicted from what comes before), and the share of each reading's tokens that the greedy prediction
+gets right (on the second reading: the copied token).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 
 @torch.no_grad()
 def copy_probe(model, rows: torch.Tensor, span: int = 64) -> dict:
-    """rows [N, >= span] token ids (held-out text) -> {"first_nll", "repeat_nll", "repeat_top1", "rows", "span"}."""
+    """rows [N, >= span] token ids (held-out text) -> {"first_nll", "repeat_nll", "first_top1", "repeat_top1",
+    "rows", "span"}."""
     if rows.dim() != 2 or rows.shape[1] < span or span < 2 or len(rows) == 0:
         raise ValueError(f"need token rows [N >= 1, >= {span}] and span >= 2, got {tuple(rows.shape)}, span {span}")
     seq = rows[:, :span].long()
@@ -35,6 +36,7 @@ def copy_probe(model, rows: torch.Tensor, span: int = 64) -> dict:
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")  # [N, 2S-1]
     # position p predicts token p + 1: the first reading's tokens 1..S-1, the second's S+1..2S-1
     first, repeat = nll[:, : span - 1], nll[:, span:]
-    top1 = (logits[:, span:-1].argmax(-1) == x[:, span + 1:]).float()
+    hit = (logits[:, :-1].argmax(-1) == x[:, 1:]).float()
     return {"first_nll": first.mean().item(), "repeat_nll": repeat.mean().item(),
-            "repeat_top1": top1.mean().item(), "rows": len(rows), "span": span}
+            "first_top1": hit[:, : span - 1].mean().item(), "repeat_top1": hit[:, span:].mean().item(),
+            "rows": len(rows), "span": span}

@@ -184,7 +184,12 @@ def _finetune_table(title: str, s: dict) -> list[str]:
 
 def copy_text(c: dict) -> str:
     return (f"loss {c['first_nll']:.2f} nats on a held-out {c['span']}-token span, {c['repeat_nll']:.2f} when it is "
-            f"read again right after ({c['repeat_top1']:.0%} of the repeat predicted exactly; {c['rows']} spans)")
+            f"read again right after (tokens predicted exactly: {_share(c.get('first_top1'))} the first time, "
+            f"{c['repeat_top1']:.0%} the second; {c['rows']} spans)")
+
+
+def _share(x) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
 
 
 def copy_limit(res: dict) -> str | None:

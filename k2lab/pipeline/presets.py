@@ -85,7 +85,7 @@ PRESETS: dict[str, Recipe] = {
                   rl_samples=8, qat_steps=60, calibration_items=400, agent_tasks=40, swarm_tasks=4,
                   agreement_prompts=32, agreement_tokens=256, serve_max_len=4096, device="cuda"),
     # the slow test's reduced setting: every stage, about half the default's steps
-    "reduced": Recipe(corpus_mb=1.5, pretrain_steps=150, synth_tasks=200, sft_steps=30, rl_steps=4, qat_steps=4,
+    "reduced": Recipe(corpus_mb=1.5, pretrain_steps=150, synth_tasks=200, sft_steps=30, rl_steps=10, qat_steps=4,
                       calibration_items=40, agent_tasks=6, agreement_prompts=4, agreement_tokens=64),
 }
 
