@@ -112,14 +112,17 @@ def directions(res: dict) -> list[tuple[str, bool | None, str]]:
     s, rl = res.get("eval_sft"), res.get("eval_rl")
     if s and rl:
         x, y = s["calibration"]["hallucination_rate"], rl["calibration"]["hallucination_rate"]
+        known = [c["calibration"].get("by_kind", {}).get("known", {}).get("accuracy") for c in (s, rl)]
+        silent = (rl["calibration"]["abstention_rate"] or 0) >= 0.95
         out.append(("hallucination rate after calibration RL below the SFT model's",
                     None if x is None or y is None else y < x,
                     f"{pct(x, s['calibration']['hallucination_rate_ci95'])} -> "
-                    f"{pct(y, rl['calibration']['hallucination_rate_ci95'])}; accuracy "
-                    f"{pct(s['calibration']['accuracy'])} -> {pct(rl['calibration']['accuracy'])}, abstentions "
-                    f"{pct(s['calibration']['abstention_rate'])} -> {pct(rl['calibration']['abstention_rate'])}: "
-                    "a model that answers nothing (empty replies count as abstentions) has a hallucination rate "
-                    "of 0"))
+                    f"{pct(y, rl['calibration']['hallucination_rate_ci95'])}; accuracy on known facts "
+                    f"{pct(known[0])} -> {pct(known[1])}, abstentions "
+                    f"{pct(s['calibration']['abstention_rate'])} -> {pct(rl['calibration']['abstention_rate'])}"
+                    + ("; the RL model declines (almost) every question: for a model that gets "
+                       f"{pct(known[0])} of the known facts right, that is what the +1 / -1 / 0 reward pays "
+                       "for, calibration by not answering rather than by knowing more" if silent else "")))
     if b and f:
         new = sorted(set(f["agent"]["solved"]) - set(b["agent"]["solved"]))
         out.append(("the trained model completes embedded agent tasks the pre-trained one fails", bool(new),
