@@ -40,11 +40,10 @@ from k2lab.runs import read_jsonl, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
-# The settings run here (sized for a 2-core machine shared by six jobs; too small to show the claim: see the
-# results file). The base continues the demo checkpoint (300 MuonClip steps on the embedded corpus)
-# on mostly encyclopedia rows: on a from-scratch base (`make run`) use a smaller share (the corpus still has to
-# teach the language) and more steps. Answers are short (a year, a name: <= 8 tokens) and the abstention
-# sentence about 20, so 40 new tokens never cut an honest reply (a cut one is penalized).
+# The settings run here. Without --base, the base continues a given checkpoint (--init-from) on mostly encyclopedia
+# rows; the committed results use make run's base (--base runs/demo/pretrain/checkpoints/step-000800: 800 MuonClip
+# steps, a fifth of the rows encyclopedia articles). Answers are short (a year, a name: <= 8 tokens) and the
+# abstention sentence about 20, so 40 new tokens never cut an honest reply (a cut one is penalized).
 BASE = dict(preset="tiny", encyclopedia=0.95, max_steps=60, batch_size=8, seq_len=64, val_rows=8, eval_every=60)
 SYNTH_TASKS = 400  # knowledge conversations per seed (half answers, half abstentions)
 SFT = dict(max_steps=60, batch_size=4, seq_len=512, lr=2e-3, val_fraction=0.02, eval_every=60,

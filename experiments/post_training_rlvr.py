@@ -10,7 +10,7 @@ Pipeline, all with k2lab's own commands as functions:
 4. Held-out accuracy, greedy, on tasks from a seed no run trained on (the problem space is small, operands
    0..12, so "held-out" means a separate draw of problems, not unseen facts), for the SFT model and every RL run.
 
-    python experiments/post_training_rlvr.py [--work DIR] [--seeds 0 1 2] [--steps 10]
+    python experiments/post_training_rlvr.py [--base CKPT] [--work DIR] [--seeds 0 1 2] [--steps 30]
 
 Writes experiments/results/post_training_rlvr.{json,md,png}. The work directory keeps every stage, so a rerun
 skips what is done (SFT, finished RL runs).
@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).parent / "results"
-BASE = "/tmp/demo1/pretrain/checkpoints/step-000300"
+BASE = "runs/demo/pretrain/checkpoints/step-000800"  # make run's pre-trained model (--base to change)
 LOSSES = ("k15", "k25", "grpo")
 
 
@@ -47,13 +48,13 @@ def sft_data(path: Path, n: int) -> None:
     path.write_text("\n".join(rows) + "\n")
 
 
-def sft_checkpoint(work: Path, steps: int) -> Path:
+def sft_checkpoint(work: Path, steps: int, base: str) -> Path:
     from k2lab.train.settings import SftSettings
     from k2lab.train.sft import sft
 
     ckpt = work / "sft" / "checkpoints" / f"step-{steps:06d}"
     if not ckpt.is_dir():
-        sft(SftSettings(checkpoint=BASE, data=[str(work / "sft.jsonl")], run_dir=str(work / "sft"), max_steps=steps,
+        sft(SftSettings(checkpoint=base, data=[str(work / "sft.jsonl")], run_dir=str(work / "sft"), max_steps=steps,
                         save_every=20, eval_every=1000, batch_size=8, seq_len=256, val_fraction=0.02))
     return ckpt
 
@@ -84,7 +85,7 @@ def rl_run(ckpt: Path, run_dir: Path, loss: str, seed: int, steps: int) -> list[
     done = run_dir / "checkpoints" / f"step-{steps:06d}"
     if not done.is_dir():
         rl(RLSettings(checkpoint=str(ckpt), run_dir=str(run_dir), env="mental", loss=loss, seed=seed,
-                      batch_size=16, samples=4, max_new_tokens=4, max_turns=1, max_steps=steps, lr=5e-4,
+                      batch_size=32, samples=8, max_new_tokens=4, max_turns=1, max_steps=steps, lr=5e-4,
                       warmup_steps=1, temperature_start=1.0, temperature_end=0.7, save_every=steps))
     return read_jsonl(run_dir / "metrics.jsonl")
 
@@ -141,14 +142,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/k2lab-rlvr"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=10, help="RL steps per run")
+    ap.add_argument("--base", default=BASE, help="the pre-trained checkpoint SFT starts from")
+    ap.add_argument("--steps", type=int, default=30, help="RL steps per run (4 prompts x K=8 each)")
     ap.add_argument("--sft-steps", type=int, default=40)
     ap.add_argument("--heldout", type=int, default=100, help="held-out tasks")
     a = ap.parse_args()
     t0 = time.perf_counter()
     a.work.mkdir(parents=True, exist_ok=True)
     sft_data(a.work / "sft.jsonl", 1500)
-    ckpt = sft_checkpoint(a.work, a.sft_steps)
+    if not (Path(a.base) / "config.json").is_file():
+        sys.exit(f"--base {a.base}: no checkpoint there; run `make run` first or pass a pre-trained checkpoint")
+    ckpt = sft_checkpoint(a.work, a.sft_steps, a.base)
     results = {"sft_steps": a.sft_steps, "rl_steps": a.steps, "seeds": a.seeds, "heldout_tasks": a.heldout,
                "sft_heldout_accuracy": heldout_accuracy(ckpt, a.heldout), "runs": {}}
     print(f"SFT held-out accuracy {results['sft_heldout_accuracy']:.3f}", flush=True)
