@@ -167,8 +167,6 @@ class Sandbox:
         if killed_for:
             _kill(proc.pid)
             await waiter
-        if self.uid is not None:  # whatever outlived the group (daemonized, or still dying with the namespace)
-            await _reap_uid(self.uid)
         overflow.cancel()
         (out, t_out), (err, t_err) = await readers
         wall = time.perf_counter() - t0
@@ -185,31 +183,6 @@ def _kill(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def _uid_pids(uid: int) -> list[int]:
-    pids = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if os.stat(entry.path).st_uid == uid:
-                    pids.append(int(entry.name))
-            except OSError:  # exited while we looked
-                pass
-    return pids
-
-
-async def _reap_uid(uid: int, timeout_s: float = 5.0) -> None:
-    """SIGKILL every process of the sandbox's own uid until none is left (or timeout_s passes): a run leaves
-    nothing behind, even under load, when a killed pid namespace takes a moment to go down."""
-    deadline = time.monotonic() + timeout_s
-    while (pids := _uid_pids(uid)) and time.monotonic() < deadline:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        await asyncio.sleep(0.02)
 
 
 def _read_status(fd: int) -> dict:
