@@ -77,7 +77,7 @@ def heldout_accuracy(ckpt: Path, n: int) -> float:
     return sum(g["grade"] == "correct" for g in grades) / n
 
 
-def rl_run(ckpt: Path, run_dir: Path, loss: str, seed: int, steps: int) -> list[dict]:
+def rl_run(ckpt: Path, run_dir: Path, loss: str, seed: int, steps: int, lr: float) -> list[dict]:
     from k2lab.runs import read_jsonl
     from k2lab.train.rl.run import rl
     from k2lab.train.settings import RLSettings
@@ -85,7 +85,7 @@ def rl_run(ckpt: Path, run_dir: Path, loss: str, seed: int, steps: int) -> list[
     done = run_dir / "checkpoints" / f"step-{steps:06d}"
     if not done.is_dir():
         rl(RLSettings(checkpoint=str(ckpt), run_dir=str(run_dir), env="mental", loss=loss, seed=seed,
-                      batch_size=32, samples=8, max_new_tokens=4, max_turns=1, max_steps=steps, lr=5e-4,
+                      batch_size=32, samples=8, max_new_tokens=4, max_turns=1, max_steps=steps, lr=lr,
                       warmup_steps=1, temperature_start=1.0, temperature_end=0.7, save_every=steps))
     return read_jsonl(run_dir / "metrics.jsonl")
 
@@ -120,7 +120,7 @@ def markdown(results: dict) -> str:
     lines = ["# RLVR on verifiable arithmetic from an SFT'd tiny model", "",
              f"SFT start ({results['sft_steps']} SFT steps from the tiny pre-trained checkpoint): held-out greedy "
              f"accuracy **{results['sft_heldout_accuracy']:.3f}** on {results['heldout_tasks']} tasks.", "",
-             f"RL: `k2lab rl --env mental`, {results['rl_steps']} steps of 16 rollouts (4 prompts x K=4), "
+             f"RL: `k2lab rl --env mental`, {results['rl_steps']} steps of 32 rollouts (4 prompts x K=8), lr {results['lr']}, "
              f"seeds {results['seeds']}.", "",
              "| objective | held-out accuracy per seed | mean | mean - SFT | rollout accuracy, first -> last step |",
              "|---|---|---|---|---|"]
@@ -144,6 +144,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--base", default=BASE, help="the pre-trained checkpoint SFT starts from")
     ap.add_argument("--steps", type=int, default=30, help="RL steps per run (4 prompts x K=8 each)")
+    ap.add_argument("--lr", type=float, default=1e-4, help="RL learning rate (5e-4 collapsed the entropy)")
     ap.add_argument("--sft-steps", type=int, default=40)
     ap.add_argument("--heldout", type=int, default=100, help="held-out tasks")
     a = ap.parse_args()
@@ -153,13 +154,13 @@ def main() -> None:
     if not (Path(a.base) / "config.json").is_file():
         sys.exit(f"--base {a.base}: no checkpoint there; run `make run` first or pass a pre-trained checkpoint")
     ckpt = sft_checkpoint(a.work, a.sft_steps, a.base)
-    results = {"sft_steps": a.sft_steps, "rl_steps": a.steps, "seeds": a.seeds, "heldout_tasks": a.heldout,
+    results = {"sft_steps": a.sft_steps, "rl_steps": a.steps, "lr": a.lr, "seeds": a.seeds, "heldout_tasks": a.heldout,
                "sft_heldout_accuracy": heldout_accuracy(ckpt, a.heldout), "runs": {}}
     print(f"SFT held-out accuracy {results['sft_heldout_accuracy']:.3f}", flush=True)
     for seed in a.seeds:  # seed-major: an interrupted experiment has every objective for the seeds it finished
         for loss in LOSSES:
             run_dir = a.work / f"rl-{loss}-s{seed}"
-            metrics = rl_run(ckpt, run_dir, loss, seed, a.steps)
+            metrics = rl_run(ckpt, run_dir, loss, seed, a.steps, a.lr)
             acc = heldout_accuracy(run_dir / "checkpoints" / f"step-{a.steps:06d}", a.heldout)
             keep = ("step", "reward", "accuracy", "response_tokens", "entropy", "all_equal_groups", "temperature")
             results["runs"].setdefault(loss, []).append(
