@@ -63,12 +63,9 @@ def pure_copy(work: Path, alphabet: int, steps: int, tokenizer: str) -> dict:
 
 
 def probe(base: Path) -> dict:
-    import k2lab
-    from k2lab.evals.copying import copy_probe
+    from k2lab.evals.copying import probe_checkpoint
 
-    val = base.parent.parent / "data" / "val.npy"
-    return {"checkpoint": str(base), **copy_probe(k2lab.load_model(base, dtype=torch.float32),
-                                                  torch.from_numpy(np.load(val))[:16], SPAN)}
+    return {"checkpoint": str(base), **probe_checkpoint(base, base.parent.parent / "data" / "val.npy", 16, SPAN)}
 
 
 def main() -> None:

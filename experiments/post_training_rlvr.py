@@ -120,8 +120,8 @@ def markdown(results: dict) -> str:
     lines = ["# RLVR on verifiable arithmetic from an SFT'd tiny model", "",
              f"SFT start ({results['sft_steps']} SFT steps from the tiny pre-trained checkpoint): held-out greedy "
              f"accuracy **{results['sft_heldout_accuracy']:.3f}** on {results['heldout_tasks']} tasks.", "",
-             f"RL: `k2lab rl --env mental`, {results['rl_steps']} steps of 32 rollouts (4 prompts x K=8), lr {results['lr']}, "
-             f"seeds {results['seeds']}.", "",
+             f"RL: `k2lab rl --env mental`, {results['rl_steps']} steps of 32 rollouts (4 prompts x K=8), "
+             f"lr {results['lr']}, seeds {results['seeds']}.", "",
              "| objective | held-out accuracy per seed | mean | mean - SFT | rollout accuracy, first -> last step |",
              "|---|---|---|---|---|"]
     for loss in LOSSES:

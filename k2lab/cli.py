@@ -559,7 +559,8 @@ def serve_cmd(
         try:
             defaults = json.loads(default_chat_template_kwargs) if default_chat_template_kwargs else None
         except ValueError as e:
-            raise ValueError(f"--default-chat-template-kwargs is not JSON ({e}); e.g. '{{\"thinking\": false}}'") from None
+            raise ValueError(f"--default-chat-template-kwargs is not JSON ({e}); "
+                             "e.g. '{\"thinking\": false}'") from None
         if defaults is not None and not isinstance(defaults, dict):
             raise ValueError("--default-chat-template-kwargs takes a JSON object, e.g. '{\"thinking\": false}'")
         return build_server(checkpoint, api_key, max_len, cache_mb, max_slots, model_name, drain_timeout,

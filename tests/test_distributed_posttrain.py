@@ -92,9 +92,10 @@ def policy(tmp_path_factory):
 
 # arithmetic, seed 1: every group's rewards differ at both steps (asserted below; since an empty answer earns
 # the wrong-answer reward, the knowledge domain gives this random model all-equal groups at every seed tried).
-# A group with all-equal rewards has zero advantage, its tokens' gradients are rounding noise (~1e-8, the on-policy log-ratio's), and AdamW's first
-# steps turn such noise into lr-sized updates of the embedding rows only those groups touch: runs that round
-# differently would then part by ~lr on those rows, which says nothing about the distribution of work.
+# A group with all-equal rewards has zero advantage, its tokens' gradients are rounding noise (~1e-8, the
+# on-policy log-ratio's), and AdamW's first steps turn such noise into lr-sized updates of the embedding rows only
+# those groups touch: runs that round differently would then part by ~lr on those rows, which says nothing about
+# the distribution of work.
 RL_ARGS = ["--env", "arithmetic", "--max-steps", "2", "--batch-size", "8", "--samples", "4",
            "--max-new-tokens", "8", "--max-turns", "2", "--lr", "1e-3", "--warmup-steps", "0", "--seed", "1",
            "--no-compile"]  # eager rollouts: the reference parity tests compare against

@@ -13,6 +13,8 @@ gets right (on the second reading: the copied token).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -40,3 +42,14 @@ def copy_probe(model, rows: torch.Tensor, span: int = 64) -> dict:
     return {"first_nll": first.mean().item(), "repeat_nll": repeat.mean().item(),
             "first_top1": hit[:, : span - 1].mean().item(), "repeat_top1": hit[:, span:].mean().item(),
             "rows": len(rows), "span": span}
+
+
+def probe_checkpoint(checkpoint: str | Path, val_rows: str | Path, rows: int = 16, span: int = 64) -> dict:
+    """copy_probe of the model in `checkpoint` (fp32) on the first `rows` rows of a pre-training run's held-out
+    token rows (`data/val.npy`)."""
+    import numpy as np
+
+    import k2lab
+
+    return copy_probe(k2lab.load_model(checkpoint, dtype=torch.float32), torch.from_numpy(np.load(val_rows))[:rows],
+                      span)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from k2lab.evals.copying import probe_checkpoint
 from k2lab.pipeline import builders
 from k2lab.pipeline.card import write_report
 from k2lab.pipeline.evaluate import evaluate
@@ -40,18 +41,6 @@ def pretrain_summary(run_dir: Path, r: Recipe) -> dict:
             "max_logit_final": logits[-1] if logits else None,
             "steps_clipped": sum(c > 0 for c in clipped), "head_clips_total": sum(clipped),
             "tokens_per_s": train[-1].get("tokens_per_s")}
-
-
-def copying(checkpoint: Path, val_rows: Path, rows: int = 16, span: int = 64) -> dict:
-    """The in-context copying probe (k2lab.evals.copying) of `checkpoint` on the first `rows` held-out rows of
-    pre-training: whether the model predicts a span better when it reads it the second time."""
-    import numpy as np
-
-    import k2lab
-    from k2lab.evals.copying import copy_probe
-
-    return copy_probe(k2lab.load_model(checkpoint, dtype=torch.float32),
-                      torch.from_numpy(np.load(val_rows))[:rows], span)
 
 
 def loop_summary(run_dir: Path, keys: tuple[str, ...]) -> dict:
@@ -138,7 +127,7 @@ def run_demo(run_dir: str | Path = "runs/demo", preset_name: str = "default") ->
                                   save_every=max(1, r.pretrain_steps // 12), data=[str(p) for p in data],
                                   tokenizer=str(tok_dir), run_dir=str(run_dir / "pretrain")))
         return {**pretrain_summary(run_dir / "pretrain", r),
-                "copying": copying(checkpoint_dirs(run_dir / "pretrain")[-1], val_rows)}
+                "copying": probe_checkpoint(checkpoint_dirs(run_dir / "pretrain")[-1], val_rows)}
     st.run("pretrain", "pre-training with MuonClip", do_pretrain)
     base = checkpoint_dirs(run_dir / "pretrain")[-1]
     st.run("eval_base", "evals of the pre-trained model (served)",
@@ -163,7 +152,7 @@ def run_demo(run_dir: str | Path = "runs/demo", preset_name: str = "default") ->
         return {**loop_summary(run_dir / name, ("loss", "toolcall_f1")),
                 "val_loss": last.get("val_loss"), "toolcall_f1": last.get("toolcall_f1"),
                 "toolcall_schema_accuracy": last.get("toolcall_schema_accuracy"),
-                "copying": copying(checkpoint_dirs(run_dir / name)[-1], val_rows)}
+                "copying": probe_checkpoint(checkpoint_dirs(run_dir / name)[-1], val_rows)}
     st.run("sft", "SFT on the synthesized trajectories", lambda: do_sft("sft", base, r.sft_steps, r.sft_lr, False))
     sft_ckpt = checkpoint_dirs(run_dir / "sft")[-1]
     st.run("eval_sft", "evals of the SFT model (served)",
