@@ -123,6 +123,16 @@ def test_no_recompiles_in_steady_state(model, compiled):
     assert counters["stats"]["unique_graphs"] == 0
 
 
+def test_compiled_math_of_every_row_count_path(model):
+    """The compiled CPU step computes small linears one way up to 4 rows (as the module fixture shows), another
+    up to 16 and through the module beyond: 8 and 20 rows (two more compiles) equal the eager forward."""
+    for bsz in (8, 20):
+        ids = torch.randint(0, 512, (bsz, 40), generator=torch.Generator().manual_seed(bsz))
+        decoder = Decoder(model, batch=bsz, max_len=48)
+        diff = (decoder_steps(decoder, ids, 24) - eager_steps(model, ids, 24)).abs().max().item()
+        assert diff <= 1e-4, (bsz, diff)
+
+
 @pytest.mark.slow  # a second compile (batch 1)
 def test_cli_generate_compile_flag(model, tmp_path):
     from typer.testing import CliRunner

@@ -7,8 +7,12 @@ same math (absorbed MLA, noaux_tc routing, SwiGLU experts) in a form whose shape
 - the model's own LatentCache, one tensor per layer, updated in place with `index_put_` (a single stacked
   tensor would be copied whole by the compiled graph every step);
 - attention over the full cache length, masked to key positions <= the query position;
-- experts: the k chosen experts' weights gathered per token while tokens * k < experts (for a handful of
-  tokens this beats sorting), every expert over every token with zero weights for the rest beyond that;
+- on CPU, where decode is bound by memory traffic: attention, the chosen experts and the linears of a few rows
+  written as products summed over an axis, which inductor compiles into loops that read the cache and each
+  weight row once, where it lies (BLAS reads them with one to a few query rows at a fraction of the bandwidth,
+  and a gather of expert weights copies them first); `bench/decode.py` measures it;
+- on CUDA: matmuls; experts gathered per token while tokens * k < experts, every expert over every token with
+  zero weights beyond that;
 - RoPE as real cos/sin arithmetic (the same products as the eager complex multiply; inductor has no complex).
 Steps either feed rows 0..batch-1 (generate, the rollout API: one graph) or chosen cache slots (the engine:
 one graph per power-of-two count of rows, padded with slots not in the step). The prompt is prefilled eagerly,
@@ -76,6 +80,11 @@ class Decoder:
         self.compile_seconds = 0.0  # first calls of each compiled graph (compile, or load from the cache)
         self._graphs: set[tuple[int, bool]] = set()
         self._compiled = compile
+        # CPU decode is bound by memory traffic, and BLAS reads a cache or weight with a few query rows at a
+        # fraction of the bandwidth: compiled for CPU, attention, experts and small linears are written as
+        # products summed over an axis, which inductor turns into loops that read each operand once, in place
+        # (bench/decode.py measures it); eager (compile=False) and CUDA keep the matmul forms
+        self._fused = compile and param.device.type == "cpu"
         if compile:
             cache_dir()
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _GRAPHS)
@@ -159,7 +168,7 @@ class Decoder:
             h = x + self._attention(block.self_attn, block.input_layernorm(x), cos, sin, kv, rows, positions,
                                     visible, gather)
             x = h + self._ffn(block.mlp, block.post_attention_layernorm(h))
-        return self.model.lm_head(model.norm(x))
+        return self._linear(self.model.lm_head, model.norm(x))
 
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -168,34 +177,46 @@ class Decoder:
         a, b = pairs[..., 0], pairs[..., 1]
         return torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2).to(x.dtype)
 
-    @staticmethod
-    def _attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
+    def _attention(self, attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
                    rows: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor, gather: bool) -> torch.Tensor:
         """Absorbed MLA for one token per row: x [B, D] -> [B, D]; writes the token's latent into kv."""
         bsz, h, r = x.shape[0], attn.n_heads, attn.kv_lora_rank
         nope, rope_dim = attn.qk_nope_head_dim, attn.qk_rope_head_dim
-        q = attn.q_proj(x) if attn.q_lora_rank is None else attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
+        linear = self._linear
+        q = (linear(attn.q_proj, x) if attn.q_lora_rank is None
+             else linear(attn.q_b_proj, attn.q_a_layernorm(linear(attn.q_a_proj, x))))
         q_nope, q_rope = q.view(bsz, h, attn.qk_head_dim).split([nope, rope_dim], dim=-1)
         q_rope = Decoder._rotate(q_rope, cos[:, None], sin[:, None])
-        c_kv, k_rope = attn.kv_a_proj_with_mqa(x).split([r, rope_dim], dim=-1)
+        c_kv, k_rope = linear(attn.kv_a_proj_with_mqa, x).split([r, rope_dim], dim=-1)
         latent = torch.cat([attn.kv_a_layernorm(c_kv), Decoder._rotate(k_rope, cos, sin)], dim=-1)
         kv.index_put_((rows, positions), latent.to(kv.dtype))
         ctx = kv[rows] if gather else kv  # [B, S, r + rope]
         w = attn.kv_b_proj.weight.view(h, nope + attn.v_head_dim, r)
         w_uk, w_uv = w[:, :nope], w[:, nope:]
         q_lat = torch.einsum("bhd,hdr->bhr", q_nope, w_uk)  # k_nope folded into the query
-        scores = torch.einsum("bhc,bsc->bhs", torch.cat([q_lat, q_rope], dim=-1), ctx) * attn.softmax_scale
+        query = torch.cat([q_lat, q_rope], dim=-1)  # [B, H, r + rope]
+        if self._fused:  # products summed in generated loops: the cache is read once per reduction, in place
+            scores = (ctx[:, None] * query[:, :, None]).sum(-1)  # [B, H, S]
+        else:
+            scores = torch.einsum("bhc,bsc->bhs", query, ctx)
+        scores = scores * attn.softmax_scale
         probs = scores.float().masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1).to(kv.dtype)
+        # the weighted sum over positions stays a matmul: a generated reduction over S is slower from 32K on
         o_lat = torch.einsum("bhs,bsr->bhr", probs, ctx[..., :r])
         out = torch.einsum("bhr,hvr->bhv", o_lat, w_uv)  # v folded into the output
-        return attn.o_proj(out.reshape(bsz, -1).to(x.dtype))
+        return linear(attn.o_proj, out.reshape(bsz, -1).to(x.dtype))
 
-    @staticmethod
-    def _ffn(mlp, x: torch.Tensor) -> torch.Tensor:
+    def _ffn(self, mlp, x: torch.Tensor) -> torch.Tensor:
         if isinstance(mlp, MLP):
-            return mlp(x)
+            return self._mlp(mlp, x)
         idx, weight = mlp.gate(x)  # [B, k]
         gate, up, down = mlp.experts.weights()
+        if self._fused:  # the chosen experts' rows are read where they lie, inside the generated reductions
+            flat = idx.flatten()
+            xs = x.repeat_interleave(idx.shape[1], dim=0)[:, None]  # [B*k, 1, D], one row per (token, choice)
+            hidden = F.silu((gate[flat] * xs).sum(-1)) * (up[flat] * xs).sum(-1)  # [B*k, I]
+            y = (down[flat] * hidden[:, None]).sum(-1) * weight.flatten()[:, None].to(x.dtype)
+            return y.view(*idx.shape, -1).sum(1) + self._mlp(mlp.shared_experts, x)
         # matmuls against transposed views of [E, N, K] weights: BLAS reads them in place, where an einsum
         # contracting over (expert, row) would copy the whole weight tensor every step
         if idx.numel() < mlp.experts.n_experts:  # few tokens: gather the chosen experts' weights
@@ -209,7 +230,21 @@ class Decoder:
             dense = dense.scatter(1, idx, weight.to(x.dtype))  # [B, E]
             hidden = F.silu(x @ gate.transpose(1, 2)) * (x @ up.transpose(1, 2))  # [E, B, I]
             y = ((hidden * dense.T[..., None]) @ down.transpose(1, 2)).sum(0)
-        return y + mlp.shared_experts(x)
+        return y + self._mlp(mlp.shared_experts, x)
+
+    def _linear(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """module(x) for x [B, K]. On the fused path a plain nn.Linear over up to 16 rows is the weight [N, K] times
+        x summed over K, which reads the weight in its row-major layout (BLAS's x @ weight.T reads it at a
+        fraction of the bandwidth for a few rows). `(weight @ x.T).T`, as fast, was miscompiled by inductor
+        (torch 2.13, 5-16 rows: logits off by ~3; test_compiled_math_of_every_row_count_path)."""
+        rows = x.shape[0]
+        if not self._fused or type(module) is not torch.nn.Linear or rows > 16:
+            return module(x)
+        y = (module.weight * x[:, None]).sum(-1)
+        return y if module.bias is None else y + module.bias
+
+    def _mlp(self, mlp: MLP, x: torch.Tensor) -> torch.Tensor:
+        return self._linear(mlp.down_proj, F.silu(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x))
 
 
 def decoder_for(model: torch.nn.Module, batch: int, max_len: int) -> Decoder:
