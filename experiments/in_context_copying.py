@@ -10,6 +10,8 @@ the context, which transformers do with induction heads (Olsson et al., 2022). T
    loss of a model that copies perfectly is ln(alphabet) / 4 (only the first reading is unpredictable); one that
    does not stays at ln(alphabet). This shows whether the architecture and loop can form induction heads at all,
    and how much harder a large alphabet (the tokenizer's whole vocabulary) makes it.
+3. A curriculum: the model that learned to copy over the smallest alphabet, trained on the largest for as many
+   steps. If the copying circuit it formed were token-agnostic, the large-alphabet loss would fall at once.
 
     python experiments/in_context_copying.py --base runs/demo/pretrain/checkpoints/step-000800
 
@@ -42,11 +44,12 @@ def copy_rows(n: int, alphabet: int, seed: int) -> np.ndarray:
     return np.concatenate([a] * REPEATS + [a[:, :1]], axis=1).astype(np.int32)  # seq_len 256 + 1
 
 
-def pure_copy(work: Path, alphabet: int, steps: int, tokenizer: str) -> dict:
+def pure_copy(work: Path, alphabet: int, steps: int, tokenizer: str, init_from: Path | None = None,
+              name: str | None = None) -> dict:
     from k2lab.train.pretrain import pretrain
     from k2lab.train.settings import PretrainSettings
 
-    run_dir = work / f"copy_{alphabet}"
+    run_dir = work / (name or f"copy_{alphabet}")
     (run_dir / "data").mkdir(parents=True, exist_ok=True)
     if not (run_dir / "data" / "train.npy").exists():
         np.save(run_dir / "data" / "val.npy", copy_rows(32, alphabet, 1))
@@ -55,9 +58,10 @@ def pure_copy(work: Path, alphabet: int, steps: int, tokenizer: str) -> dict:
     if not any(r.get("step") == steps and "val_loss" in r for r in read_jsonl(run_dir / "metrics.jsonl")):
         pretrain(PretrainSettings(preset="tiny", optimizer="muonclip", qk_clip_tau=15.0, max_steps=steps,
                                   batch_size=8, seq_len=SPAN * REPEATS, lr=3e-3, seed=0, eval_every=25,
-                                  save_every=steps, tokenizer=tokenizer, run_dir=str(run_dir)))
+                                  save_every=steps, tokenizer=tokenizer, run_dir=str(run_dir),
+                                  init_from=str(init_from) if init_from else None))
     curve = [(r["step"], r["val_loss"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "val_loss" in r]
-    return {"alphabet": alphabet, "steps": steps, "no_copy_loss": math.log(alphabet),
+    return {"alphabet": alphabet, "steps": steps, "init_from": str(init_from) if init_from else None, "no_copy_loss": math.log(alphabet),
             "perfect_copy_loss": math.log(alphabet) / REPEATS, "val_curve": curve, "final_val_loss": curve[-1][1],
             "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -78,9 +82,15 @@ def main() -> None:
     base = Path(args.base)
     if not (base / "config.json").is_file() or not (base.parent.parent / "data" / "val.npy").is_file():
         sys.exit(f"--base {base}: not a checkpoint of a pre-training run (needs config.json and ../../data/val.npy)")
-    out = {"probe": probe(base), "pure_copy": [pure_copy(Path(args.work), int(a), args.steps, str(base))
-                                               for a in args.alphabets.split(",")],
-           "torch_threads": torch.get_num_threads()}
+    alphabets = [int(a) for a in args.alphabets.split(",")]
+    runs = [pure_copy(Path(args.work), a, args.steps, str(base)) for a in alphabets]
+    # the curriculum: the model that learned to copy over the smallest alphabet, trained on the largest
+    small, large = min(alphabets), max(alphabets)
+    warm = Path(args.work) / f"copy_{small}" / "checkpoints" / f"step-{args.steps:06d}"
+    if small < large:
+        runs.append(pure_copy(Path(args.work), large, args.steps, str(base), init_from=warm,
+                              name=f"copy_{small}_then_{large}"))
+    out = {"probe": probe(base), "pure_copy": runs, "torch_threads": torch.get_num_threads()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / "in_context_copying.json", out)
     (RESULTS / "in_context_copying.md").write_text(report(out))
@@ -99,8 +109,17 @@ def report(o: dict) -> str:
                  f"step {s}" for s, _ in o["pure_copy"][0]["val_curve"]) + " | seconds |",
              "|---:|---:|---:|" + "---:|" * (len(o["pure_copy"][0]["val_curve"]) + 1)]
     for r in o["pure_copy"]:
-        lines.append(f"| {r['alphabet']} | {r['no_copy_loss']:.2f} | {r['perfect_copy_loss']:.2f} | "
+        start = f" after {Path(r['init_from']).parent.parent.name}" if r.get("init_from") else ""
+        lines.append(f"| {r['alphabet']}{start} | {r['no_copy_loss']:.2f} | {r['perfect_copy_loss']:.2f} | "
                      + " | ".join(f"{v:.2f}" for _, v in r["val_curve"]) + f" | {r['seconds']} |")
+    widened = [r for r in o["pure_copy"] if r.get("init_from")]
+    if widened:
+        w = widened[0]
+        moved = w["val_curve"][0][1] - w["final_val_loss"]
+        lines += ["", f"Curriculum: after learning to copy over the small alphabet, {w['steps']} steps over "
+                      f"{w['alphabet']} tokens moved the held-out loss by {moved:.2f} nats (no copying: "
+                      f"{w['no_copy_loss']:.2f}, perfect: {w['perfect_copy_loss']:.2f}), so the circuit did "
+                      + ("not transfer." if w["final_val_loss"] > 0.9 * w["no_copy_loss"] else "transfer.")]
     lines += ["", f"torch threads {o['torch_threads']}.", ""]
     return "\n".join(lines)
 
