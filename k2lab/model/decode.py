@@ -7,12 +7,12 @@ same math (absorbed MLA, noaux_tc routing, SwiGLU experts) in a form whose shape
 - the model's own LatentCache, one tensor per layer, updated in place with `index_put_` (a single stacked
   tensor would be copied whole by the compiled graph every step);
 - attention over the full cache length, masked to key positions <= the query position;
-- on CPU, where decode is bound by memory traffic: attention, the chosen experts and the linears of a few rows
-  written as products summed over an axis, which inductor compiles into loops that read the cache and each
-  weight row once, where it lies (BLAS reads them with one to a few query rows at a fraction of the bandwidth,
-  and a gather of expert weights copies them first); `bench/decode.py` measures it;
-- on CUDA: matmuls; experts gathered per token while tokens * k < experts, every expert over every token with
-  zero weights beyond that;
+- compiled for CPU, where decode is bound by memory traffic: the attention scores, the chosen experts and the
+  linears of up to 16 rows written as products summed over an axis, which inductor compiles into loops that
+  read the cache and each weight row once, where it lies (BLAS reads them with one to a few query rows at a
+  fraction of the bandwidth, and a gather of expert weights copies them first); `bench/decode.py` measures it;
+- eager and on CUDA: matmuls; experts gathered per token while tokens * k < experts, every expert over every
+  token with zero weights beyond that;
 - RoPE as real cos/sin arithmetic (the same products as the eager complex multiply; inductor has no complex).
 Steps either feed rows 0..batch-1 (generate, the rollout API: one graph) or chosen cache slots (the engine:
 one graph per power-of-two count of rows, padded with slots not in the step). The prompt is prefilled eagerly,
@@ -80,11 +80,7 @@ class Decoder:
         self.compile_seconds = 0.0  # first calls of each compiled graph (compile, or load from the cache)
         self._graphs: set[tuple[int, bool]] = set()
         self._compiled = compile
-        # CPU decode is bound by memory traffic, and BLAS reads a cache or weight with a few query rows at a
-        # fraction of the bandwidth: compiled for CPU, attention, experts and small linears are written as
-        # products summed over an axis, which inductor turns into loops that read each operand once, in place
-        # (bench/decode.py measures it); eager (compile=False) and CUDA keep the matmul forms
-        self._fused = compile and param.device.type == "cpu"
+        self._fused = compile and param.device.type == "cpu"  # the CPU forms (module docstring); eager keeps matmuls
         if compile:
             cache_dir()
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _GRAPHS)
