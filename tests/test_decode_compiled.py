@@ -124,8 +124,8 @@ def test_no_recompiles_in_steady_state(model, compiled):
 
 
 def test_compiled_math_of_every_row_count_path(model):
-    """The compiled CPU step computes small linears one way up to 4 rows (as the module fixture shows), another
-    up to 16 and through the module beyond: 8 and 20 rows (two more compiles) equal the eager forward."""
+    """The compiled CPU step computes linears as a summed product up to 16 rows (the module fixture: 2 rows) and
+    through the module beyond: 8 and 20 rows (two more compiles) equal the eager forward."""
     for bsz in (8, 20):
         ids = torch.randint(0, 512, (bsz, 40), generator=torch.Generator().manual_seed(bsz))
         decoder = Decoder(model, batch=bsz, max_len=48)
