@@ -99,3 +99,26 @@ def test_kimi_k25_wrapper_text_only(tmp_path):
     assert reloaded.config.wrapper is not None
     with torch.no_grad():
         assert torch.equal(reloaded(ids), model(ids))
+
+
+def test_tied_embeddings_both_ways(tmp_path):
+    """tie_word_embeddings (off in K2; on for small models that must learn to copy): one matrix, stored once under
+    the embedding's name as transformers stores it, loading tied in transformers and back in k2lab."""
+    config = tiny_config(tie_word_embeddings=True)
+    model = random_model(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    k2lab.save_model(model, tmp_path / "ours")
+    names = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    hf = _hf_model(tmp_path / "ours")
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    back = k2lab.load_model(tmp_path / "ours")
+    assert back.lm_head.weight is back.model.embed_tokens.weight
+    hf.save_pretrained(tmp_path / "theirs")
+    again = k2lab.load_model(tmp_path / "theirs")
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    ids = torch.randint(0, config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        for m in (model, back, again):
+            assert (m(ids) - ref).abs().max().item() <= 1e-4

@@ -40,6 +40,10 @@ def _stored(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]:
     prefix, codec = prefix_of(model), codec_for_model(model)
     owned = {n: m for n, m in model.named_modules() if codec is not None and isinstance(m, codec.module_type)}
     skip = tuple(f"{prefix}{n}." for n in owned)
+    lm, lm_name = _language_model(model)
+    if lm.config.tie_word_embeddings and lm.lm_head.weight is lm.model.embed_tokens.weight:  # stored once, as
+        # transformers does (and ties on load); a head tied without the flag is stored under both names
+        skip = (*skip, f"{prefix}{lm_name}lm_head.weight")
     for name, slot in targets(model, prefix).items():
         if not name.startswith(skip):
             t = getattr(slot.module, slot.attr)
@@ -97,10 +101,10 @@ def load_weights(model: nn.Module, raw_config: dict, request: LoadRequest, ignor
     qc = raw_config.get("quantization_config")
     codec = codec_for_config(qc, path) if qc else None
     claimed, decode = codec.claim(model, qc, stored, request) if codec else (set(), None)
-    slots = targets(model, request.prefix)
     lm, lm_name = _language_model(model)
     head = f"{request.prefix}{lm_name}lm_head.weight"
     tie = config.tie_word_embeddings and head not in stored
+    slots = targets(model, request.prefix)
     if tie:
         del slots[head]
     check_names(slots, stored - claimed, path, "config/weights mismatch?")

@@ -1,4 +1,5 @@
-"""Blocks, K2Model and K2ForCausalLM: pre-norm MLA + (dense | MoE) FFN, final norm, untied head."""
+"""Blocks, K2Model and K2ForCausalLM: pre-norm MLA + (dense | MoE) FFN, final norm, head (untied in K2; tied
+when the config sets tie_word_embeddings)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,8 @@ class K2ForCausalLM(nn.Module):
         self.config = config
         self.model = K2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:  # one matrix reads tokens in and scores them out (K2 itself unties them)
+            self.lm_head.weight = self.model.embed_tokens.weight
         self.init_weights()
 
     @torch.no_grad()
@@ -190,6 +193,8 @@ def parameter_counts(model: K2ForCausalLM) -> dict[str, int]:
     """Stored tensor sizes (parameters + routing biases) and those active per token: all but the routed
     experts not chosen (k of E per MoE layer). Works on a model built on the meta device."""
     total = sum(t.numel() for t in model.state_dict().values())
+    if model.lm_head.weight is model.model.embed_tokens.weight:  # tied: one matrix under two names
+        total -= model.lm_head.weight.numel()
     inactive = 0
     for block in model.model.layers:
         if isinstance(block.mlp, MoE):
