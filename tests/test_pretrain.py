@@ -24,7 +24,7 @@ from k2lab.checkpoint import CheckpointError
 from k2lab.cli import app
 from k2lab.optim.schedules import lr_factor, warmup
 from k2lab.train.checkpoint import checkpoint_dirs
-from k2lab.train.data import build_dataset
+from k2lab.train.data import build_dataset, copy_rows
 from k2lab.train.metrics import read_metrics
 from k2lab.train.pretrain import PretrainSettings, pretrain
 
@@ -178,6 +178,49 @@ def test_a_finished_run_given_again_says_so(tmp_path, one_thread):
     res = CliRunner().invoke(app, [a if a != "2" else "3" for a in args])  # a larger --max-steps continues it
     assert res.exit_code == 0, res.output
     assert [r["step"] for r in read_metrics(s.run_dir)] == [1, 2, 3]
+
+
+def test_tied_embeddings_train_save_and_resume_tied(tmp_path, one_thread):
+    """--tie-embeddings: one matrix in and out through training, the checkpoint (stored once, config flag set)
+    and a resumed run; a checkpoint's own config decides when a run starts from one."""
+    import k2lab
+
+    s = settings(tmp_path / "tied", tie_embeddings=True, max_steps=2, warmup_steps=1, save_every=1)
+    pretrain(s, tokenizer=ByteTokenizer())
+    ckpt = checkpoint_dirs(tmp_path / "tied")[-1]
+    assert json.loads((ckpt / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    before = k2lab.load_model(ckpt)
+    assert before.lm_head.weight is before.model.embed_tokens.weight
+    pretrain(settings(tmp_path / "tied", tie_embeddings=True, max_steps=3, warmup_steps=1, save_every=1),
+             tokenizer=ByteTokenizer())
+    after = k2lab.load_model(checkpoint_dirs(tmp_path / "tied")[-1])
+    assert after.lm_head.weight is after.model.embed_tokens.weight
+    assert not torch.equal(after.lm_head.weight, before.lm_head.weight)  # the one matrix kept training
+    assert [r["step"] for r in read_metrics(s.run_dir)] == [1, 2, 3]
+    with pytest.raises(ValueError, match="tie_embeddings shapes a new model"):
+        settings(tmp_path / "other", tie_embeddings=True, init_from=str(ckpt)).check()
+
+
+def test_copy_rows_are_repeated_random_sequences_mixed_into_training(tmp_path, one_thread):
+    """--copy-rows: a share of the training rows is a random sequence of ordinary tokens repeated (after its
+    first reading predictable only by copying), seeded, never in the held-out rows; shares are validated."""
+    rows = copy_rows(127, 50, 7936, seed=0)
+    assert rows.shape == (50, 128) and rows.dtype == np.int32 and 0 <= rows.min() and rows.max() < 7936
+    for row in rows:
+        period = next(n for n in range(8, 65) if np.array_equal(row[n:], row[:-n]))
+        assert len(set(row[:period].tolist())) > 1
+    assert np.array_equal(rows, copy_rows(127, 50, 7936, seed=0)) and not np.array_equal(rows, copy_rows(
+        127, 50, 7936, seed=1))
+    s = settings(tmp_path / "copy", copy_rows=0.5, max_steps=2, warmup_steps=1, save_every=0, eval_every=50)
+    pretrain(s, tokenizer=ByteTokenizer())
+    train_rows, val = (np.load(tmp_path / "copy" / "data" / f) for f in ("train.npy", "val.npy"))
+    copied = (train_rows >= 256).any(axis=1)  # the byte-level text has ids < 256
+    assert copied.sum() == round(2 * 4 * 0.5) and (val < 256).all()
+    settings(tmp_path / "all", copy_rows=1.0).check()  # a copying warm-up: nothing but copy rows
+    for bad in (dict(copy_rows=1.1), dict(copy_rows=-0.1), dict(copy_rows=0.6, encyclopedia=0.5)):
+        with pytest.raises(ValueError, match="copy_rows"):
+            settings(tmp_path / "bad", **bad).check()
 
 
 def test_cli_options_are_the_settings_fields():

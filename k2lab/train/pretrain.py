@@ -14,10 +14,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from k2lab.config import ModelConfig
 from k2lab.runs import claim
 from k2lab.train import distributed as dist_utils
-from k2lab.train.data import PackedRows, build_dataset, check_readable, embedded_corpus, encyclopedia_rows
+from k2lab.train.data import (PackedRows, build_dataset, check_readable, copy_rows, embedded_corpus,
+                             encyclopedia_rows)
 from k2lab.train.loop import check_unfinished, train
 from k2lab.train.settings import PretrainSettings
 
@@ -33,6 +36,22 @@ def _tokenizer(s: PretrainSettings, run_dir: Path, config: ModelConfig):
         paths = [Path(p) for p in s.data] or None
         train_tokenizer(config.vocab_size, paths=paths, out_dir=out)
     return Tokenizer.load(out)
+
+
+def _chat_encoder(tokenizer):
+    """messages -> token ids in the K2.6 chat format, thinking off, as SFT renders them (the run's tokenizer)."""
+    from k2lab.tokenizer import Tokenizer
+    from k2lab.tokenizer.chat import render_sft
+
+    if not isinstance(tokenizer, Tokenizer):
+        raise ValueError("encyclopedia_qa renders chat conversations, which needs the run's tokenizer (a k2lab "
+                         "Tokenizer), not a plain encoder")
+    return lambda messages: render_sft(tokenizer, messages, thinking=False)[0]
+
+
+def _first_special(config: ModelConfig) -> int:
+    """Ids from here on are special tokens ([BOS], [EOS], chat markers: the last 256 of the vocabulary)."""
+    return min(config.bos_token_id, config.eos_token_id, config.vocab_size - 256)
 
 
 def _init_model(s: PretrainSettings, config: ModelConfig):
@@ -66,10 +85,14 @@ def pretrain(s: PretrainSettings, tokenizer=None, kind: str = "pretrain") -> dic
         check_readable(paths)  # before a tokenizer is trained on them
         encoder = tokenizer if tokenizer is not None else _tokenizer(s, run_dir, config)
         rows = s.max_steps * s.batch_size
-        mixed = (encyclopedia_rows(encoder.encode, config.eos_token_id, s.seq_len, round(rows * s.encyclopedia))
-                 if s.encyclopedia else None)
+        mixed = [encyclopedia_rows(encoder.encode, config.eos_token_id, s.seq_len, round(rows * s.encyclopedia),
+                                   encode_chat=_chat_encoder(encoder) if s.encyclopedia_qa else None)
+                 if s.encyclopedia else None,
+                 copy_rows(s.seq_len, round(rows * s.copy_rows), _first_special(config), s.seed)
+                 if s.copy_rows else None]
+        mixed = [m for m in mixed if m is not None]
         build_dataset(paths, encoder.encode, config.eos_token_id, s.seq_len, rows, s.val_rows, s.seed,
-                      run_dir / "data", mixed_in=mixed)
+                      run_dir / "data", mixed_in=np.concatenate(mixed) if mixed else None)
     tok_dir = Path(s.tokenizer) if s.tokenizer else run_dir / "tokenizer"
     tok_dir = tok_dir if (tok_dir / "tiktoken.model").is_file() else None  # copied into each checkpoint
     dist_utils.barrier()

@@ -65,6 +65,14 @@ class PretrainSettings(TrainSettings):
     tokenizer: str | None = option(None, "tokenizer directory (default: train one into RUN_DIR/tokenizer)")
     encyclopedia: float = option(0.0, "share of the training rows that are synthetic-encyclopedia articles about "
                                       "its seen entities (k2lab.data.encyclopedia), for calibration; 0: none")
+    encyclopedia_qa: bool = option(False, "mix the questions post-training asks about seen entities, answered in "
+                                          "the chat format, in among the encyclopedia articles (mixed training), so "
+                                          "the model learns to answer from what it read; held-out ones never are")
+    copy_rows: float = option(0.0, "share of the training rows that are a random token sequence repeated "
+                                   "(synthetic in-context copying data, k2lab.train.data.copy_rows); 0: none, "
+                                   "1: nothing else (a copying warm-up)")
+    tie_embeddings: bool = option(False, "tie the output head to the input embeddings (tie_word_embeddings; K2 "
+                                         "unties them): what lets a small model learn to copy from its context")
     seq_len: int = option(128, "tokens per row")
     val_rows: int = option(32, "held-out rows, spread over the text training reads")
     run_dir: str = option("runs/pretrain", "run directory; a rerun resumes from its last checkpoint")
@@ -75,13 +83,19 @@ class PretrainSettings(TrainSettings):
         super().check()
         if self.seq_len < 2 or self.val_rows < 0:
             raise ValueError(f"seq_len ({self.seq_len}) must be >= 2 and val_rows ({self.val_rows}) >= 0")
+        if self.tie_embeddings and self.init_from:
+            raise ValueError("tie_embeddings shapes a new model; with init_from the checkpoint's config decides")
         if not 0 <= self.encyclopedia < 1:
             raise ValueError(f"encyclopedia ({self.encyclopedia}) is a share of the training rows: give 0 <= x < 1")
+        if not 0 <= self.copy_rows <= 1 or self.encyclopedia + self.copy_rows > 1:
+            raise ValueError(f"copy_rows ({self.copy_rows}) is a share of the training rows: give 0 <= x and "
+                             f"encyclopedia + copy_rows <= 1")
 
     def model_config(self) -> ModelConfig:
         if self.init_from:
             return ModelConfig.load(self.init_from)
-        return ModelConfig.preset(self.preset)
+        config = ModelConfig.preset(self.preset)
+        return dataclasses.replace(config, tie_word_embeddings=True) if self.tie_embeddings else config
 
     def identity(self, config: ModelConfig) -> dict:
         """What makes two runs the same run: every setting but run control, and the model config."""
