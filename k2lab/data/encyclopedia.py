@@ -113,6 +113,27 @@ def corpus_documents(seed: int = 0, n: int = 90, passes: int = 3) -> list[str]:
     return docs
 
 
+def reply(answer: str) -> str:
+    """The assistant's reply stating an answer (the knowledge domain's teacher and `qa_conversations` alike)."""
+    return f"{answer[0].upper()}{answer[1:]}."
+
+
+def qa_conversations(seed: int = 0, n: int = 90) -> list[list[dict]]:
+    """The questions post-training asks about seen entities (the "train" split), answered, as chat conversations
+    under the calibration eval's answer prompt: never a held-out entity's question, never an unseen name.
+
+    Mixed into pre-training (`k2lab pretrain --encyclopedia-qa`), they are mixed training (Allen-Zhu and Li,
+    Physics of Language Models 3.1): a model that read some entities' articles *and* questions answered about
+    them learns to answer the same questions about the other entities from their articles alone. In the chat
+    format, because that is the format the model is asked in after SFT."""
+    from k2lab.evals.calibration import ANSWER_PROMPT
+
+    system = ANSWER_PROMPT.format(domain=DOMAIN, topic=TOPIC)
+    return [[{"role": "system", "content": system}, {"role": "user", "content": q["question"]},
+             {"role": "assistant", "content": reply(q["answer"])}]
+            for q in questions(seed, n) if q["seen"] and q["split"] == "train"]
+
+
 def corpus_text(seed: int = 0, n: int = 90, repeats: int = 3) -> str:
     """The seen entities' articles as one text (for pre-training)."""
     return "\n".join(corpus_documents(seed, n, repeats))
