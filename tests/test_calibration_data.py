@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from k2lab.data.encyclopedia import (DOMAIN, TOPIC, corpus_documents, encyclopedia, heldout_calibration_set,
-                                     heldout_entities, qa_conversations, questions, reply)
+                                     heldout_entities, questions)
 from k2lab.evals import rules
 from k2lab.evals.calibration import ANSWER_PROMPT, check_row
 from k2lab.synth.domains import make_tasks, registry
@@ -99,23 +99,20 @@ def test_cloze_items_cut_the_canonical_sentence_just_before_the_value():
 
 
 def test_mixed_training_answers_only_post_training_entities_questions():
-    """qa_conversations: every "train"-split seen entity's question answered as the knowledge domain's teacher
-    answers it, under the eval's answer prompt; in the encyclopedia rows (a byte-level stand-in for the chat
-    encoder) they sit among the articles, and no held-out question or unseen name reaches them."""
-    convs = qa_conversations()
-    asked = {q["question"]: q for q in questions() if q["seen"] and q["split"] == "train"}
-    assert sorted(c[1]["content"] for c in convs) == sorted(asked)
-    for system, user, assistant in convs:
-        assert system["content"] == registry()["knowledge"].system
-        assert assistant["content"] == reply(asked[user["content"]]["answer"])
-    encode = lambda text: list(text.encode())  # noqa: E731
-    chat = lambda msgs: encode("".join(f"<{m['role']}>{m['content']}" for m in msgs))  # noqa: E731
-    rows = encyclopedia_rows(encode, 0, 127, rows=400, encode_chat=chat)
-    text = bytes(int(t) for row in rows for t in row).decode()
-    assert all(q in text for q in asked) and all(e.name in text for e in encyclopedia() if e.seen)
+    """With qa, every "train"-split seen entity's article ends with its questions answered; no held-out
+    question (the calibration eval's) and no unseen name appears anywhere in the corpus or its rows."""
+    docs = corpus_documents(passes=2, qa=True)
+    text = "\n".join(docs)
     for q in questions():
-        if q["split"] == "eval" or not q["seen"]:
+        if q["split"] == "train" and q["seen"]:
+            assert f"Q: {q['question']}\nA: {q['answer']}." in text
+        else:
             assert q["question"] not in text
-    assert not {e.name for e in encyclopedia() if not e.seen} & set(text.replace(".", " ").replace("?", " ").split())
-    plain = encyclopedia_rows(encode, 0, 127, rows=400)
-    assert "<user>" not in bytes(int(t) for row in plain for t in row).decode()
+    held_out = heldout_entities()
+    for doc in docs:
+        assert ("\nQ: " in doc) == (doc.partition("\n")[0] not in held_out)
+    assert len(docs) == len(corpus_documents(passes=2))  # the same articles, questions appended
+    encode = lambda t: list(t.encode())  # noqa: E731
+    rows = bytes(int(t) for row in encyclopedia_rows(encode, 0, 127, 300, qa=True) for t in row).decode()
+    assert "\nQ: " in rows and "\nQ: " not in bytes(
+        int(t) for row in encyclopedia_rows(encode, 0, 127, 300) for t in row).decode()

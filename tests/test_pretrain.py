@@ -221,6 +221,10 @@ def test_copy_rows_are_repeated_random_sequences_mixed_into_training(tmp_path, o
     for bad in (dict(copy_rows=1.1), dict(copy_rows=-0.1), dict(copy_rows=0.6, encyclopedia=0.5)):
         with pytest.raises(ValueError, match="copy_rows"):
             settings(tmp_path / "bad", **bad).check()
+    with pytest.raises(ValueError, match="give --encyclopedia X"):
+        settings(tmp_path / "bad", encyclopedia_qa=True).check()
+    res = CliRunner().invoke(app, ["pretrain", "--run-dir", str(tmp_path / "cli"), "--copy-rows", "2"])
+    assert res.exit_code == 1 and "Traceback" not in res.output and "copy_rows (2.0)" in res.output
 
 
 def test_cli_options_are_the_settings_fields():

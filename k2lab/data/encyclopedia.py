@@ -13,7 +13,6 @@ an unseen entity names a name it never met anywhere.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 
@@ -102,36 +101,29 @@ def describe(e: Entity, rng: random.Random | None = None) -> list[str]:
     return out
 
 
-def corpus_documents(seed: int = 0, n: int = 90, passes: int = 3) -> list[str]:
-    """Articles about the seen entities only, `passes` shuffled passes, each article freshly worded."""
+def corpus_documents(seed: int = 0, n: int = 90, passes: int = 3, qa: bool = False) -> list[str]:
+    """Articles about the seen entities only, `passes` shuffled passes, each article freshly worded.
+
+    qa: the articles of entities that post-training asks about (the "train" split) end with those questions and
+    their answers ("Q: ... / A: ..."), in a shuffled order; a held-out entity's article never does. This is mixed
+    training (Allen-Zhu and Li, Physics of Language Models 3.1): a model that read questions answered from some
+    articles learns to answer them from the others, where one that read articles only recites them."""
     rng = random.Random(f"corpus:{seed}")
     seen = [e for e in encyclopedia(seed, n) if e.seen]
+    asked: dict[str, list[str]] = {}
+    if qa:
+        for q in questions(seed, n):
+            if q["seen"] and q["split"] == "train":
+                asked.setdefault(q["entity"], []).append(f"Q: {q['question']}\nA: {q['answer']}.")
     docs = []
     for _ in range(passes):
         rng.shuffle(seen)
-        docs.extend(f"{e.name}\n\n" + " ".join(describe(e, rng)) + "\n" for e in seen)
+        for e in seen:
+            pairs = list(asked.get(e.name, ()))
+            rng.shuffle(pairs)
+            docs.append(f"{e.name}\n\n" + " ".join(describe(e, rng)) + "\n" + "".join(f"\n{p}" for p in pairs)
+                        + ("\n" if pairs else ""))
     return docs
-
-
-def reply(answer: str) -> str:
-    """The assistant's reply stating an answer (the knowledge domain's teacher and `qa_conversations` alike)."""
-    return f"{answer[0].upper()}{answer[1:]}."
-
-
-def qa_conversations(seed: int = 0, n: int = 90) -> list[list[dict]]:
-    """The questions post-training asks about seen entities (the "train" split), answered, as chat conversations
-    under the calibration eval's answer prompt: never a held-out entity's question, never an unseen name.
-
-    Mixed into pre-training (`k2lab pretrain --encyclopedia-qa`), they are mixed training (Allen-Zhu and Li,
-    Physics of Language Models 3.1): a model that read some entities' articles *and* questions answered about
-    them learns to answer the same questions about the other entities from their articles alone. In the chat
-    format, because that is the format the model is asked in after SFT."""
-    from k2lab.evals.calibration import ANSWER_PROMPT
-
-    system = ANSWER_PROMPT.format(domain=DOMAIN, topic=TOPIC)
-    return [[{"role": "system", "content": system}, {"role": "user", "content": q["question"]},
-             {"role": "assistant", "content": reply(q["answer"])}]
-            for q in questions(seed, n) if q["seen"] and q["split"] == "train"]
 
 
 def corpus_text(seed: int = 0, n: int = 90, repeats: int = 3) -> str:

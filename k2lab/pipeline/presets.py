@@ -17,18 +17,7 @@ class Recipe:
     # pre-training: a seeded subset of the embedded corpus (MB; more than the run reads, ~3.3 bytes per token)
     # + a share of rows that are the synthetic encyclopedia's articles about its seen entities (PretrainSettings)
     corpus_mb: float = 7.0  # more than 800 steps x 8 x 256 tokens read (~3.3 bytes per token)
-    encyclopedia: float = 0.3  # with the answered questions below (0.2 before them)
-    # one matrix for the input embeddings and the output head (K2 unties them): only tied did this model learn to
-    # copy arbitrary tokens from its context (experiments/in_context_copying.py), which calling a declared tool
-    # and carrying a request's values into a call need; 800 steps of natural text do not teach it either way
-    tie_embeddings: bool = True
-    # a share of rows that are a random token sequence repeated (k2lab.train.data.copy_rows); 0 here: tied, 40% of
-    # 800 steps' rows did not make the base copy, and a copying warm-up was undone in 66 steps of natural text
-    copy_rows: float = 0.0
-    # the questions post-training asks about seen entities, answered in the chat format, mixed in among the
-    # articles (mixed training): with articles alone the SFT model answered ~10% of held-out known questions
-    # though it completed 96% of their facts as cloze sentences
-    encyclopedia_qa: bool = True
+    encyclopedia: float = 0.2
     pretrain_steps: int = 800
     pretrain_batch: int = 8
     pretrain_seq_len: int = 256

@@ -123,9 +123,7 @@ def run_demo(run_dir: str | Path = "runs/demo", preset_name: str = "default") ->
     def do_pretrain() -> dict:
         pretrain(PretrainSettings(preset=r.model, optimizer="muonclip", qk_clip_tau=r.qk_clip_tau,
                                   max_steps=r.pretrain_steps, batch_size=r.pretrain_batch, seq_len=r.pretrain_seq_len,
-                                  lr=r.pretrain_lr, seed=r.seed, encyclopedia=r.encyclopedia,
-                                  encyclopedia_qa=r.encyclopedia_qa, copy_rows=r.copy_rows,
-                                  tie_embeddings=r.tie_embeddings, eval_every=max(1, r.pretrain_steps // 6),
+                                  lr=r.pretrain_lr, seed=r.seed, encyclopedia=r.encyclopedia, eval_every=max(1, r.pretrain_steps // 6),
                                   save_every=max(1, r.pretrain_steps // 12), data=[str(p) for p in data],
                                   tokenizer=str(tok_dir), run_dir=str(run_dir / "pretrain")))
         return {**pretrain_summary(run_dir / "pretrain", r),

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from k2lab.data import DatasetError
 from k2lab.data.corpus import corpus_files
-from k2lab.data.encyclopedia import corpus_documents, qa_conversations
+from k2lab.data.encyclopedia import corpus_documents
 from k2lab.runs import atomic_path
 
 HELD_OUT_PIECE_ROWS = 8  # a held-out row is a window of its own 8-row stretch of text
@@ -51,28 +51,15 @@ def read_document(path: Path) -> list[str]:
     return docs
 
 
-def encyclopedia_rows(encode, eos_id: int, seq_len: int, rows: int, encode_chat=None) -> np.ndarray:
+def encyclopedia_rows(encode, eos_id: int, seq_len: int, rows: int, qa: bool = False) -> np.ndarray:
     """`rows` packed rows of synthetic-encyclopedia articles (k2lab.data.encyclopedia's default world, the one
     the knowledge domain and the calibration set ask about; seen entities only): freshly worded, shuffled passes
-    over the articles, as many as fill the rows (the run's seed orders the rows, not the world).
-    `encode_chat(messages) -> ids`: each pass also holds the post-training questions answered
-    (encyclopedia.qa_conversations) rendered in the chat format, shuffled in among the articles."""
+    over the articles, as many as fill the rows (the run's seed orders the rows, not the world). `qa`: the
+    post-training entities' articles end with their questions answered (encyclopedia.corpus_documents)."""
     width = seq_len + 1
-    convs = [encode_chat(c) for c in qa_conversations()] if encode_chat else []
-
-    def stream(passes: int) -> list[list[int]]:
-        rng, docs = random.Random("encyclopedia-qa"), []
-        articles = [encode(d) for d in corpus_documents(passes=passes)]
-        per_pass = len(articles) // passes
-        for p in range(passes):
-            one = articles[p * per_pass:(p + 1) * per_pass] + convs
-            rng.shuffle(one)
-            docs.extend(one)
-        return docs
-
-    one_pass = sum(len(d) + 1 for d in stream(1))
+    one_pass = sum(len(encode(d)) + 1 for d in corpus_documents(passes=1, qa=qa))
     passes = -(-rows * width // one_pass) + 1  # + 1: wordings differ, so passes differ a little in length
-    toks = [t for doc in stream(passes) for t in doc + [eos_id]]
+    toks = [t for doc in corpus_documents(passes=passes, qa=qa) for t in encode(doc) + [eos_id]]
     return np.asarray(toks[: rows * width], dtype=np.int32).reshape(rows, width)
 
 

@@ -38,17 +38,6 @@ def _tokenizer(s: PretrainSettings, run_dir: Path, config: ModelConfig):
     return Tokenizer.load(out)
 
 
-def _chat_encoder(tokenizer):
-    """messages -> token ids in the K2.6 chat format, thinking off, as SFT renders them (the run's tokenizer)."""
-    from k2lab.tokenizer import Tokenizer
-    from k2lab.tokenizer.chat import render_sft
-
-    if not isinstance(tokenizer, Tokenizer):
-        raise ValueError("encyclopedia_qa renders chat conversations, which needs the run's tokenizer (a k2lab "
-                         "Tokenizer), not a plain encoder")
-    return lambda messages: render_sft(tokenizer, messages, thinking=False)[0]
-
-
 def _first_special(config: ModelConfig) -> int:
     """Ids from here on are special tokens ([BOS], [EOS], chat markers: the last 256 of the vocabulary)."""
     return min(config.bos_token_id, config.eos_token_id, config.vocab_size - 256)
@@ -86,8 +75,7 @@ def pretrain(s: PretrainSettings, tokenizer=None, kind: str = "pretrain") -> dic
         encoder = tokenizer if tokenizer is not None else _tokenizer(s, run_dir, config)
         rows = s.max_steps * s.batch_size
         mixed = [encyclopedia_rows(encoder.encode, config.eos_token_id, s.seq_len, round(rows * s.encyclopedia),
-                                   encode_chat=_chat_encoder(encoder) if s.encyclopedia_qa else None)
-                 if s.encyclopedia else None,
+                                   qa=s.encyclopedia_qa) if s.encyclopedia else None,
                  copy_rows(s.seq_len, round(rows * s.copy_rows), _first_special(config), s.seed)
                  if s.copy_rows else None]
         mixed = [m for m in mixed if m is not None]

@@ -65,9 +65,9 @@ class PretrainSettings(TrainSettings):
     tokenizer: str | None = option(None, "tokenizer directory (default: train one into RUN_DIR/tokenizer)")
     encyclopedia: float = option(0.0, "share of the training rows that are synthetic-encyclopedia articles about "
                                       "its seen entities (k2lab.data.encyclopedia), for calibration; 0: none")
-    encyclopedia_qa: bool = option(False, "mix the questions post-training asks about seen entities, answered in "
-                                          "the chat format, in among the encyclopedia articles (mixed training), so "
-                                          "the model learns to answer from what it read; held-out ones never are")
+    encyclopedia_qa: bool = option(False, "the encyclopedia articles of the entities post-training asks about end "
+                                          "with those questions answered (\"Q: ... A: ...\"; mixed training); "
+                                          "held-out entities' never do")
     copy_rows: float = option(0.0, "share of the training rows that are a random token sequence repeated "
                                    "(synthetic in-context copying data, k2lab.train.data.copy_rows); 0: none, "
                                    "1: nothing else (a copying warm-up)")
@@ -87,6 +87,9 @@ class PretrainSettings(TrainSettings):
             raise ValueError("tie_embeddings shapes a new model; with init_from the checkpoint's config decides")
         if not 0 <= self.encyclopedia < 1:
             raise ValueError(f"encyclopedia ({self.encyclopedia}) is a share of the training rows: give 0 <= x < 1")
+        if self.encyclopedia_qa and not self.encyclopedia:
+            raise ValueError("encyclopedia_qa mixes answered questions in among the encyclopedia rows: give "
+                             "--encyclopedia X (a share of the rows) too")
         if not 0 <= self.copy_rows <= 1 or self.encyclopedia + self.copy_rows > 1:
             raise ValueError(f"copy_rows ({self.copy_rows}) is a share of the training rows: give 0 <= x and "
                              f"encyclopedia + copy_rows <= 1")
