@@ -7,6 +7,7 @@ import torch
 
 import k2lab
 from k2lab.checkpoint import CheckpointError
+from k2lab.model import parameter_counts
 from tests.conftest import random_model, tiny_config
 
 transformers = pytest.importorskip("transformers")
@@ -107,6 +108,8 @@ def test_tied_embeddings_both_ways(tmp_path):
     config = tiny_config(tie_word_embeddings=True)
     model = random_model(config)
     assert model.lm_head.weight is model.model.embed_tokens.weight
+    untied = parameter_counts(random_model(tiny_config()))["total"]
+    assert parameter_counts(model)["total"] == untied - config.vocab_size * config.hidden_size  # counted once
     k2lab.save_model(model, tmp_path / "ours")
     names = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names

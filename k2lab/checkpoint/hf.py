@@ -101,10 +101,10 @@ def load_weights(model: nn.Module, raw_config: dict, request: LoadRequest, ignor
     qc = raw_config.get("quantization_config")
     codec = codec_for_config(qc, path) if qc else None
     claimed, decode = codec.claim(model, qc, stored, request) if codec else (set(), None)
+    slots = targets(model, request.prefix)
     lm, lm_name = _language_model(model)
     head = f"{request.prefix}{lm_name}lm_head.weight"
     tie = config.tie_word_embeddings and head not in stored
-    slots = targets(model, request.prefix)
     if tie:
         del slots[head]
     check_names(slots, stored - claimed, path, "config/weights mismatch?")
