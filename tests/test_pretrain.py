@@ -198,7 +198,7 @@ def test_tied_embeddings_train_save_and_resume_tied(tmp_path, one_thread):
     assert after.lm_head.weight is after.model.embed_tokens.weight
     assert not torch.equal(after.lm_head.weight, before.lm_head.weight)  # the one matrix kept training
     assert [r["step"] for r in read_metrics(s.run_dir)] == [1, 2, 3]
-    with pytest.raises(ValueError, match="tie_embeddings shapes a new model"):
+    with pytest.raises(ValueError, match="--tie-embeddings shapes a new model"):
         settings(tmp_path / "other", tie_embeddings=True, init_from=str(ckpt)).check()
 
 

@@ -84,11 +84,12 @@ class PretrainSettings(TrainSettings):
         if self.seq_len < 2 or self.val_rows < 0:
             raise ValueError(f"seq_len ({self.seq_len}) must be >= 2 and val_rows ({self.val_rows}) >= 0")
         if self.tie_embeddings and self.init_from:
-            raise ValueError("tie_embeddings shapes a new model; with init_from the checkpoint's config decides")
+            raise ValueError("--tie-embeddings shapes a new model; with --init-from the checkpoint's config decides "
+                             "(drop one of the two)")
         if not 0 <= self.encyclopedia < 1:
             raise ValueError(f"encyclopedia ({self.encyclopedia}) is a share of the training rows: give 0 <= x < 1")
         if self.encyclopedia_qa and not self.encyclopedia:
-            raise ValueError("encyclopedia_qa mixes answered questions in among the encyclopedia rows: give "
+            raise ValueError("--encyclopedia-qa adds answered questions to the encyclopedia rows: give "
                              "--encyclopedia X (a share of the rows) too")
         if not 0 <= self.copy_rows <= 1 or self.encyclopedia + self.copy_rows > 1:
             raise ValueError(f"copy_rows ({self.copy_rows}) is a share of the training rows: give 0 <= x and "
