@@ -60,7 +60,10 @@ async def agent_task(llm: LLM, task, max_steps: int) -> dict:
     domain = registry()[task.domain]
     state = domain.initial_state(task)
     try:
-        agent = Agent("agent", llm, task.system, domain_tools(domain, state), AgentLimits(max_steps=max_steps))
+        # greedy, as the other evals: sampled at the server's default temperature the same checkpoint solved a
+        # different task on each run
+        agent = Agent("agent", llm, task.system, domain_tools(domain, state), AgentLimits(max_steps=max_steps),
+                      sampling={"temperature": 0.0})
         res = await agent.run(task.turns[0])
     finally:
         domain.close(state)
