@@ -56,18 +56,19 @@ def measure(checkpoint: Path) -> dict:
 
     tok = Tokenizer.load(checkpoint)
     model = k2lab.load_model(str(checkpoint), dtype=torch.float32)
-    gen = InProcessGenerator(model, (tok.eos_id, tok.encode("<|im_end|>", allow_special=True)[0]))
+    gen = InProcessGenerator(model, (tok.eos_id, tok.im_end_id))
     items = [q for q in questions() if q["seen"]]
     out: dict = {"checkpoint": str(checkpoint)}
     for form in ("cloze", "question", "chat"):
-        ids = [tok.encode(p, allow_special=form == "chat") for p in prompts(form, items)]
+        prompt_texts = prompts(form, items)
+        ids = [tok.encode(p, allow_special=form == "chat") for p in prompt_texts]
         outs = gen.generate(ids, 1, RolloutParams(max_new_tokens=10, temperature=0.0))
         texts = [tok.decode(o.completion_ids).split("<|im_end|>")[0].strip().split("\n")[0] for o in outs]
         for split in ("train", "eval"):
             hits = [q["gold"].lower() in t.lower() for q, t in zip(items, texts) if q["split"] == split]
             out[f"{form}/{split}"] = {"hits": sum(hits), "items": len(hits)}
         out[f"{form}/examples"] = [{"prompt": p[-80:], "gold": q["gold"], "answer": t}
-                                   for p, q, t in zip(prompts(form, items), items, texts)][:3]
+                                   for p, q, t in zip(prompt_texts, items, texts)][:3]
     return out
 
 

@@ -120,7 +120,7 @@ def load_weights(model: nn.Module, raw_config: dict, request: LoadRequest, ignor
     if decode is not None:
         decode(encoded)
     if tie:
-        lm.lm_head.weight = lm.model.embed_tokens.weight
+        lm.tie_weights()
     lm.model.rotary_emb.reset(resolve_device(f"{lm_name}model.layers.0", request.device, request.device_map))
     return model.eval()
 

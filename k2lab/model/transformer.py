@@ -87,9 +87,14 @@ class K2ForCausalLM(nn.Module):
         self.config = config
         self.model = K2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:  # one matrix reads tokens in and scores them out (K2 itself unties them)
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """With config.tie_word_embeddings, one matrix reads tokens in and scores them out (K2 itself unties
+        them); called again wherever the parameters are replaced (checkpoint loading, a gathered FSDP copy)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:

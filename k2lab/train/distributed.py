@@ -113,8 +113,7 @@ def gather_for_save(model: nn.Module, opt, config):
     with torch.device("meta"):
         plain = K2ForCausalLM(config)
     plain.load_state_dict(state, assign=True)
-    if config.tie_word_embeddings:  # assign gave the head its own tensor: one matrix again, as it trained
-        plain.lm_head.weight = plain.model.embed_tokens.weight
+    plain.tie_weights()  # assign gave a tied head its own tensor: one matrix again, as it trained
     return plain, optim_state
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from k2lab.config import ModelConfig
 from k2lab.runs import claim
+from k2lab.tokenizer.tokenizer import NUM_RESERVED
 from k2lab.train import distributed as dist_utils
 from k2lab.train.data import (PackedRows, build_dataset, check_readable, copy_rows, embedded_corpus,
                              encyclopedia_rows)
@@ -36,11 +37,6 @@ def _tokenizer(s: PretrainSettings, run_dir: Path, config: ModelConfig):
         paths = [Path(p) for p in s.data] or None
         train_tokenizer(config.vocab_size, paths=paths, out_dir=out)
     return Tokenizer.load(out)
-
-
-def _first_special(config: ModelConfig) -> int:
-    """Ids from here on are special tokens ([BOS], [EOS], chat markers: the last 256 of the vocabulary)."""
-    return min(config.bos_token_id, config.eos_token_id, config.vocab_size - 256)
 
 
 def _init_model(s: PretrainSettings, config: ModelConfig):
@@ -74,11 +70,12 @@ def pretrain(s: PretrainSettings, tokenizer=None, kind: str = "pretrain") -> dic
         check_readable(paths)  # before a tokenizer is trained on them
         encoder = tokenizer if tokenizer is not None else _tokenizer(s, run_dir, config)
         rows = s.max_steps * s.batch_size
-        mixed = [encyclopedia_rows(encoder.encode, config.eos_token_id, s.seq_len, round(rows * s.encyclopedia),
-                                   qa=s.encyclopedia_qa) if s.encyclopedia else None,
-                 copy_rows(s.seq_len, round(rows * s.copy_rows), _first_special(config), s.seed)
-                 if s.copy_rows else None]
-        mixed = [m for m in mixed if m is not None]
+        mixed = []
+        if s.encyclopedia:
+            mixed.append(encyclopedia_rows(encoder.encode, config.eos_token_id, s.seq_len,
+                                           round(rows * s.encyclopedia), qa=s.encyclopedia_qa))
+        if s.copy_rows:  # ordinary tokens only: the special ones are the last NUM_RESERVED of the vocabulary
+            mixed.append(copy_rows(s.seq_len, round(rows * s.copy_rows), config.vocab_size - NUM_RESERVED, s.seed))
         build_dataset(paths, encoder.encode, config.eos_token_id, s.seq_len, rows, s.val_rows, s.seed,
                       run_dir / "data", mixed_in=np.concatenate(mixed) if mixed else None)
     tok_dir = Path(s.tokenizer) if s.tokenizer else run_dir / "tokenizer"
