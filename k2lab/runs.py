@@ -149,12 +149,15 @@ def rewrite_jsonl(path: str | Path, records: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def claim(run_dir: str | Path, identity: dict, kind: str, inputs: tuple[str, ...] = ()) -> Path:
+def claim(run_dir: str | Path, identity: dict, kind: str, inputs: tuple[str, ...] = (),
+          added: dict | None = None) -> Path:
     """Make `run_dir` this run's directory: new -> write run.json; existing -> same kind and identity, or refuse.
 
     `identity` holds every setting that makes two runs the same run (not run control such as save intervals).
     JSON round-trips it first so tuples and lists compare equal. `inputs`: entries a new run directory may
-    already hold because the caller prepared them (pre-training's packed `data` and `tokenizer`).
+    already hold because the caller prepared them (pre-training's packed `data` and `tokenizer`). `added`:
+    settings introduced after older run directories were written, each with the value that behaves as before;
+    a run.json without one reads as having that value, so those runs still resume.
     """
     run_dir = Path(run_dir)
     identity = json.loads(json.dumps(identity))
@@ -166,6 +169,7 @@ def claim(run_dir: str | Path, identity: dict, kind: str, inputs: tuple[str, ...
             raise RunDirError(f"{run_dir} holds a {found or 'different'} run, not a {kind} run; "
                               f"use another --run-dir")
         old_id = old.get("identity", {k: v for k, v in old.items() if k != "kind"})
+        old_id = {**json.loads(json.dumps(added or {})), **old_id}
         diff = sorted(k for k in set(old_id) | set(identity) if old_id.get(k) != identity.get(k))
         if diff:
             shown = ", ".join(f"{k}: {old_id.get(k)!r} there, {identity.get(k)!r} now" for k in diff[:3])

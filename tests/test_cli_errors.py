@@ -189,3 +189,24 @@ def test_help_has_no_type_labels():
         out = CliRunner().invoke(app, [*name, "--help"]).output
         label = re.search(r"\s<(int|str|float|path|bool|list|float range|int range)[^>]*>", out)
         assert "Usage:" in out and not label, (name, out)
+
+
+def test_a_setting_added_later_keeps_older_runs_resumable(tmp_path):
+    """A run directory written before RLSettings had --thinking / --calibration-reward is the same run as one
+    with those settings at the values that behave as before, and a different run otherwise."""
+    import dataclasses
+
+    from k2lab.config import ModelConfig
+    from k2lab.runs import RunDirError
+    from k2lab.train.settings import RLSettings
+
+    config = ModelConfig.preset("tiny")
+    s = RLSettings(checkpoint="ckpt")
+    old = {k: v for k, v in s.identity(config).items() if k not in RLSettings.ADDED}  # what an older run wrote
+    claim(tmp_path / "rl", old, "rl")
+    assert claim(tmp_path / "rl", s.identity(config), "rl", added=s.ADDED) == tmp_path / "rl"
+    brier = dataclasses.replace(s, calibration_reward="brier")
+    with pytest.raises(RunDirError, match="calibration_reward: 'ternary' there, 'brier' now"):
+        claim(tmp_path / "rl", brier.identity(config), "rl", added=s.ADDED)
+    with pytest.raises(RunDirError, match="thinking"):  # without `added`, an older run is another run
+        claim(tmp_path / "rl", s.identity(config), "rl")

@@ -78,7 +78,7 @@ def test_rl_command_runs_logs_metrics_and_resumes_after_kill_identically(ckpt, t
     # temperature decay: each step samples at the cosine schedule's value for that step (1.0 -> 0.6 by default)
     assert [r["temperature"] for r in expected] == [rewards.temperature(step, 4, 1.0, 0.6) for step in range(4)]
     assert expected[0]["temperature"] == 1.0 and expected[-1]["temperature"] < 1.0
-    assert (tmp_path / "ref" / "plots").is_dir() and any((tmp_path / "ref" / "plots").iterdir())
+    assert (tmp_path / "ref" / "plots" / "rewards.png").is_file()  # reward, accuracy, rates per step
 
     killed = tmp_path / "killed"
     proc = _launch(ckpt, killed)
@@ -96,7 +96,8 @@ def test_bad_rl_input_is_one_line(ckpt, tmp_path):
 
     base = ["rl", "--checkpoint", str(ckpt), "--run-dir", str(tmp_path / "bad")]
     for extra, needle in ((["--env", "chess"], "unknown environment"), (["--samples", "3"], "whole groups"),
-                          (["--loss", "ppo"], "unknown loss"), (["--checkpoint", str(tmp_path)], "no config.json")):
+                          (["--loss", "ppo"], "unknown loss"), (["--checkpoint", str(tmp_path)], "no config.json"),
+                          (["--calibration-reward", "log"], "choose ternary or brier")):
         r = CliRunner().invoke(app, base + extra)
         assert r.exit_code == 1 and needle in r.output and "Traceback" not in r.output, r.output
         assert len([ln for ln in r.output.splitlines() if ln.startswith("error: ")]) == 1, r.output
@@ -221,6 +222,30 @@ def test_rl_on_the_coding_environment_scores_in_the_sandbox(ckpt, tmp_path):
     assert r["reward_unit_tests"] == 0.0 and r["accuracy"] == 0.0  # six random tokens pass no test
     (t,) = read_jsonl(tmp_path / "coding" / "timings.jsonl")
     assert t["reward_s"] > 0 and t["generate_s"] > 0
+
+
+def test_rl_in_thinking_mode_with_the_brier_reward(ckpt, tmp_path):
+    """`--thinking --calibration-reward brier` on the knowledge environment: episodes open <think>, knowledge
+    answers earn the Brier component, and the confidence metrics are logged."""
+    rows = _rl(ckpt, tmp_path / "think", env="knowledge", max_steps=2, thinking=True, calibration_reward="brier")
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert "reward_brier" in r and "reward_calibration" not in r and "confidence_stated" in r
+        assert r["reward_brier"] <= 0.75  # random tokens state no confidence (0) or decline (0.75) at best
+    import k2lab
+    from k2lab.tokenizer import Tokenizer
+    from k2lab.train.rl.rollouts import Rollouts
+    from k2lab.train.settings import RLSettings
+
+    s = RLSettings(checkpoint=str(ckpt), env="knowledge", batch_size=4, samples=2, max_turns=1, max_new_tokens=4,
+                   thinking=True, calibration_reward="brier", compile=False)
+    rollouts = Rollouts(s, Tokenizer.load(ckpt), 4096, tmp_path / "play")
+    rollouts.attach(k2lab.load_model(str(ckpt)))
+    trajs, grades, _ = rollouts.play(0, 1.0)
+    tok = Tokenizer.load(ckpt)
+    for t, g in zip(trajs, grades):  # the settings reach the episodes: <think> opened, a confidence asked for
+        assert tok.decode(t.prompt_ids).endswith("<think>") and "Confidence: p" in tok.decode(t.prompt_ids)
+        assert "brier" in t.rewards and "confidence" in g
 
 
 def test_bad_ptx_input_is_one_line(ckpt, tmp_path):

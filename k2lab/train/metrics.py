@@ -42,7 +42,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def plot_run(run_dir: Path) -> list[Path]:
-    """plots/{loss,max_logit,heads_clipped,expert_load}.png from metrics.jsonl."""
+    """plots/{loss,max_logit,heads_clipped,expert_load}.png from metrics.jsonl, and for RL runs rewards.png
+    (reward, accuracy, abstention and hallucination rates, stated confidences per step)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,6 +78,23 @@ def plot_run(run_dir: Path) -> list[Path]:
     fig.savefig(out_dir / "loss.png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     written.append(out_dir / "loss.png")
+    rl_keys = [k for k in ("reward", "accuracy", "abstention_rate", "hallucination_rate", "confidence_correct",
+                           "confidence_wrong") if any(r.get(k) is not None for r in train)]
+    if "reward" in rl_keys:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for i, key in enumerate(rl_keys):
+            rows = [r for r in train if r.get(key) is not None]
+            steps, values = [r["step"] for r in rows], [r[key] for r in rows]
+            window = max(1, len(values) // 20)  # a step's rollouts are few: the trailing mean shows the trend
+            smooth = [sum(values[max(0, j - window + 1):j + 1]) / len(values[max(0, j - window + 1):j + 1])
+                      for j in range(len(values))]
+            ax.plot(steps, values, color=f"C{i}", alpha=0.25)
+            ax.plot(steps, smooth, color=f"C{i}", label=key.replace("_", " "))
+        ax.set(xlabel="step", title="RL rollouts per step (faint: each step; bold: trailing mean)")
+        ax.legend(fontsize=7)
+        fig.savefig(out_dir / "rewards.png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        written.append(out_dir / "rewards.png")
     per_layer("max_logit", "max attention logit per layer", "max_logit.png")
     per_layer("heads_clipped", "heads clipped by QK-Clip", "heads_clipped.png")
     per_layer("imbalance", "expert load imbalance (max/mean) per MoE layer", "expert_load.png")

@@ -63,7 +63,7 @@ def pretrain(s: PretrainSettings, tokenizer=None, kind: str = "pretrain") -> dic
     config = s.model_config()
     run_dir = Path(s.run_dir)
     if rank == 0:
-        claim(run_dir, s.identity(config), kind, inputs=("data", "tokenizer"))  # they may be prepared
+        claim(run_dir, s.identity(config), kind, inputs=("data", "tokenizer"), added=s.ADDED)  # inputs: prepared
     check_unfinished(run_dir, s.max_steps)  # before any data is built
     if rank == 0 and not (run_dir / "data" / "train.npy").exists():
         paths = [Path(p) for p in s.data] or embedded_corpus()

@@ -43,6 +43,8 @@ class TrainSettings:
     save_every: int = option(0, "steps between checkpoints (0: only at the end)")
 
     CONTROL = ("max_steps", "save_every")  # may change between a run and its continuation
+    # settings added after run directories were written, with the value that behaves as before (runs.claim)
+    ADDED: typing.ClassVar[dict] = {}
 
     def check(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
@@ -78,6 +80,7 @@ class PretrainSettings(TrainSettings):
     run_dir: str = option("runs/pretrain", "run directory; a rerun resumes from its last checkpoint")
 
     CONTROL = (*TrainSettings.CONTROL, "run_dir")
+    ADDED = {"encyclopedia_qa": False, "copy_rows": 0.0, "tie_embeddings": False}
 
     def check(self) -> None:
         super().check()
@@ -146,6 +149,7 @@ class SftSettings(TrainSettings):
 # the domains of k2lab.synth.domains
 RL_ENVS = ("arithmetic", "mental", "knowledge", "store", "files", "lookup", "coding", "toolbox")
 RL_LOSSES = ("k15", "k25", "grpo")
+RL_CALIBRATION_REWARDS = ("ternary", "brier")
 
 
 @dataclass
@@ -160,6 +164,11 @@ class RLSettings(TrainSettings):
     max_new_tokens: int = option(48, "per assistant turn; a turn cut at this budget is penalized")
     budget_penalty: float = option(0.5, "reward subtracted when a turn runs over max_new_tokens")
     max_turns: int = option(4, "assistant messages per episode at most")
+    thinking: bool = option(False, "K2.6 thinking mode: the policy samples its reasoning in <think> before each "
+                                   "answer (trained, and counted in the token budget; rewards read the answer)")
+    calibration_reward: str = option("ternary", "knowledge tasks: ternary (correct +1, wrong -1, abstained 0) or "
+                                                "brier (the prompt asks for 'Confidence: p'; 1 - (p - correct)^2, "
+                                                "0.75 for abstaining)")
     temperature_start: float = option(1.0, "sampling temperature at step 0 (cosine decay)")
     temperature_end: float = option(0.6, "sampling temperature at the last step")
     ptx_data: str = option("", "PTX: chat JSONL of curated conversations, their cross-entropy added (off if empty)")
@@ -179,6 +188,7 @@ class RLSettings(TrainSettings):
                                    "it every max_staleness + 1 steps)")
 
     CONTROL = (*TrainSettings.CONTROL, "run_dir", "rollout_url")
+    ADDED = {"thinking": False, "calibration_reward": "ternary"}
 
     @property
     def envs(self) -> list[str]:
@@ -191,6 +201,8 @@ class RLSettings(TrainSettings):
         unknown = [e for e in self.envs if e not in RL_ENVS]
         if unknown or not self.envs:
             raise ValueError(f"unknown environment(s) {unknown or [self.env]}; choose from {', '.join(RL_ENVS)}")
+        if self.calibration_reward not in RL_CALIBRATION_REWARDS:
+            raise ValueError(f"unknown --calibration-reward {self.calibration_reward!r}; choose ternary or brier")
         if self.loss not in RL_LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose k15, k25 or grpo")
         if self.samples < 2 or (self.batch_size // self.grad_accum) % self.samples:

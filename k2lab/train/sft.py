@@ -258,7 +258,7 @@ def sft(s: SftSettings) -> dict:
     rank, _, _ = dist_utils.setup()
     if rank == 0:  # under torchrun rank 0 prepares the data; the others read it
         prepared = None if (data_dir / "heldout.jsonl").exists() else prepare(s, tokenizer)
-        claim(run_dir, s.identity(), "sft", inputs=("data",))
+        claim(run_dir, s.identity(), "sft", inputs=("data",), added=s.ADDED)
     check_unfinished(run_dir, s.max_steps)
     if rank == 0 and prepared is not None:
         save_prepared(prepared, data_dir)

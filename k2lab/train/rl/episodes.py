@@ -1,14 +1,20 @@
 """Multi-turn episodes against environments, token in and token out: the glue between a generator, the chat
 format and `k2lab.synth.env.Environment`.
 
-An episode: the environment's reset messages and tools are rendered in the K2.6 chat format with thinking off
-(the generation prompt ends with `<think></think>`, so a small model answers directly) and encoded once; the
-policy samples a completion (ending at `<|im_end|>`, or cut at the token budget, then `<|im_end|>` is written
-for it as an environment token); the completion's text is parsed into an assistant message (content and tool
+An episode: the environment's reset messages and tools are rendered in the K2.6 chat format and encoded once;
+with thinking off (the default) the generation prompt ends with `<think></think>`, so a small model answers
+directly, and with thinking on it ends with `<think>`, so the policy samples its reasoning, `</think>` and then
+the answer (all of it trained; the environment and the rewards see the answer, never the reasoning). The policy
+samples a completion (ending at `<|im_end|>`, or cut at the token budget, then `<|im_end|>` is written for it as
+an environment token); the completion's text is parsed into an assistant message (content, reasoning and tool
 calls) which the environment steps; the observation (tool results, the next user turn) and the next generation
 prompt are rendered and appended as environment tokens (loss mask 0). Repeat until the environment is done,
-the turn cap, or the model's context is full. The trajectory's ids are what the policy saw and sampled; a
-completion's text is decoded only to step the environment, never re-encoded.
+the turn cap, or the model's context is full. The trajectory's ids are what the policy saw and sampled (every
+turn's reasoning stays, as K2.6's preserve_thinking renders it); a completion's text is decoded only to step
+the environment, never re-encoded.
+
+Knowledge tasks are rewarded with the ternary calibration reward (+1 / -1 / 0) or, with calibration="brier",
+the Brier reward on a stated confidence; the system prompt then asks for one (`rewards.CONFIDENCE_INSTRUCTION`).
 
 The generator interface is `generate(prompts: list[list[int]], k, RolloutParams) -> list[RolloutSample]`
 (prompt-major, K consecutive samples per prompt) with a `policy_version`; `k2lab.serve.rollout.
@@ -33,6 +39,7 @@ from k2lab.tokenizer.chat import segments
 from k2lab.tokenizer.toolcalls import parse
 from k2lab.train.rl import rewards
 from k2lab.train.rl.trajectory import Trajectory
+from k2lab.train.settings import RL_CALIBRATION_REWARDS
 
 
 class Generator(Protocol):
@@ -43,11 +50,12 @@ class Generator(Protocol):
 
 
 def encode_turns(tokenizer, messages: list[dict], tools: list[dict] | None = None,
-                 add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of rendered messages (thinking off): markers as their special ids, text encoded with special
-    tokens disallowed, so environment text that spells a marker stays text."""
+                 add_generation_prompt: bool = True, thinking: bool = False) -> list[int]:
+    """Token ids of rendered messages: markers as their special ids, text encoded with special tokens
+    disallowed, so environment text that spells a marker stays text. The generation prompt ends with
+    `<think></think>` (thinking off) or `<think>` (on)."""
     ids: list[int] = []
-    for text, is_marker, _ in segments(messages, tools, add_generation_prompt, thinking=False):
+    for text, is_marker, _ in segments(messages, tools, add_generation_prompt, thinking=thinking):
         ids += [tokenizer.special_tokens[text]] if is_marker else tokenizer.encode(text) if text else []
     return ids
 
@@ -66,17 +74,25 @@ def _gold(task: Task) -> str:
     return _golds()[task.world["item_id"]]
 
 
-def score(env: Environment, traj: Trajectory, over_budget: bool, budget_penalty: float) -> dict:
+def score(env: Environment, traj: Trajectory, over_budget: bool, budget_penalty: float,
+          calibration: str = "ternary") -> dict:
     """Reward components of a finished episode and its grade. Knowledge (calibration QA): the rules grader on
     the final answer, +1 correct, -1 wrong, 0 abstained (seen and unseen entities alike: for an entity the model
-    never saw a guess is most likely wrong). Tool domains: the share of the rubric's checkpoints that pass
-    (tool calls really executed, answers checked numerically). Coding: the share of its unit tests that pass
-    in the sandbox. Every domain: the budget penalty."""
+    never saw a guess is most likely wrong), or with calibration="brier" 1 - (confidence - correct)^2 on the
+    stated confidence (the grade then also holds that confidence). Tool domains: the share of the rubric's
+    checkpoints that pass (tool calls really executed, answers checked numerically). Coding: the share of its
+    unit tests that pass in the sandbox. Every domain: the budget penalty."""
     components = {"budget": rewards.budget(over_budget, budget_penalty)}
+    extra: dict = {}
     if env.task.domain == "knowledge":
         answer = env.answers[0] if env.answers else ""
+        if calibration == "brier":
+            components["brier"] = rewards.brier(answer, _gold(env.task))
+            extra["confidence"] = rewards.stated_confidence(answer)
+            answer = rewards.without_confidence(answer)
+        else:
+            components["calibration"] = rewards.calibration(answer, _gold(env.task))
         letter = rules.grade(answer, _gold(env.task))
-        components["calibration"] = rewards.calibration(answer, _gold(env.task))
         # saying nothing is no abstention (rewards.calibration pays it as wrong), so the metrics count it so too
         grade = {"A": "correct", "B": "wrong", "D": "abstained" if rules.declines(answer) else "wrong"}[letter]
     else:
@@ -86,22 +102,29 @@ def score(env: Environment, traj: Trajectory, over_budget: bool, budget_penalty:
         grade = "correct" if components[name] == 1.0 else "wrong"
     total, components = rewards.compose(components)
     traj.set_reward(components, total)
-    return {"grade": grade, "domain": env.task.domain}
+    return {"grade": grade, "domain": env.task.domain, **extra}
 
 
 def run_episodes(generator: Generator, tokenizer, tasks: list[Task], k: int, params: RolloutParams,
                  max_turns: int, context: int, budget_penalty: float, seed: int = 0,
-                 timings: dict | None = None) -> tuple[list[Trajectory], list[dict]]:
+                 timings: dict | None = None, thinking: bool = False,
+                 calibration: str = "ternary") -> tuple[list[Trajectory], list[dict]]:
     """K episodes of each task (prompt-major: K consecutive trajectories per task) and their grades (with each
     episode's first user turn and final answer). Turn t samples with seed sub_seed(seed, t), so the episodes are
-    a function of (seed, tasks, weights). `timings`, when given, gets the seconds spent sampling ("generate_s"),
-    stepping the environments ("env_s") and scoring ("reward_s")."""
+    a function of (seed, tasks, weights). `thinking`: the K2.6 thinking mode (see the module docstring);
+    `calibration`: the knowledge tasks' reward, "ternary" or "brier". `timings`, when given, gets the seconds
+    spent sampling ("generate_s"), stepping the environments ("env_s") and scoring ("reward_s")."""
+    if calibration not in RL_CALIBRATION_REWARDS:
+        raise ValueError(f"calibration reward must be one of {RL_CALIBRATION_REWARDS}, got {calibration!r}")
+    if calibration == "brier":  # the question asks for the confidence the reward reads
+        tasks = [dataclasses.replace(t, system=t.system + rewards.CONFIDENCE_INSTRUCTION)
+                 if t.domain == "knowledge" else t for t in tasks]
     clock = {"generate_s": 0.0, "env_s": 0.0, "reward_s": 0.0}
     t0 = time.perf_counter()
     reg = registry()
     envs = [Environment(reg[t.domain], t, seed=seed, max_steps=max_turns) for t in tasks for _ in range(k)]
     starts = [env.reset() for env in envs]
-    prompts = [encode_turns(tokenizer, msgs, tools or None) for msgs, tools in starts[::k]]
+    prompts = [encode_turns(tokenizer, msgs, tools or None, thinking=thinking) for msgs, tools in starts[::k]]
     trajs = [Trajectory(prompt_ids=prompts[i // k], policy_version=generator.policy_version) for i in range(len(envs))]
     over = [False] * len(envs)
     live = list(range(len(envs)))
@@ -123,10 +146,10 @@ def run_episodes(generator: Generator, tokenizer, tasks: list[Task], k: int, par
             if sample.finish_reason == "length":  # the turn ran over its budget: close it for the policy
                 over[i] = True
                 traj.add_environment([im_end])
-            message = parse(text.removesuffix("<|im_end|>"), env.tools or None).to_message()
+            message = parse(text.removesuffix("<|im_end|>"), env.tools or None, in_reasoning=thinking).to_message()
             obs, _, done = env.step(message)
             if not done:
-                traj.add_environment(encode_turns(tokenizer, obs))
+                traj.add_environment(encode_turns(tokenizer, obs, thinking=thinking))
                 done = len(traj.prompt_ids) + len(traj.completion_ids) + params.max_new_tokens > context
             if not done:
                 still.append(i)
@@ -134,8 +157,8 @@ def run_episodes(generator: Generator, tokenizer, tasks: list[Task], k: int, par
         if not live:
             break
     t1 = time.perf_counter()
-    grades = [score(env, traj, o, budget_penalty) | {"prompt": env.task.turns[0], "answer": env.answers[-1]
-                                                     if env.answers else ""}
+    grades = [score(env, traj, o, budget_penalty, calibration)
+              | {"prompt": env.task.turns[0], "answer": env.answers[-1] if env.answers else ""}
               for env, traj, o in zip(envs, trajs, over)]
     for env in envs:
         env.close()

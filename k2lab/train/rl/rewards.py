@@ -6,8 +6,9 @@
 - `tool_use`: the calls an episode made against a rubric given as data (required calls with required
   arguments, forbidden tools, a call budget, optional order) -> the share of required calls made, 0 on a
   violation.
-- `calibration`: correct +1, wrong -1, abstained 0 (configurable; saying nothing is not abstaining); `brier`: 1 - (confidence - correct)^2 on a
-  stated confidence, a fixed value for abstaining, 0 when the confidence is missing or ambiguous.
+- `calibration`: correct +1, wrong -1, abstained 0 (configurable; saying nothing is not abstaining); `brier`:
+  1 - (confidence - correct)^2 on a stated confidence ("Confidence: 0.8", which `CONFIDENCE_INSTRUCTION` asks
+  for), a fixed value for abstaining, 0 when the confidence is missing or ambiguous.
 - `budget`: over-budget responses are truncated (`truncate_to_budget`) and get -penalty.
 - `compose`: a weighted sum with every component recorded; `temperature`: the sampling temperature schedule.
 Reward functions read the final answer (assistant content, reasoning excluded); the grader is
@@ -98,6 +99,14 @@ def calibration(answer: str | None, gold: str, correct: float = 1.0, wrong: floa
 
 
 _CONFIDENCE = re.compile(r"confidence\s*[:=]?\s*(\d+(?:\.\d+)?)\s*(%?)", re.IGNORECASE)
+# what a prompt adds so the answer states the confidence `brier` reads
+CONFIDENCE_INSTRUCTION = ("\nEnd an answer with how likely it is to be right, as \"Confidence: p\" with p from 0 to "
+                          "1; state no confidence when you say you do not know.")
+
+
+def without_confidence(text: str | None) -> str:
+    """The answer with its confidence statements removed: what is graded."""
+    return _CONFIDENCE.sub(" ", text or "").strip()
 
 
 def stated_confidence(text: str | None) -> float | None:
@@ -113,7 +122,7 @@ def stated_confidence(text: str | None) -> float | None:
 def brier(answer: str | None, gold: str, abstained: float = 0.75) -> float:
     """1 - (c - y)^2 with c the stated confidence and y = 1 if correct; `abstained` when the answer declines
     (0.75 is what a confidence of 0.5 earns either way); 0 when no single confidence is stated."""
-    text = _CONFIDENCE.sub(" ", answer or "")  # the confidence statement is not part of the answer
+    text = without_confidence(answer)  # the confidence statement is not part of the answer
     letter = rules.grade(text, gold)
     if letter == "D":
         return abstained if rules.declines(text) else 0.0  # silence is no abstention (see `calibration`)

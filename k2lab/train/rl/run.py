@@ -10,7 +10,9 @@ sampled distribution (logits / temperature), so on-policy the log-ratio is 0 up 
 A step's rollouts are a pure function of (seed, step, weights) and the weights after step s are in the step-s
 checkpoint, so a run killed and rerun logs the same metrics (the loop's resume). Metrics per step: reward and
 its components, accuracy, abstention and hallucination rates (knowledge), response length, truncated share,
-entropy, the share of groups with all-equal rewards, log-ratio statistics, policy version, temperature.
+entropy, the share of groups with all-equal rewards, log-ratio statistics, policy version, temperature; with
+the Brier reward the share of attempted answers that state a confidence and the mean confidence of the correct
+and of the wrong ones.
 """
 
 from __future__ import annotations
@@ -74,6 +76,12 @@ def rollout_metrics(trajs, grades, k: int) -> dict:
         wrong, abstained = calib.count("wrong"), calib.count("abstained")
         out["abstention_rate"] = abstained / len(calib)
         out["hallucination_rate"] = wrong / (wrong + abstained) if wrong + abstained else 0.0
+    stated = [g for g in grades if "confidence" in g]  # Brier reward: how the stated confidences track grades
+    if stated:
+        out["confidence_stated"] = _mean([g["confidence"] is not None for g in stated if g["grade"] != "abstained"])
+        for grade in ("correct", "wrong"):
+            out[f"confidence_{grade}"] = _mean([g["confidence"] for g in stated
+                                                if g["grade"] == grade and g["confidence"] is not None])
     return out
 
 
@@ -124,7 +132,7 @@ def rl(s: RLSettings) -> dict:
     rollouts = Rollouts(s, tokenizer, config.max_position_embeddings, run_dir)  # torchrun: joins the group
     rank0 = dist_utils.rank() == 0
     if rank0:
-        claim(run_dir, s.identity(config), "rl", inputs=("data",))
+        claim(run_dir, s.identity(config), "rl", inputs=("data",), added=s.ADDED)
     dist_utils.barrier()
     check_unfinished(run_dir, s.max_steps)
     if rank0 and ptx is not None and not (run_dir / "data" / "ptx.pt").exists():
