@@ -5,12 +5,15 @@ Pipeline, all with k2lab's own commands as functions:
 1. SFT data: the rule-based solver's answers to `mental` tasks (short arithmetic questions, no tools: "What is
    7 + 5?" -> "12"), written as chat JSONL (what `k2lab synth` writes for the tool domains).
 2. `k2lab sft` from the tiny pre-trained checkpoint, deliberately short (a weak start leaves room for RL).
-3. `k2lab rl --env mental` from the SFT checkpoint, once per objective and seed, same settings otherwise; the
-   reward is verifiable (the rules grader: every number stated must be the exact value) plus the budget term.
-4. Held-out accuracy, greedy, on tasks from a seed no run trained on (the problem space is small, operands
-   0..12, so "held-out" means a separate draw of problems, not unseen facts), for the SFT model and every RL run.
+3. `k2lab rl --env mental` from the SFT checkpoint, once per objective and seed, same settings otherwise
+   (--batch rollouts per step as --batch/8 prompts x K=8); the reward is verifiable (the rules grader: every
+   number stated must be the exact value) plus the budget term.
+4. Held-out accuracy, greedy, on --heldout tasks from a seed no run trained on (the problem space is small,
+   operands 0..12, so "held-out" means a separate draw of problems, not unseen facts), for the SFT model and
+   every RL run at its middle and last checkpoint; the gain over SFT with a 95% paired bootstrap interval
+   (held-out tasks resampled, each task's RL correctness averaged over the seeds).
 
-    python experiments/post_training_rlvr.py [--base CKPT] [--work DIR] [--seeds 0 1 2] [--steps 30]
+    python experiments/post_training_rlvr.py [--base CKPT] [--work DIR] [--seeds 0 1 2] [--steps 160] [--batch 128]
 
 Writes experiments/results/post_training_rlvr.{json,md,png}. The work directory keeps every stage, so a rerun
 skips what is done (SFT, finished RL runs).
@@ -25,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 RESULTS = Path(__file__).parent / "results"
@@ -60,8 +64,8 @@ def sft_checkpoint(work: Path, steps: int, base: str) -> Path:
 
 
 @torch.no_grad()
-def heldout_accuracy(ckpt: Path, n: int) -> float:
-    """Greedy accuracy on n `mental` tasks drawn from a seed no run trains on."""
+def heldout_correct(ckpt: Path, n: int) -> list[int]:
+    """1 / 0 per task, greedy, on n `mental` tasks drawn from a seed no run trains on."""
     import k2lab
     from k2lab.serve.rollout import InProcessGenerator, RolloutParams
     from k2lab.synth.domains import make_tasks
@@ -74,10 +78,10 @@ def heldout_accuracy(ckpt: Path, n: int) -> float:
     _, grades = run_episodes(gen, tok, make_tasks(["mental"], n, seed=424242), 1,
                              RolloutParams(max_new_tokens=4, temperature=0.0), 1, model.config.max_position_embeddings,
                              0.0)
-    return sum(g["grade"] == "correct" for g in grades) / n
+    return [int(g["grade"] == "correct") for g in grades]
 
 
-def rl_run(ckpt: Path, run_dir: Path, loss: str, seed: int, steps: int, lr: float) -> list[dict]:
+def rl_run(ckpt: Path, run_dir: Path, loss: str, seed: int, steps: int, lr: float, batch: int) -> list[dict]:
     from k2lab.runs import read_jsonl
     from k2lab.train.rl.run import rl
     from k2lab.train.settings import RLSettings
@@ -85,8 +89,8 @@ def rl_run(ckpt: Path, run_dir: Path, loss: str, seed: int, steps: int, lr: floa
     done = run_dir / "checkpoints" / f"step-{steps:06d}"
     if not done.is_dir():
         rl(RLSettings(checkpoint=str(ckpt), run_dir=str(run_dir), env="mental", loss=loss, seed=seed,
-                      batch_size=32, samples=8, max_new_tokens=4, max_turns=1, max_steps=steps, lr=lr,
-                      warmup_steps=1, temperature_start=1.0, temperature_end=0.7, save_every=steps))
+                      batch_size=batch, samples=8, max_new_tokens=4, max_turns=1, max_steps=steps, lr=lr,
+                      warmup_steps=1, temperature_start=1.0, temperature_end=0.7, save_every=steps // 2))
     return read_jsonl(run_dir / "metrics.jsonl")
 
 
@@ -96,42 +100,65 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    from k2lab.train.metrics import trailing_mean
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     colors = dict(zip(LOSSES, ("C0", "C1", "C2")))
+    window = max(1, results["rl_steps"] // 10)
     for loss in LOSSES:
         runs = results["runs"][loss]
-        for i, run in enumerate(runs):
-            steps = [m["step"] for m in run["metrics"]]
-            axes[0].plot(steps, [m["accuracy"] for m in run["metrics"]], color=colors[loss], alpha=0.8,
-                         label=loss if i == 0 else None)
-        axes[1].scatter([LOSSES.index(loss)] * len(runs), [r["heldout_accuracy"] for r in runs], color=colors[loss])
-    axes[0].set(xlabel="RL step", ylabel="training accuracy (rollouts, sampled)",
-                title="RLVR on mental arithmetic: accuracy of the step's rollouts")
+        steps = [m["step"] for m in runs[0]["metrics"]]
+        mean = [statistics.mean(r["metrics"][i]["accuracy"] for r in runs) for i in range(len(steps))]
+        axes[0].plot(steps, trailing_mean(mean, window), color=colors[loss], label=f"{loss} (mean of seeds)")
+        for r in runs:
+            at = sorted((int(k), v) for k, v in r["heldout"].items())
+            axes[1].plot([0] + [a for a, _ in at], [results["sft_heldout_accuracy"]] + [v for _, v in at],
+                         "o-", color=colors[loss], alpha=0.35, lw=1)
+        curve = sorted({int(k) for r in runs for k in r["heldout"]})
+        axes[1].plot([0] + curve, [results["sft_heldout_accuracy"]]
+                     + [statistics.mean(r["heldout"][str(c)] for r in runs) for c in curve],
+                     "o-", color=colors[loss], lw=2.5, label=f"{loss} (bold: mean of seeds)")
+    axes[0].set(xlabel="RL step", ylabel="accuracy of the step's rollouts (sampled)",
+                title=f"RLVR on mental arithmetic: rollouts ({window}-step trailing mean)")
     axes[0].legend()
     axes[1].axhline(results["sft_heldout_accuracy"], color="gray", ls="--", label="SFT start")
-    axes[1].set(xticks=range(len(LOSSES)), xticklabels=LOSSES, ylabel="held-out accuracy (greedy)",
-                title="after RL, per seed")
-    axes[1].legend()
+    axes[1].set(xlabel="RL step", ylabel=f"held-out accuracy (greedy, {results['heldout_tasks']} tasks)",
+                title="held-out accuracy during RL, per seed")
+    axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
+def gain(sft: list[int], runs: list[dict]) -> dict:
+    """Mean held-out accuracy of the runs minus the SFT model's, with a 95% paired bootstrap interval: tasks are
+    resampled, each task's RL correctness averaged over the runs (seeds)."""
+    from k2lab.evals.stats import bootstrap_ci
+
+    diff = np.mean([r["correct"] for r in runs], axis=0) - np.asarray(sft)
+    return {"gain": float(diff.mean()), "ci95": list(bootstrap_ci(diff, np.mean))}
+
+
 def markdown(results: dict) -> str:
+    n_prompts = results["batch"] // 8
     lines = ["# RLVR on verifiable arithmetic from an SFT'd tiny model", "",
              f"SFT start ({results['sft_steps']} SFT steps from the tiny pre-trained checkpoint): held-out greedy "
              f"accuracy **{results['sft_heldout_accuracy']:.3f}** on {results['heldout_tasks']} tasks.", "",
-             f"RL: `k2lab rl --env mental`, {results['rl_steps']} steps of 32 rollouts (4 prompts x K=8), "
-             f"lr {results['lr']}, seeds {results['seeds']}.", "",
-             "| objective | held-out accuracy per seed | mean | mean - SFT | rollout accuracy, first -> last step |",
-             "|---|---|---|---|---|"]
+             f"RL: `k2lab rl --env mental`, {results['rl_steps']} steps of {results['batch']} rollouts "
+             f"({n_prompts} prompts x K=8), lr {results['lr']}, temperature 1.0 -> 0.7, seeds {results['seeds']}.", "",
+             "| objective | held-out accuracy per seed (last step) | mean | gain over SFT [95% CI] | "
+             "mean at the middle step | rollout accuracy, first -> last 10% of steps |",
+             "|---|---|---|---|---|---|"]
+    mid = str(results["rl_steps"] // 2)
+    tenth = max(1, results["rl_steps"] // 10)
     for loss in LOSSES:
         runs = results["runs"][loss]
         accs = [r["heldout_accuracy"] for r in runs]
-        mean = statistics.mean(accs)
-        first = statistics.mean(r["metrics"][0]["accuracy"] for r in runs)
-        last = statistics.mean(r["metrics"][-1]["accuracy"] for r in runs)
-        lines.append(f"| {loss} | {', '.join(f'{a:.3f}' for a in accs)} | {mean:.3f} | "
-                     f"{mean - results['sft_heldout_accuracy']:+.3f} | {first:.3f} -> {last:.3f} |")
+        g = results["gain"][loss]
+        first = statistics.mean(m["accuracy"] for r in runs for m in r["metrics"][:tenth])
+        last = statistics.mean(m["accuracy"] for r in runs for m in r["metrics"][-tenth:])
+        lines.append(f"| {loss} | {', '.join(f'{a:.3f}' for a in accs)} | {statistics.mean(accs):.3f} | "
+                     f"{g['gain']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}] | "
+                     f"{statistics.mean(r['heldout'][mid] for r in runs):.3f} | {first:.3f} -> {last:.3f} |")
     lines += ["", f"Wall time of this invocation: {results['wall_s'] / 60:.1f} min on a shared 2-core CPU machine "
               "(stages already in the work directory are reused, not rerun).", "",
               "![plot](post_training_rlvr.png)", ""]
@@ -143,29 +170,40 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/k2lab-rlvr"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--base", default=BASE, help="the pre-trained checkpoint SFT starts from")
-    ap.add_argument("--steps", type=int, default=30, help="RL steps per run (4 prompts x K=8 each)")
-    ap.add_argument("--lr", type=float, default=1e-4, help="RL learning rate (5e-4 collapsed the entropy)")
+    ap.add_argument("--steps", type=int, default=160, help="RL steps per run (even: held-out accuracy is also "
+                                                             "measured at the middle one)")
+    ap.add_argument("--batch", type=int, default=128, help="rollouts per RL step (batch / 8 prompts x K=8)")
+    ap.add_argument("--lr", type=float, default=1e-4, help="RL learning rate (3e-4 gained less, 5e-4 collapsed "
+                                                            "the entropy)")
     ap.add_argument("--sft-steps", type=int, default=40)
-    ap.add_argument("--heldout", type=int, default=100, help="held-out tasks")
+    ap.add_argument("--heldout", type=int, default=400, help="held-out tasks")
     a = ap.parse_args()
+    if a.steps < 2 or a.steps % 2 or a.batch < 8 or a.batch % 8:
+        sys.exit(f"--steps ({a.steps}) must be even and >= 2, --batch ({a.batch}) a positive multiple of 8")
     t0 = time.perf_counter()
     a.work.mkdir(parents=True, exist_ok=True)
     sft_data(a.work / "sft.jsonl", 1500)
     if not (Path(a.base) / "config.json").is_file():
         sys.exit(f"--base {a.base}: no checkpoint there; run `make run` first or pass a pre-trained checkpoint")
     ckpt = sft_checkpoint(a.work, a.sft_steps, a.base)
-    results = {"sft_steps": a.sft_steps, "rl_steps": a.steps, "lr": a.lr, "seeds": a.seeds, "heldout_tasks": a.heldout,
-               "sft_heldout_accuracy": heldout_accuracy(ckpt, a.heldout), "runs": {}}
+    sft_correct = heldout_correct(ckpt, a.heldout)
+    results = {"sft_steps": a.sft_steps, "rl_steps": a.steps, "batch": a.batch, "lr": a.lr, "seeds": a.seeds,
+               "heldout_tasks": a.heldout, "sft_heldout_accuracy": statistics.mean(sft_correct), "runs": {}}
     print(f"SFT held-out accuracy {results['sft_heldout_accuracy']:.3f}", flush=True)
+    keep = ("step", "reward", "accuracy", "response_tokens", "entropy", "all_equal_groups", "temperature")
     for seed in a.seeds:  # seed-major: an interrupted experiment has every objective for the seeds it finished
         for loss in LOSSES:
             run_dir = a.work / f"rl-{loss}-s{seed}"
-            metrics = rl_run(ckpt, run_dir, loss, seed, a.steps, a.lr)
-            acc = heldout_accuracy(run_dir / "checkpoints" / f"step-{a.steps:06d}", a.heldout)
-            keep = ("step", "reward", "accuracy", "response_tokens", "entropy", "all_equal_groups", "temperature")
+            metrics = rl_run(ckpt, run_dir, loss, seed, a.steps, a.lr, a.batch)
+            heldout = {str(step): heldout_correct(run_dir / "checkpoints" / f"step-{step:06d}", a.heldout)
+                       for step in (a.steps // 2, a.steps)}
+            correct = heldout[str(a.steps)]
             results["runs"].setdefault(loss, []).append(
-                {"seed": seed, "heldout_accuracy": acc, "metrics": [{k: m[k] for k in keep} for m in metrics]})
-            print(f"{loss} seed {seed}: held-out accuracy {acc:.3f}", flush=True)
+                {"seed": seed, "heldout_accuracy": statistics.mean(correct), "correct": correct,
+                 "heldout": {k: statistics.mean(v) for k, v in heldout.items()},
+                 "metrics": [{k: m[k] for k in keep} for m in metrics]})
+            print(f"{loss} seed {seed}: held-out accuracy {statistics.mean(correct):.3f}", flush=True)
+    results["gain"] = {loss: gain(sft_correct, runs) for loss, runs in results["runs"].items()}
     results["wall_s"] = time.perf_counter() - t0
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "post_training_rlvr.json").write_text(json.dumps(results, indent=1))

@@ -41,6 +41,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """Each value averaged with the up to window - 1 values before it."""
+    return [sum(values[max(0, j - window + 1):j + 1]) / len(values[max(0, j - window + 1):j + 1])
+            for j in range(len(values))]
+
+
 def plot_run(run_dir: Path) -> list[Path]:
     """plots/{loss,max_logit,heads_clipped,expert_load}.png from metrics.jsonl, and for RL runs rewards.png
     (reward, accuracy, abstention and hallucination rates, stated confidences per step)."""
@@ -86,10 +92,8 @@ def plot_run(run_dir: Path) -> list[Path]:
             rows = [r for r in train if r.get(key) is not None]
             steps, values = [r["step"] for r in rows], [r[key] for r in rows]
             window = max(1, len(values) // 20)  # a step's rollouts are few: the trailing mean shows the trend
-            smooth = [sum(values[max(0, j - window + 1):j + 1]) / len(values[max(0, j - window + 1):j + 1])
-                      for j in range(len(values))]
             ax.plot(steps, values, color=f"C{i}", alpha=0.25)
-            ax.plot(steps, smooth, color=f"C{i}", label=key.replace("_", " "))
+            ax.plot(steps, trailing_mean(values, window), color=f"C{i}", label=key.replace("_", " "))
         ax.set(xlabel="step", title="RL rollouts per step (faint: each step; bold: trailing mean)")
         ax.legend(fontsize=7)
         fig.savefig(out_dir / "rewards.png", dpi=100, bbox_inches="tight")
