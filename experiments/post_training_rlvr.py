@@ -181,10 +181,10 @@ def main() -> None:
     if a.steps < 2 or a.steps % 2 or a.batch < 8 or a.batch % 8:
         sys.exit(f"--steps ({a.steps}) must be even and >= 2, --batch ({a.batch}) a positive multiple of 8")
     t0 = time.perf_counter()
-    a.work.mkdir(parents=True, exist_ok=True)
-    sft_data(a.work / "sft.jsonl", 1500)
     if not (Path(a.base) / "config.json").is_file():
         sys.exit(f"--base {a.base}: no checkpoint there; run `make run` first or pass a pre-trained checkpoint")
+    a.work.mkdir(parents=True, exist_ok=True)
+    sft_data(a.work / "sft.jsonl", 1500)
     ckpt = sft_checkpoint(a.work, a.sft_steps, a.base)
     sft_correct = heldout_correct(ckpt, a.heldout)
     results = {"sft_steps": a.sft_steps, "rl_steps": a.steps, "batch": a.batch, "lr": a.lr, "seeds": a.seeds,
