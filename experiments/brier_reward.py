@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from common import publish
+
 BASE = "runs/demo/pretrain/checkpoints/step-000800"
 VARIANTS = {"constant": (0.9,), "varied": (0.1, 0.3, 0.5, 0.7, 0.9)}
 SFT = dict(max_steps=60, batch_size=4, seq_len=512, lr=2e-3, val_fraction=0.02, eval_every=60,
@@ -132,11 +133,7 @@ def main() -> None:
         run_embedded("knowledge", 400, a.work / "synth", seed=0, fault_rate=0.0)
     results = {"base": a.base, "runs": {name: run(a.work, a.base, name) for name in VARIANTS}}
     results["wall_s"] = time.perf_counter() - t0
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "brier_reward.json").write_text(json.dumps(results, indent=1))
-    (RESULTS / "brier_reward.md").write_text(markdown(results))
-    plot(results, RESULTS / "brier_reward.png")
-    print(markdown(results))
+    publish("brier_reward", results, markdown(results), plot)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
-"""Shared by the pre-training experiments: one packed dataset for every run, copied into each run directory,
-so all runs of an experiment see the same rows in the same order."""
+"""Shared by the experiments: one packed dataset for every pre-training run, copied into each run directory, so
+all runs of an experiment see the same rows in the same order; and `publish`, which writes an experiment's
+results files."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from k2lab.config import ModelConfig
+from k2lab.runs import write_atomic, write_json
 from k2lab.train.data import build_dataset, embedded_corpus
 
 
@@ -37,3 +40,17 @@ def fresh_run_dir(work: Path, name: str) -> Path:
     if (work / "tokenizer").is_dir():
         shutil.copytree(work / "tokenizer", run_dir / "tokenizer")
     return run_dir
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def publish(name: str, results, report: str, plot: Callable | None = None, out: Path = RESULTS) -> None:
+    """out/{name}.json (the results), out/{name}.md (the report, also printed) and, with `plot(results, path)`,
+    out/{name}.png; each file written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{name}.json", results)
+    write_atomic(out / f"{name}.md", report)
+    if plot is not None:
+        plot(results, out / f"{name}.png")
+    print(report)

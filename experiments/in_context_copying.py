@@ -36,10 +36,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from k2lab.evals.report import md_table  # noqa: E402
-from k2lab.runs import read_jsonl, write_json  # noqa: E402
+from k2lab.runs import read_jsonl  # noqa: E402
 from k2lab.train.checkpoint import checkpoint_dirs  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import publish  # noqa: E402
+
 SPAN, REPEATS, FIRST_ID = 64, 4, 300  # token ids from FIRST_ID on: ordinary (non-special) tokens
 
 
@@ -115,11 +116,7 @@ def main() -> None:
                       tie=kind == "tied") for kind in ("untied", "tied")] if args.long_steps else []
     out = {"probes": [probe(b) for b in bases], "pure_copy": runs, "untied_vs_tied": long,
            "torch_threads": torch.get_num_threads()}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / "in_context_copying.json", out)
-    plot(out, RESULTS / "in_context_copying.png")
-    (RESULTS / "in_context_copying.md").write_text(report(out))
-    print(report(out))
+    publish("in_context_copying", out, report(out), plot)
 
 
 def plot(o: dict, path: Path) -> None:

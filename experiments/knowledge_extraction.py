@@ -28,9 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from k2lab.data.encyclopedia import DOMAIN, TOPIC, cloze_items, questions  # noqa: E402
 from k2lab.evals.report import md_table  # noqa: E402
-from k2lab.runs import write_json  # noqa: E402
+from common import publish  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def prompts(form: str, items: list[dict]) -> list[str]:
@@ -92,10 +91,7 @@ def main() -> None:
         if not (p / "config.json").is_file() or not (p / "tiktoken.model").is_file():
             sys.exit(f"{p}: not a checkpoint with its tokenizer (needs config.json and tiktoken.model)")
     rows = [measure(p) for p in paths]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / "knowledge_extraction.json", rows)
-    (RESULTS / "knowledge_extraction.md").write_text(report(rows))
-    print(report(rows))
+    publish("knowledge_extraction", rows, report(rows))
 
 
 if __name__ == "__main__":

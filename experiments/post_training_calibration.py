@@ -36,7 +36,9 @@ from k2lab.data.encyclopedia import cloze_items, heldout_calibration_set  # noqa
 from k2lab.evals.calibration import (CalibrationSettings, accuracy, hallucination_rate,  # noqa: E402
                                      main as eval_calibration, outcomes)
 from k2lab.evals.stats import bootstrap_ci  # noqa: E402
-from k2lab.runs import read_jsonl, write_json  # noqa: E402
+from k2lab.runs import read_jsonl  # noqa: E402
+
+from common import publish  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -308,12 +310,7 @@ def main() -> None:
                         "rl": RL},
            "base_fact_probe": probe, "summary": summarize(seeds) if seeds else None, "seeds": seeds,
            "seconds": log}
-    RESULTS.mkdir(exist_ok=True)
-    write_json(RESULTS / "post_training_calibration.json", out)
-    (RESULTS / "post_training_calibration.md").write_text(markdown(out))
-    if seeds:
-        plot(out, RESULTS / "post_training_calibration.png")
-    print(markdown(out))
+    publish("post_training_calibration", out, markdown(out), plot if seeds else None, RESULTS)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+from common import publish
+
 BASE = "runs/demo/pretrain/checkpoints/step-000800"  # make run's pre-trained model (--base to change)
 LOSSES = ("k15", "k25", "grpo")
 
@@ -205,11 +206,7 @@ def main() -> None:
             print(f"{loss} seed {seed}: held-out accuracy {statistics.mean(correct):.3f}", flush=True)
     results["gain"] = {loss: gain(sft_correct, runs) for loss, runs in results["runs"].items()}
     results["wall_s"] = time.perf_counter() - t0
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "post_training_rlvr.json").write_text(json.dumps(results, indent=1))
-    (RESULTS / "post_training_rlvr.md").write_text(markdown(results))
-    plot(results, RESULTS / "post_training_rlvr.png")
-    print(markdown(results))
+    publish("post_training_rlvr", results, markdown(results), plot)
 
 
 if __name__ == "__main__":
