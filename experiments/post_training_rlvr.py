@@ -17,6 +17,12 @@ Pipeline, all with k2lab's own commands as functions:
 
 Writes experiments/results/post_training_rlvr.{json,md,png}. The work directory keeps every stage, so a rerun
 skips what is done (SFT, finished RL runs).
+
+`--thinking` runs the same pipeline in K2.6's thinking mode (`k2lab sft --thinking`, `k2lab rl --thinking`, the
+held-out episodes too): the prompt ends with `<think>`, the policy samples reasoning, `</think>`, then the answer,
+all within --max-new-tokens, and the reward reads the answer only. The SFT data has no reasoning (the solver
+answers at once), so SFT teaches an empty `<think></think>`; RL may lengthen it if reasoning pays. It writes
+experiments/results/post_training_rlvr_thinking.*, with the held-out answers' mean reasoning length.
 """
 
 from __future__ import annotations
@@ -53,20 +59,23 @@ def sft_data(path: Path, n: int) -> None:
     path.write_text("\n".join(rows) + "\n")
 
 
-def sft_checkpoint(work: Path, steps: int, base: str) -> Path:
+def sft_checkpoint(work: Path, steps: int, base: str, thinking: bool = False) -> Path:
     from k2lab.train.settings import SftSettings
     from k2lab.train.sft import sft
 
-    ckpt = work / "sft" / "checkpoints" / f"step-{steps:06d}"
+    run_dir = work / ("sft-thinking" if thinking else "sft")
+    ckpt = run_dir / "checkpoints" / f"step-{steps:06d}"
     if not ckpt.is_dir():
-        sft(SftSettings(checkpoint=base, data=[str(work / "sft.jsonl")], run_dir=str(work / "sft"), max_steps=steps,
-                        save_every=20, eval_every=1000, batch_size=8, seq_len=256, val_fraction=0.02))
+        sft(SftSettings(checkpoint=base, data=[str(work / "sft.jsonl")], run_dir=str(run_dir), max_steps=steps,
+                        save_every=20, eval_every=1000, batch_size=8, seq_len=256, val_fraction=0.02,
+                        thinking=thinking))
     return ckpt
 
 
 @torch.no_grad()
-def heldout_correct(ckpt: Path, n: int) -> list[int]:
-    """1 / 0 per task, greedy, on n `mental` tasks drawn from a seed no run trains on."""
+def heldout_episodes(ckpt: Path, n: int, budget: int = 4, thinking: bool = False) -> tuple[list[int], list[int]]:
+    """1 / 0 per task, greedy, on n `mental` tasks drawn from a seed no run trains on; and per task the number
+    of reasoning tokens sampled before `</think>` (all 0 with thinking off)."""
     import k2lab
     from k2lab.serve.rollout import InProcessGenerator, RolloutParams
     from k2lab.synth.domains import make_tasks
@@ -76,13 +85,17 @@ def heldout_correct(ckpt: Path, n: int) -> list[int]:
     model = k2lab.load_model(str(ckpt), dtype=torch.float32).eval()
     tok = Tokenizer.load(ckpt)
     gen = InProcessGenerator(model, (tok.im_end_id, tok.eos_id))
-    _, grades = run_episodes(gen, tok, make_tasks(["mental"], n, seed=424242), 1,
-                             RolloutParams(max_new_tokens=4, temperature=0.0), 1, model.config.max_position_embeddings,
-                             0.0)
-    return [int(g["grade"] == "correct") for g in grades]
+    trajectories, grades = run_episodes(gen, tok, make_tasks(["mental"], n, seed=424242), 1,
+                                        RolloutParams(max_new_tokens=budget, temperature=0.0), 1,
+                                        model.config.max_position_embeddings, 0.0, thinking=thinking)
+    end = tok.special_tokens["</think>"]
+    reasoning = [(t.completion_ids.index(end) if end in t.completion_ids else len(t.completion_ids)) if thinking
+                 else 0 for t in trajectories]
+    return [int(g["grade"] == "correct") for g in grades], reasoning
 
 
-def rl_run(ckpt: Path, run_dir: Path, loss: str, seed: int, steps: int, lr: float, batch: int) -> list[dict]:
+def rl_run(ckpt: Path, run_dir: Path, loss: str, seed: int, steps: int, lr: float, batch: int, budget: int = 4,
+           thinking: bool = False) -> list[dict]:
     from k2lab.runs import read_jsonl
     from k2lab.train.rl.run import rl
     from k2lab.train.settings import RLSettings
@@ -90,8 +103,9 @@ def rl_run(ckpt: Path, run_dir: Path, loss: str, seed: int, steps: int, lr: floa
     done = run_dir / "checkpoints" / f"step-{steps:06d}"
     if not done.is_dir():
         rl(RLSettings(checkpoint=str(ckpt), run_dir=str(run_dir), env="mental", loss=loss, seed=seed,
-                      batch_size=batch, samples=8, max_new_tokens=4, max_turns=1, max_steps=steps, lr=lr,
-                      warmup_steps=1, temperature_start=1.0, temperature_end=0.7, save_every=steps // 2))
+                      batch_size=batch, samples=8, max_new_tokens=budget, max_turns=1, max_steps=steps, lr=lr,
+                      warmup_steps=1, temperature_start=1.0, temperature_end=0.7, save_every=steps // 2,
+                      thinking=thinking))
     return read_jsonl(run_dir / "metrics.jsonl")
 
 
@@ -106,8 +120,7 @@ def plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     colors = dict(zip(LOSSES, ("C0", "C1", "C2")))
     window = max(1, results["rl_steps"] // 10)
-    for loss in LOSSES:
-        runs = results["runs"][loss]
+    for loss, runs in results["runs"].items():
         steps = [m["step"] for m in runs[0]["metrics"]]
         mean = [statistics.mean(r["metrics"][i]["accuracy"] for r in runs) for i in range(len(steps))]
         axes[0].plot(steps, trailing_mean(mean, window), color=colors[loss], label=f"{loss} (mean of seeds)")
@@ -141,18 +154,27 @@ def gain(sft: list[int], runs: list[dict]) -> dict:
 
 def markdown(results: dict) -> str:
     n_prompts = results["batch"] // 8
-    lines = ["# RLVR on verifiable arithmetic from an SFT'd tiny model", "",
+    thinking = results.get("thinking", False)
+    lines = ["# RLVR on verifiable arithmetic from an SFT'd tiny model" + (", thinking on" if thinking else ""), "",
              f"SFT start ({results['sft_steps']} SFT steps from the tiny pre-trained checkpoint): held-out greedy "
              f"accuracy **{results['sft_heldout_accuracy']:.3f}** on {results['heldout_tasks']} tasks.", "",
-             f"RL: `k2lab rl --env mental`, {results['rl_steps']} steps of {results['batch']} rollouts "
-             f"({n_prompts} prompts x K=8), lr {results['lr']}, temperature 1.0 -> 0.7, seeds {results['seeds']}.", "",
+             "RL: `k2lab rl --env mental" + (" --thinking" if thinking else "") + f"`, {results['rl_steps']} steps "
+             f"of {results['batch']} rollouts ({n_prompts} prompts x K=8), lr {results['lr']}, temperature 1.0 -> "
+             "0.7, " + (f"{results['budget']} new tokens per answer, " if thinking else "")
+             + f"seeds {results['seeds']}.", ""]
+    if thinking:
+        lines += ["Thinking on: SFT (`k2lab sft --thinking`) on answers without reasoning, so it teaches an empty "
+                  "`<think></think>`; RL samples after `<think>`, and the budget counts the reasoning. Mean reasoning "
+                  f"tokens of the held-out greedy answers: SFT {results['sft_reasoning_tokens']:.2f}, after RL " +
+                  ", ".join(f"{loss} {statistics.mean(r['heldout_reasoning_tokens'] for r in runs):.2f}"
+                            for loss, runs in results["runs"].items()) + ".", ""]
+    lines += [
              "| objective | held-out accuracy per seed (last step) | mean | gain over SFT [95% CI] | "
              "mean at the middle step | rollout accuracy, first -> last 10% of steps |",
              "|---|---|---|---|---|---|"]
     mid = str(results["rl_steps"] // 2)
     tenth = max(1, results["rl_steps"] // 10)
-    for loss in LOSSES:
-        runs = results["runs"][loss]
+    for loss, runs in results["runs"].items():
         accs = [r["heldout_accuracy"] for r in runs]
         g = results["gain"][loss]
         first = statistics.mean(m["accuracy"] for r in runs for m in r["metrics"][:tenth])
@@ -162,7 +184,7 @@ def markdown(results: dict) -> str:
                      f"{statistics.mean(r['heldout'][mid] for r in runs):.3f} | {first:.3f} -> {last:.3f} |")
     lines += ["", f"Wall time of this invocation: {results['wall_s'] / 60:.1f} min on a shared 2-core CPU machine "
               "(stages already in the work directory are reused, not rerun).", "",
-              "![plot](post_training_rlvr.png)", ""]
+              f"![plot]({results.get('name', 'post_training_rlvr')}.png)", ""]
     return "\n".join(lines)
 
 
@@ -178,35 +200,49 @@ def main() -> None:
                                                             "the entropy)")
     ap.add_argument("--sft-steps", type=int, default=40)
     ap.add_argument("--heldout", type=int, default=400, help="held-out tasks")
+    ap.add_argument("--losses", default=",".join(LOSSES), help="objectives to run, comma-separated")
+    ap.add_argument("--thinking", action="store_true",
+                    help="K2.6 thinking mode in SFT, RL and the held-out episodes (writes post_training_rlvr_thinking.*)")
+    ap.add_argument("--budget", type=int, default=None,
+                    help="new tokens per answer, reasoning included (default: 4, with --thinking 16)")
     a = ap.parse_args()
+    losses = [x.strip() for x in a.losses.split(",") if x.strip()]
+    budget = a.budget or (16 if a.thinking else 4)
     if a.steps < 2 or a.steps % 2 or a.batch < 8 or a.batch % 8:
         sys.exit(f"--steps ({a.steps}) must be even and >= 2, --batch ({a.batch}) a positive multiple of 8")
+    if not losses or set(losses) - set(LOSSES) or budget < 1:
+        sys.exit(f"--losses {a.losses!r}: choose from {', '.join(LOSSES)}; --budget must be >= 1")
     t0 = time.perf_counter()
     if not (Path(a.base) / "config.json").is_file():
         sys.exit(f"--base {a.base}: no checkpoint there; run `make run` first or pass a pre-trained checkpoint")
     a.work.mkdir(parents=True, exist_ok=True)
     sft_data(a.work / "sft.jsonl", 1500)
-    ckpt = sft_checkpoint(a.work, a.sft_steps, a.base)
-    sft_correct = heldout_correct(ckpt, a.heldout)
-    results = {"sft_steps": a.sft_steps, "rl_steps": a.steps, "batch": a.batch, "lr": a.lr, "seeds": a.seeds,
-               "heldout_tasks": a.heldout, "sft_heldout_accuracy": statistics.mean(sft_correct), "runs": {}}
+    ckpt = sft_checkpoint(a.work, a.sft_steps, a.base, a.thinking)
+    sft_correct, sft_reasoning = heldout_episodes(ckpt, a.heldout, budget, a.thinking)
+    name = "post_training_rlvr_thinking" if a.thinking else "post_training_rlvr"
+    results = {"name": name, "thinking": a.thinking, "budget": budget, "sft_steps": a.sft_steps,
+               "rl_steps": a.steps, "batch": a.batch, "lr": a.lr, "seeds": a.seeds, "heldout_tasks": a.heldout,
+               "sft_heldout_accuracy": statistics.mean(sft_correct),
+               "sft_reasoning_tokens": statistics.mean(sft_reasoning), "runs": {}}
     print(f"SFT held-out accuracy {results['sft_heldout_accuracy']:.3f}", flush=True)
     keep = ("step", "reward", "accuracy", "response_tokens", "entropy", "all_equal_groups", "temperature")
     for seed in a.seeds:  # seed-major: an interrupted experiment has every objective for the seeds it finished
-        for loss in LOSSES:
-            run_dir = a.work / f"rl-{loss}-s{seed}"
-            metrics = rl_run(ckpt, run_dir, loss, seed, a.steps, a.lr, a.batch)
-            heldout = {str(step): heldout_correct(run_dir / "checkpoints" / f"step-{step:06d}", a.heldout)
+        for loss in losses:
+            run_dir = a.work / f"rl-{loss}-s{seed}{'-thinking' if a.thinking else ''}"
+            metrics = rl_run(ckpt, run_dir, loss, seed, a.steps, a.lr, a.batch, budget, a.thinking)
+            heldout = {str(step): heldout_episodes(run_dir / "checkpoints" / f"step-{step:06d}", a.heldout, budget,
+                                                   a.thinking)
                        for step in (a.steps // 2, a.steps)}
-            correct = heldout[str(a.steps)]
+            correct, reasoning = heldout[str(a.steps)]
             results["runs"].setdefault(loss, []).append(
                 {"seed": seed, "heldout_accuracy": statistics.mean(correct), "correct": correct,
-                 "heldout": {k: statistics.mean(v) for k, v in heldout.items()},
+                 "heldout": {k: statistics.mean(v[0]) for k, v in heldout.items()},
+                 "heldout_reasoning_tokens": statistics.mean(reasoning),
                  "metrics": [{k: m[k] for k in keep} for m in metrics]})
             print(f"{loss} seed {seed}: held-out accuracy {statistics.mean(correct):.3f}", flush=True)
     results["gain"] = {loss: gain(sft_correct, runs) for loss, runs in results["runs"].items()}
     results["wall_s"] = time.perf_counter() - t0
-    publish("post_training_rlvr", results, markdown(results), plot)
+    publish(name, results, markdown(results), plot)
 
 
 if __name__ == "__main__":
