@@ -207,11 +207,13 @@ def main() -> None:
                     help="new tokens per answer, reasoning included (default: 4, with --thinking 16)")
     a = ap.parse_args()
     losses = [x.strip() for x in a.losses.split(",") if x.strip()]
-    budget = a.budget or (16 if a.thinking else 4)
+    budget = (16 if a.thinking else 4) if a.budget is None else a.budget
     if a.steps < 2 or a.steps % 2 or a.batch < 8 or a.batch % 8:
         sys.exit(f"--steps ({a.steps}) must be even and >= 2, --batch ({a.batch}) a positive multiple of 8")
-    if not losses or set(losses) - set(LOSSES) or budget < 1:
-        sys.exit(f"--losses {a.losses!r}: choose from {', '.join(LOSSES)}; --budget must be >= 1")
+    if not losses or set(losses) - set(LOSSES):
+        sys.exit(f"--losses {a.losses!r}: choose from {', '.join(LOSSES)}, comma-separated")
+    if budget < 1:
+        sys.exit(f"--budget {budget}: give at least 1 new token per answer")
     t0 = time.perf_counter()
     if not (Path(a.base) / "config.json").is_file():
         sys.exit(f"--base {a.base}: no checkpoint there; run `make run` first or pass a pre-trained checkpoint")
