@@ -18,10 +18,12 @@ Pipeline, all with k2lab's own commands as functions:
 Writes experiments/results/post_training_rlvr.{json,md,png}. The work directory keeps every stage, so a rerun
 skips what is done (SFT, finished RL runs).
 
-`--thinking` runs the same pipeline in K2.6's thinking mode (`k2lab sft --thinking`, `k2lab rl --thinking`, the
-held-out episodes too): the prompt ends with `<think>`, the policy samples reasoning, `</think>`, then the answer,
-all within --max-new-tokens, and the reward reads the answer only. The SFT data has no reasoning (the solver
-answers at once), so SFT teaches an empty `<think></think>`; RL may lengthen it if reasoning pays. It writes
+`--losses` picks the objectives (default: all three; with --thinking, k15); another set writes results named
+after it (post_training_rlvr_k15.*), so it never replaces the committed ones. `--thinking` runs the same
+pipeline in K2.6's thinking mode (`k2lab sft --thinking`, `k2lab rl --thinking`, the held-out episodes too):
+the prompt ends with `<think>`, the policy samples reasoning, `</think>`, then the answer, all within --budget
+new tokens, and the reward reads the answer only. The SFT data has no reasoning (the solver answers at once),
+so SFT teaches an empty `<think></think>`; RL may lengthen it if reasoning pays. It writes
 experiments/results/post_training_rlvr_thinking.*, with the held-out answers' mean reasoning length.
 """
 
@@ -200,13 +202,15 @@ def main() -> None:
                                                             "the entropy)")
     ap.add_argument("--sft-steps", type=int, default=40)
     ap.add_argument("--heldout", type=int, default=400, help="held-out tasks")
-    ap.add_argument("--losses", default=",".join(LOSSES), help="objectives to run, comma-separated")
+    ap.add_argument("--losses", default=None, help="objectives to run, comma-separated (default: all three; with "
+                                                   "--thinking k15); another set writes results named after it")
     ap.add_argument("--thinking", action="store_true",
                     help="K2.6 thinking mode in SFT, RL and the held-out episodes (writes post_training_rlvr_thinking.*)")
     ap.add_argument("--budget", type=int, default=None,
                     help="new tokens per answer, reasoning included (default: 4, with --thinking 16)")
     a = ap.parse_args()
-    losses = [x.strip() for x in a.losses.split(",") if x.strip()]
+    default_losses = ["k15"] if a.thinking else list(LOSSES)
+    losses = default_losses if a.losses is None else [x.strip() for x in a.losses.split(",") if x.strip()]
     budget = (16 if a.thinking else 4) if a.budget is None else a.budget
     if a.steps < 2 or a.steps % 2 or a.batch < 8 or a.batch % 8:
         sys.exit(f"--steps ({a.steps}) must be even and >= 2, --batch ({a.batch}) a positive multiple of 8")
@@ -221,7 +225,9 @@ def main() -> None:
     sft_data(a.work / "sft.jsonl", 1500)
     ckpt = sft_checkpoint(a.work, a.sft_steps, a.base, a.thinking)
     sft_correct, sft_reasoning = heldout_episodes(ckpt, a.heldout, budget, a.thinking)
-    name = "post_training_rlvr_thinking" if a.thinking else "post_training_rlvr"
+    name = "post_training_rlvr" + ("_thinking" if a.thinking else "")  # the committed results' names
+    if losses != default_losses:  # a subset (or another order) never replaces them
+        name += "_" + "_".join(losses)
     results = {"name": name, "thinking": a.thinking, "budget": budget, "sft_steps": a.sft_steps,
                "rl_steps": a.steps, "batch": a.batch, "lr": a.lr, "seeds": a.seeds, "heldout_tasks": a.heldout,
                "sft_heldout_accuracy": statistics.mean(sft_correct),
