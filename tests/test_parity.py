@@ -103,8 +103,9 @@ def test_kimi_k25_wrapper_text_only(tmp_path):
 
 
 def test_tied_embeddings_both_ways(tmp_path):
-    """tie_word_embeddings (off in K2; on for small models that must learn to copy): one matrix, stored once under
-    the embedding's name as transformers stores it, loading tied in transformers and back in k2lab."""
+    """tie_word_embeddings (off in K2; `k2lab pretrain --tie-embeddings` for the copying experiments): one
+    matrix, stored once under the embedding's name as transformers stores it, loading tied in transformers and
+    back in k2lab."""
     config = tiny_config(tie_word_embeddings=True)
     model = random_model(config)
     assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -204,10 +204,10 @@ def copy_limit(res: dict) -> str | None:
             f"{c['repeat_nll']:.2f} nats against {c['first_nll']:.2f} the first time (a model with induction heads "
             "drops near 0). Calling a tool by the name declared in its prompt and carrying a request's or a tool "
             "result's values into a call or an answer need that (held-out tool schema accuracy and the agent tasks "
-            "below). A head tied to the embeddings (`k2lab pretrain --tie-embeddings`) is what let this model "
-            "learn to copy arbitrary tokens at all (experiments/in_context_copying.py), but 800 steps of this text "
-            "did not teach it, tied or not; longer pre-training (the `small` and `gpu` presets) is the likely "
-            "remedy, not measured here")
+            "below). None of the remedies tried formed it (experiments/in_context_copying.py and the README: a tied "
+            "head, synthetic copy rows, copying-only SFT names; pure copy training learned a fixed 64-token lookup, "
+            "not induction); longer pre-training (the `small` and `gpu` presets) is the likely remedy, not "
+            "measured here")
 
 
 def _stage_sections(res: dict) -> list[str]:

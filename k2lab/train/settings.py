@@ -74,7 +74,8 @@ class PretrainSettings(TrainSettings):
                                    "(synthetic in-context copying data, k2lab.train.data.copy_rows); 0: none, "
                                    "1: nothing else (a copying warm-up)")
     tie_embeddings: bool = option(False, "tie the output head to the input embeddings (tie_word_embeddings; K2 "
-                                         "unties them): what lets a small model learn to copy from its context")
+                                         "unties them): one learned head then writes out whichever token it "
+                                         "attends to (experiments/in_context_copying.py)")
     seq_len: int = option(128, "tokens per row")
     val_rows: int = option(32, "held-out rows, spread over the text training reads")
     run_dir: str = option("runs/pretrain", "run directory; a rerun resumes from its last checkpoint")
