@@ -1,4 +1,4 @@
-"""Why the tiny model could not call a held-out tool: it did not copy from its context; what pure copy training taught it.
+"""Why the tiny model could not call a held-out tool: it did not copy from its context; what copy training taught it.
 
 Calling a tool by the name declared in the prompt, or carrying a request's numbers into a call, is copying from
 the context, which transformers do with induction heads (Olsson et al., 2022). This experiment measures it:
