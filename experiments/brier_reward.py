@@ -24,13 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
-from common import publish
+from common import MAKE_RUN_BASE, publish, require_base
 
-BASE = "runs/demo/pretrain/checkpoints/step-000800"
 VARIANTS = {"constant": (0.9,), "varied": (0.1, 0.3, 0.5, 0.7, 0.9)}
 SFT = dict(max_steps=60, batch_size=4, seq_len=512, lr=2e-3, val_fraction=0.02, eval_every=60,
            eval_max_new_tokens=16)  # as experiments/post_training_calibration.py
@@ -121,11 +119,10 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", default=BASE, help="the pre-trained checkpoint SFT starts from")
+    ap.add_argument("--base", default=MAKE_RUN_BASE, help="the pre-trained checkpoint SFT starts from")
     ap.add_argument("--work", type=Path, default=Path("/tmp/k2lab-brier"))
     a = ap.parse_args()
-    if not (Path(a.base) / "config.json").is_file():
-        sys.exit(f"--base {a.base}: no checkpoint there; run `make run` first or pass a pre-trained checkpoint")
+    require_base(a.base)
     from k2lab.synth.pipeline import run_embedded
 
     t0 = time.perf_counter()

@@ -5,6 +5,7 @@ results files."""
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +44,13 @@ def fresh_run_dir(work: Path, name: str) -> Path:
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
+MAKE_RUN_BASE = "runs/demo/pretrain/checkpoints/step-000800"  # make run's pre-trained model
+
+
+def require_base(base: str) -> None:
+    """Exit with one line unless `base` is a checkpoint directory (the post-training experiments' --base)."""
+    if not (Path(base) / "config.json").is_file():
+        sys.exit(f"--base {base}: no checkpoint there; run `make run` first or pass a pre-trained checkpoint")
 
 
 def publish(name: str, results, report: str, plot: Callable | None = None, out: Path = RESULTS) -> None:

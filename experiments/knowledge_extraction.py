@@ -31,7 +31,6 @@ from k2lab.evals.report import md_table  # noqa: E402
 from common import publish  # noqa: E402
 
 
-
 def prompts(form: str, items: list[dict]) -> list[str]:
     from k2lab.evals.calibration import ANSWER_PROMPT
     from k2lab.tokenizer.chat import render

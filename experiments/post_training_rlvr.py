@@ -39,9 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import publish
+from common import MAKE_RUN_BASE, publish, require_base
 
-BASE = "runs/demo/pretrain/checkpoints/step-000800"  # make run's pre-trained model (--base to change)
 LOSSES = ("k15", "k25", "grpo")
 
 
@@ -194,7 +193,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/k2lab-rlvr"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--base", default=BASE, help="the pre-trained checkpoint SFT starts from")
+    ap.add_argument("--base", default=MAKE_RUN_BASE, help="the pre-trained checkpoint SFT starts from")
     ap.add_argument("--steps", type=int, default=160, help="RL steps per run (even: held-out accuracy is also "
                                                              "measured at the middle one)")
     ap.add_argument("--batch", type=int, default=128, help="rollouts per RL step (batch / 8 prompts x K=8)")
@@ -219,8 +218,7 @@ def main() -> None:
     if budget < 1:
         sys.exit(f"--budget {budget}: give at least 1 new token per answer")
     t0 = time.perf_counter()
-    if not (Path(a.base) / "config.json").is_file():
-        sys.exit(f"--base {a.base}: no checkpoint there; run `make run` first or pass a pre-trained checkpoint")
+    require_base(a.base)
     a.work.mkdir(parents=True, exist_ok=True)
     sft_data(a.work / "sft.jsonl", 1500)
     ckpt = sft_checkpoint(a.work, a.sft_steps, a.base, a.thinking)

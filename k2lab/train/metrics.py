@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from k2lab.runs import append_jsonl, read_jsonl, rewrite_jsonl
@@ -43,8 +44,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def trailing_mean(values: list[float], window: int) -> list[float]:
     """Each value averaged with the up to window - 1 values before it."""
-    return [sum(values[max(0, j - window + 1):j + 1]) / len(values[max(0, j - window + 1):j + 1])
-            for j in range(len(values))]
+    return [statistics.fmean(values[max(0, j - window + 1):j + 1]) for j in range(len(values))]
 
 
 def plot_run(run_dir: Path) -> list[Path]:
