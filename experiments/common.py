@@ -50,7 +50,8 @@ MAKE_RUN_BASE = "runs/demo/pretrain/checkpoints/step-000800"  # make run's pre-t
 def require_base(base: str) -> None:
     """Exit with one line unless `base` is a checkpoint directory (the post-training experiments' --base)."""
     if not (Path(base) / "config.json").is_file():
-        sys.exit(f"--base {base}: no checkpoint there; run `make run` first or pass a pre-trained checkpoint")
+        where = "" if Path(base).is_absolute() else f" (relative to {Path.cwd()}: run from the repository root)"
+        sys.exit(f"--base {base}: no checkpoint there{where}; run `make run` first or pass a pre-trained checkpoint")
 
 
 def publish(name: str, results, report: str, plot: Callable | None = None, out: Path = RESULTS) -> None:
