@@ -116,3 +116,38 @@ def test_mixed_training_answers_only_post_training_entities_questions():
     rows = bytes(int(t) for row in encyclopedia_rows(encode, 0, 127, 300, qa=True) for t in row).decode()
     assert "\nQ: " in rows and "\nQ: " not in bytes(
         int(t) for row in encyclopedia_rows(encode, 0, 127, 300) for t in row).decode()
+
+
+def test_chat_qa_is_the_conversation_post_training_and_the_eval_ask(tok):
+    """qa_format "chat": an article's questions are one conversation in the K2.6 chat format, thinking off,
+    under the calibration eval's system prompt, each answered as the knowledge domain's solver (SFT's teacher)
+    answers it; its first question is exactly the eval's prompt. With special tokens allowed the markers become
+    the special ids the eval's prompt holds."""
+    from types import SimpleNamespace
+
+    from k2lab.synth.domains.knowledge import Knowledge
+    from k2lab.tokenizer.chat import render
+    from k2lab.train.data import chat_qa
+
+    asked = [q for q in questions() if q["split"] == "train" and q["seen"]][:2]
+    conv = chat_qa([(q["question"], q["answer"]) for q in asked])
+    system = ANSWER_PROMPT.format(domain=DOMAIN, topic=TOPIC)
+    assert Knowledge.system == system
+    prompt = render([{"role": "system", "content": system}, {"role": "user", "content": asked[0]["question"]}],
+                    add_generation_prompt=True, thinking=False)
+    assert conv.startswith("\n" + prompt) and conv.count(system) == 1
+    for q in asked:  # what SFT's solver says, closed by <|im_end|>
+        said = Knowledge().plan(SimpleNamespace(world={"question": q["question"], "entity": q["entity"]}), 0, [])
+        assert said == f"{q['answer'][0].upper()}{q['answer'][1:]}." and f"{said}<|im_end|>" in conv
+    ids, prompt_ids = tok.encode(conv, allow_special=True), tok.encode(prompt, allow_special=True)
+    assert ids[1: 1 + len(prompt_ids)] == prompt_ids and tok.im_end_id in ids
+    docs = corpus_documents(passes=1, qa=True, qa_render=chat_qa)
+    assert len(docs) == len(corpus_documents(passes=1)) and "\nQ: " not in "".join(docs)
+    held_out = heldout_entities()
+    for doc in docs:  # a held-out entity's article never holds a conversation
+        assert (system in doc) == (doc.partition("\n")[0] not in held_out)
+    encode = lambda t: tok.encode(t, allow_special=True)  # noqa: E731
+    rows = encyclopedia_rows(encode, 0, 127, 200, qa=True, qa_format="chat")
+    assert (rows == tok.im_end_id).any()
+    with pytest.raises(ValueError, match="choose text or chat"):
+        encyclopedia_rows(encode, 0, 127, 10, qa=True, qa_format="html")

@@ -14,6 +14,7 @@ an unseen entity names a name it never met anywhere.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # what the calibration eval's answer prompt says the questions are about (the knowledge domain's system prompt
@@ -101,28 +102,40 @@ def describe(e: Entity, rng: random.Random | None = None) -> list[str]:
     return out
 
 
-def corpus_documents(seed: int = 0, n: int = 90, passes: int = 3, qa: bool = False) -> list[str]:
+def answer_sentence(answer: str) -> str:
+    """An answer as the knowledge domain's solver writes it (and SFT teaches): "The Sarn family founded it."."""
+    return f"{answer[0].upper()}{answer[1:]}."
+
+
+def qa_text(pairs: list[tuple[str, str]]) -> str:
+    """An article's questions answered in plain text ("Q: ... / A: ..."), as `corpus_documents(qa=True)`
+    appends them by default."""
+    return "".join(f"\nQ: {q}\nA: {a}." for q, a in pairs) + "\n"
+
+
+def corpus_documents(seed: int = 0, n: int = 90, passes: int = 3, qa: bool = False,
+                     qa_render: Callable[[list[tuple[str, str]]], str] = qa_text) -> list[str]:
     """Articles about the seen entities only, `passes` shuffled passes, each article freshly worded.
 
     qa: the articles of entities that post-training asks about (the "train" split) end with those questions and
-    their answers ("Q: ... / A: ..."), in a shuffled order; a held-out entity's article never does. This is mixed
-    training (Allen-Zhu and Li, Physics of Language Models 3.1): a model that read questions answered from some
-    articles learns to answer them from the others, where one that read articles only recites them."""
+    their answers, in a shuffled order, written by `qa_render([(question, answer), ...])` (by default
+    "Q: ... / A: ..."); a held-out entity's article never does. This is mixed training (Allen-Zhu and Li,
+    Physics of Language Models 3.1): a model that read questions answered from some articles learns to answer
+    them from the others, where one that read articles only recites them."""
     rng = random.Random(f"corpus:{seed}")
     seen = [e for e in encyclopedia(seed, n) if e.seen]
-    asked: dict[str, list[str]] = {}
+    asked: dict[str, list[tuple[str, str]]] = {}
     if qa:
         for q in questions(seed, n):
             if q["seen"] and q["split"] == "train":
-                asked.setdefault(q["entity"], []).append(f"Q: {q['question']}\nA: {q['answer']}.")
+                asked.setdefault(q["entity"], []).append((q["question"], q["answer"]))
     docs = []
     for _ in range(passes):
         rng.shuffle(seen)
         for e in seen:
             pairs = list(asked.get(e.name, ()))
             rng.shuffle(pairs)
-            docs.append(f"{e.name}\n\n" + " ".join(describe(e, rng)) + "\n" + "".join(f"\n{p}" for p in pairs)
-                        + ("\n" if pairs else ""))
+            docs.append(f"{e.name}\n\n" + " ".join(describe(e, rng)) + "\n" + (qa_render(pairs) if pairs else ""))
     return docs
 
 

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from k2lab.data import DatasetError
 from k2lab.data.corpus import corpus_files
-from k2lab.data.encyclopedia import corpus_documents
+from k2lab.data.encyclopedia import DOMAIN, TOPIC, answer_sentence, corpus_documents, qa_text
 from k2lab.runs import atomic_path
 
 HELD_OUT_PIECE_ROWS = 8  # a held-out row is a window of its own 8-row stretch of text
@@ -51,15 +51,38 @@ def read_document(path: Path) -> list[str]:
     return docs
 
 
-def encyclopedia_rows(encode, eos_id: int, seq_len: int, rows: int, qa: bool = False) -> np.ndarray:
+QA_FORMATS = ("text", "chat")
+
+
+def chat_qa(pairs: list[tuple[str, str]]) -> str:
+    """An article's questions answered as one K2.6 conversation, thinking off: the calibration eval's system
+    prompt, then each question as a user turn and its answer as SFT writes it. Its first turn is what
+    post-training and the eval ask; one system prompt per article keeps the rows mostly facts (the text holds
+    special tokens)."""
+    from k2lab.evals.calibration import ANSWER_PROMPT
+    from k2lab.tokenizer.chat import render
+
+    turns = [m for q, a in pairs for m in ({"role": "user", "content": q},
+                                           {"role": "assistant", "content": answer_sentence(a)})]
+    return "\n" + render([{"role": "system", "content": ANSWER_PROMPT.format(domain=DOMAIN, topic=TOPIC)}, *turns],
+                         thinking=False) + "\n"
+
+
+def encyclopedia_rows(encode, eos_id: int, seq_len: int, rows: int, qa: bool = False,
+                      qa_format: str = "text") -> np.ndarray:
     """`rows` packed rows of synthetic-encyclopedia articles (k2lab.data.encyclopedia's default world, the one
     the knowledge domain and the calibration set ask about; seen entities only): freshly worded, shuffled passes
     over the articles, as many as fill the rows (the run's seed orders the rows, not the world). `qa`: the
-    post-training entities' articles end with their questions answered (encyclopedia.corpus_documents)."""
+    post-training entities' articles end with their questions answered (encyclopedia.corpus_documents), as
+    `qa_format` "text" ("Q: ... A: ...") or "chat" (`chat_qa`; `encode` must then map special-token text to
+    the special ids)."""
+    if qa_format not in QA_FORMATS:
+        raise ValueError(f"unknown QA format {qa_format!r}; choose {' or '.join(QA_FORMATS)}")
+    render = chat_qa if qa_format == "chat" else qa_text
     width = seq_len + 1
-    one_pass = sum(len(encode(d)) + 1 for d in corpus_documents(passes=1, qa=qa))
+    one_pass = sum(len(encode(d)) + 1 for d in corpus_documents(passes=1, qa=qa, qa_render=render))
     passes = -(-rows * width // one_pass) + 1  # + 1: wordings differ, so passes differ a little in length
-    toks = [t for doc in corpus_documents(passes=passes, qa=qa) for t in encode(doc) + [eos_id]]
+    toks = [t for doc in corpus_documents(passes=passes, qa=qa, qa_render=render) for t in encode(doc) + [eos_id]]
     return np.asarray(toks[: rows * width], dtype=np.int32).reshape(rows, width)
 
 

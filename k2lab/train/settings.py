@@ -70,6 +70,9 @@ class PretrainSettings(TrainSettings):
     encyclopedia_qa: bool = option(False, "the encyclopedia articles of the entities post-training asks about end "
                                           "with those questions answered (\"Q: ... A: ...\"; mixed training); "
                                           "held-out entities' never do")
+    encyclopedia_qa_format: str = option("text", "how --encyclopedia-qa writes those questions: text (\"Q: ... "
+                                                 "A: ...\") or chat (the K2.6 chat format under the calibration "
+                                                 "eval's system prompt: how post-training asks them)")
     copy_rows: float = option(0.0, "share of the training rows that are a random token sequence repeated "
                                    "(synthetic in-context copying data, k2lab.train.data.copy_rows); 0: none, "
                                    "1: nothing else (a copying warm-up)")
@@ -81,7 +84,8 @@ class PretrainSettings(TrainSettings):
     run_dir: str = option("runs/pretrain", "run directory; a rerun resumes from its last checkpoint")
 
     CONTROL = (*TrainSettings.CONTROL, "run_dir")
-    ADDED = {"encyclopedia_qa": False, "copy_rows": 0.0, "tie_embeddings": False}
+    ADDED = {"encyclopedia_qa": False, "encyclopedia_qa_format": "text", "copy_rows": 0.0,
+             "tie_embeddings": False}
 
     def check(self) -> None:
         super().check()
@@ -95,6 +99,11 @@ class PretrainSettings(TrainSettings):
         if self.encyclopedia_qa and not self.encyclopedia:
             raise ValueError("--encyclopedia-qa adds answered questions to the encyclopedia rows: give "
                              "--encyclopedia X (a share of the rows) too")
+        if self.encyclopedia_qa_format not in ("text", "chat"):
+            raise ValueError(f"unknown --encyclopedia-qa-format {self.encyclopedia_qa_format!r}; choose text or chat")
+        if self.encyclopedia_qa_format != "text" and not self.encyclopedia_qa:
+            raise ValueError("--encyclopedia-qa-format says how --encyclopedia-qa writes its questions: give "
+                             "--encyclopedia-qa too")
         if not 0 <= self.copy_rows <= 1 or self.encyclopedia + self.copy_rows > 1:
             raise ValueError(f"copy_rows ({self.copy_rows}) is a share of the training rows: give 0 <= x and "
                              f"encyclopedia + copy_rows <= 1")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 
-from k2lab.data.encyclopedia import DOMAIN, TOPIC, questions
+from k2lab.data.encyclopedia import DOMAIN, TOPIC, answer_sentence, questions
 from k2lab.evals.calibration import ANSWER_PROMPT
 from k2lab.synth.domains import Domain
 from k2lab.synth.env import Task
@@ -42,4 +42,4 @@ class Knowledge(Domain):
         answer = self.known.get(task.world["question"])
         if answer is None:
             return f"I don't know. I have no reliable information about {task.world['entity']}."
-        return f"{answer[0].upper()}{answer[1:]}."
+        return answer_sentence(answer)
