@@ -194,8 +194,11 @@ def summarize(seeds: list[dict]) -> dict:
             "known_accuracy_sft": mean(lambda s: s["sft"]["known_accuracy"]),
             "known_accuracy_rl": mean(lambda s: s["rl"]["known_accuracy"]),
             "known_accuracy_change": mean(lambda s: s["known_accuracy_change"]["change"]),
+            # a model that declines every question meets both bars without knowing anything: the RL model must
+            # still answer some known questions right for a seed to count
             "target_met_every_seed": all(s["hallucination_change"]["change"] <= -0.20
-                                         and s["known_accuracy_change"]["change"] >= -0.02 for s in seeds)}
+                                         and s["known_accuracy_change"]["change"] >= -0.02
+                                         and s["rl"]["known_accuracy"] > 0 for s in seeds)}
 
 
 def pct(x) -> str:
@@ -226,7 +229,8 @@ def markdown(out: dict) -> str:
         "(wrong + abstained) over all held-out items; 95% bootstrap intervals (1000 resamples of items); the "
         "change has a paired interval (the same items resampled for both models). One shared base; SFT and RL "
         "per seed.", "",
-        f"Target: hallucination down >= 20 points, known-fact accuracy down <= 2 points. "
+        f"Target: hallucination down >= 20 points, known-fact accuracy down <= 2 points, and some known questions "
+        f"still answered right after RL (declining everything would meet the first two). "
         f"Met on every seed: **{s['target_met_every_seed']}**. Mean over seeds: hallucination "
         f"{pct(s['hallucination_sft'])}% -> {pct(s['hallucination_rl'])}% ({pct(s['hallucination_change'])} points), "
         f"known accuracy {pct(s['known_accuracy_sft'])}% -> {pct(s['known_accuracy_rl'])}% "
