@@ -4,8 +4,9 @@ A minimal loop, apart from the trainer: the `tiny` preset (tied head) learns row
 read twice, of 4-16 tokens drawn from an alphabet of 64 ordinary tokens. Only a model that finds the earlier
 reading of its current token and copies what followed it predicts a second reading; the spans' lengths vary,
 so no fixed look-back fits. Every `--every` steps it prints the training loss (about ln 64 = 4.16 nats without
-copying, about 2.1 with perfect copying) and the copying probe (k2lab.evals.copying) on random spans of 16 and
-40 tokens read twice (top-1 on the second reading).
+copying, about 2.1 with perfect copying) and the copying probe (k2lab.evals.copying) on random spans read twice
+(top-1 on the second reading): of 16 and 40 tokens from the alphabet, and of 16 tokens from the whole vocabulary
+("vocab16": tokens it never saw).
 
     python experiments/induction_plateau.py --optimizer muon    # about 30 min on 1 CPU thread for 1500 steps
     python experiments/induction_plateau.py --optimizer adamw
@@ -67,6 +68,8 @@ def main() -> None:
     opt = build_optimizer(model, a.optimizer, lr=a.lr, weight_decay=0.0)
     probe_rng = np.random.default_rng(123)
     probes = {n: torch.from_numpy(probe_rng.integers(first, first + a.alphabet, (16, n))) for n in (16, 40)}
+    # spans of 16 over the whole vocabulary's ordinary tokens: does what formed work on tokens it never copied?
+    probes["vocab16"] = torch.from_numpy(probe_rng.integers(first, config.vocab_size - 256, (16, 16)))
     start = time.time()
     for step in range(1, a.steps + 1):
         x = batch()
@@ -80,7 +83,7 @@ def main() -> None:
         opt.step()
         if step % a.every == 0 or step == 1:
             with torch.no_grad():
-                copied = {n: round(copy_probe(model, p, n)["repeat_top1"], 3) for n, p in probes.items()}
+                copied = {n: round(copy_probe(model, p, p.shape[1])["repeat_top1"], 3) for n, p in probes.items()}
             model.train()
             print(f"step {step} loss {loss.item():.3f} copied (span: top-1) {copied} {time.time() - start:.0f}s",
                   flush=True)
