@@ -107,6 +107,9 @@ def answer_sentence(answer: str) -> str:
     return f"{answer[0].upper()}{answer[1:]}."
 
 
+QA_FORMATS = ("text", "chat")  # how pre-training's mixed-in questions are written (k2lab.train.data.encyclopedia_rows)
+
+
 def qa_text(pairs: list[tuple[str, str]]) -> str:
     """An article's questions answered in plain text ("Q: ... / A: ..."), as `corpus_documents(qa=True)`
     appends them by default."""

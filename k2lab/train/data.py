@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from k2lab.data import DatasetError
 from k2lab.data.corpus import corpus_files
-from k2lab.data.encyclopedia import DOMAIN, TOPIC, answer_sentence, corpus_documents, qa_text
+from k2lab.data.encyclopedia import DOMAIN, QA_FORMATS, TOPIC, answer_sentence, corpus_documents, qa_text
 from k2lab.runs import atomic_path
 
 HELD_OUT_PIECE_ROWS = 8  # a held-out row is a window of its own 8-row stretch of text
@@ -49,9 +49,6 @@ def read_document(path: Path) -> list[str]:
         except (json.JSONDecodeError, KeyError, TypeError):
             raise DatasetError(f"{path}:{n} is not a JSON object with a \"text\" field") from None
     return docs
-
-
-QA_FORMATS = ("text", "chat")
 
 
 def chat_qa(pairs: list[tuple[str, str]]) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from k2lab.config import ModelConfig
+from k2lab.data.encyclopedia import QA_FORMATS
 from k2lab.optim.schedules import check_schedule
 
 
@@ -99,8 +100,9 @@ class PretrainSettings(TrainSettings):
         if self.encyclopedia_qa and not self.encyclopedia:
             raise ValueError("--encyclopedia-qa adds answered questions to the encyclopedia rows: give "
                              "--encyclopedia X (a share of the rows) too")
-        if self.encyclopedia_qa_format not in ("text", "chat"):
-            raise ValueError(f"unknown --encyclopedia-qa-format {self.encyclopedia_qa_format!r}; choose text or chat")
+        if self.encyclopedia_qa_format not in QA_FORMATS:
+            raise ValueError(f"unknown --encyclopedia-qa-format {self.encyclopedia_qa_format!r}; choose "
+                             f"{' or '.join(QA_FORMATS)}")
         if self.encyclopedia_qa_format != "text" and not self.encyclopedia_qa:
             raise ValueError("--encyclopedia-qa-format says how --encyclopedia-qa writes its questions: give "
                              "--encyclopedia-qa too")
