@@ -47,6 +47,7 @@ def main() -> None:
     from k2lab.evals.copying import copy_probe
     from k2lab.model.transformer import K2ForCausalLM
     from k2lab.optim.muon import build_optimizer
+    from k2lab.tokenizer.tokenizer import NUM_RESERVED
 
     config = ModelConfig.preset("tiny")
     config.tie_word_embeddings = True
@@ -69,7 +70,7 @@ def main() -> None:
     probe_rng = np.random.default_rng(123)
     probes = {n: torch.from_numpy(probe_rng.integers(first, first + a.alphabet, (16, n))) for n in (16, 40)}
     # spans of 16 over the whole vocabulary's ordinary tokens: does what formed work on tokens it never copied?
-    probes["vocab16"] = torch.from_numpy(probe_rng.integers(first, config.vocab_size - 256, (16, 16)))
+    probes["vocab16"] = torch.from_numpy(probe_rng.integers(first, config.vocab_size - NUM_RESERVED, (16, 16)))
     start = time.time()
     for step in range(1, a.steps + 1):
         x = batch()

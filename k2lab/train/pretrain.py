@@ -73,11 +73,10 @@ def pretrain(s: PretrainSettings, tokenizer=None, kind: str = "pretrain") -> dic
         rows = s.max_steps * s.batch_size
         mixed = []
         if s.encyclopedia:
-            chat = s.encyclopedia_qa_format == "chat"  # the chat text's markers are special tokens
+            chat = s.encyclopedia_qa_format == "chat"  # its markers are special tokens
             encode = partial(encoder.encode, allow_special=True) if chat else encoder.encode
-            mixed.append(encyclopedia_rows(encode, config.eos_token_id,
-                                           s.seq_len, round(rows * s.encyclopedia), qa=s.encyclopedia_qa,
-                                           qa_format=s.encyclopedia_qa_format))
+            mixed.append(encyclopedia_rows(encode, config.eos_token_id, s.seq_len, round(rows * s.encyclopedia),
+                                           qa=s.encyclopedia_qa, qa_format=s.encyclopedia_qa_format))
         if s.copy_rows:  # ordinary tokens only: the special ones are the last NUM_RESERVED of the vocabulary
             mixed.append(copy_rows(s.seq_len, round(rows * s.copy_rows), config.vocab_size - NUM_RESERVED, s.seed))
         build_dataset(paths, encoder.encode, config.eos_token_id, s.seq_len, rows, s.val_rows, s.seed,
