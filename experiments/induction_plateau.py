@@ -28,17 +28,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--optimizer", choices=("muon", "adamw"), default="muon",
                     help="muon: k2lab's Muon on the matrices, AdamW on the rest; adamw: AdamW on all")
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--steps", type=int, default=1500, help="training steps")
+    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (20 warm-up steps, then constant)")
     ap.add_argument("--alphabet", type=int, default=64, help="how many distinct tokens the spans draw from")
     ap.add_argument("--span", type=int, nargs=2, default=(4, 16), metavar=("MIN", "MAX"), help="span lengths")
-    ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=64, help="tokens per training row")
+    ap.add_argument("--batch-size", type=int, default=32, help="rows per step")
     ap.add_argument("--every", type=int, default=50, help="print every this many steps")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="model initialization and data")
     a = ap.parse_args()
-    if a.steps < 1 or a.every < 1 or not 2 <= a.alphabet <= 7000 or not 1 <= a.span[0] <= a.span[1]:
-        sys.exit("error: give --steps and --every >= 1, 2 <= --alphabet <= 7000 and 1 <= --span MIN <= MAX")
+    if min(a.steps, a.every, a.batch_size) < 1 or a.seq_len < 2 or a.lr <= 0:
+        sys.exit("error: give --steps, --every and --batch-size >= 1, --seq-len >= 2 and --lr > 0")
+    if not 2 <= a.alphabet <= 7000 or not 1 <= a.span[0] <= a.span[1]:
+        sys.exit("error: give 2 <= --alphabet <= 7000 and 1 <= --span MIN <= MAX")
 
     import numpy as np
     import torch

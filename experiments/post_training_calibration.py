@@ -38,7 +38,7 @@ from k2lab.evals.calibration import (CalibrationSettings, accuracy, hallucinatio
 from k2lab.evals.stats import bootstrap_ci  # noqa: E402
 from k2lab.runs import read_jsonl  # noqa: E402
 
-from common import publish  # noqa: E402
+from common import publish, require_base  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -288,18 +288,25 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/k2lab-post-training-calibration", help="run directories (reused)")
     ap.add_argument("--init-from", default=None, help="checkpoint to continue pre-training from (default: scratch)")
     ap.add_argument("--base", default=None, help="use this checkpoint as the pre-trained base (skip pre-training)")
-    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="none: the base and its probe only")
+    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
+                    help="none: the base and its probe only (results stay in --work)")
     ap.add_argument("--smoke", action="store_true",
                     help="a few steps of every stage to check the plumbing; results stay in --work")
+    global RESULTS
     args = ap.parse_args()
+    for option, path in (("--base", args.base), ("--init-from", args.init_from)):
+        if path:
+            require_base(path, option)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.smoke:
         BASE.update(max_steps=2, eval_every=2)
         SFT.update(max_steps=2, eval_every=2)
         RL.update(max_steps=2, batch_size=8, samples=4, eval_every=2)
-        global SYNTH_TASKS, RESULTS
+        global SYNTH_TASKS
         SYNTH_TASKS, RESULTS = 40, work / "results"
+    if not args.seeds:  # a probe of the base alone never replaces the committed results
+        RESULTS = work / "results"
     log: dict = {}
     base = Path(args.base) if args.base else timed(log, "base", lambda: base_checkpoint(work, args.init_from))
     rows = heldout_calibration_set()
