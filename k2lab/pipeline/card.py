@@ -207,9 +207,10 @@ def copy_limit(res: dict) -> str | None:
             "below). None of the remedies tried formed it (experiments/in_context_copying.py and the README: a tied "
             "head, synthetic copy rows, copying-only SFT names; pure copy training learned a fixed 64-token lookup, "
             "not induction). With Muon, copying by content does form on random spans over a small alphabet "
-            "(experiments/induction_plateau.py: 99% of 16-token spans after ~750 steps) but not yet over the whole "
-            "vocabulary; a copying warm-up built on that, or longer pre-training (the `small` and `gpu` presets), "
-            "is the likely remedy, not measured here")
+            "(experiments/induction_plateau.py: 99% of 16-token spans after ~750 steps; AdamW stays flat for 1,500) "
+            "but is tied to the tokens it formed on: widening the alphabet afterwards did not extend it, and over "
+            "the whole vocabulary it did not form in 1,000-2,000 steps. Longer pre-training (the `small` and `gpu` "
+            "presets) is the likely remedy, not measured here")
 
 
 def _stage_sections(res: dict) -> list[str]:
