@@ -21,6 +21,7 @@ Prints the curve; nothing is written.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -51,7 +52,12 @@ def main() -> None:
     a = ap.parse_args()
     if min(a.steps, a.every, a.batch_size) < 1 or a.seq_len < 2 or a.lr <= 0:
         sys.exit("error: give --steps, --every and --batch-size >= 1, --seq-len >= 2 and --lr > 0")
-    whole = 8192 - 256 - 300  # the tiny vocabulary's ordinary tokens from id 300 on
+    from k2lab.config import ModelConfig  # light imports: no torch yet
+    from k2lab.tokenizer.tokenizer import NUM_RESERVED
+
+    config = ModelConfig.preset("tiny")
+    first = 300  # ordinary tokens of any tiny vocabulary
+    whole = config.vocab_size - NUM_RESERVED - first  # its ordinary tokens from `first` on
     if not all(2 <= n <= whole for n in a.alphabet) or a.alphabet != sorted(a.alphabet):
         sys.exit(f"error: give --alphabet sizes from 2 to {whole} (the whole vocabulary) in increasing order")
     if not 1 <= a.span[0] <= a.span[1]:
@@ -66,30 +72,28 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from k2lab.config import ModelConfig
     from k2lab.evals.copying import copy_probe
     from k2lab.model.transformer import K2ForCausalLM
     from k2lab.optim.muon import build_optimizer
-    from k2lab.tokenizer.tokenizer import NUM_RESERVED
 
-    config = ModelConfig.preset("tiny")
     config.tie_word_embeddings = True
     config.kv_lora_rank = a.kv_lora_rank or config.kv_lora_rank
     torch.manual_seed(a.seed)
     model = K2ForCausalLM(config)
     rng = np.random.default_rng(a.seed)
-    first = 300  # ordinary tokens of any tiny vocabulary
     stage = 0  # index into a.alphabet
     order = np.random.default_rng([a.seed, 1]).permutation(max(a.alphabet))  # token of each frequency rank
 
-    def weights(n: int) -> np.ndarray:
+    @functools.cache
+    def ranked(n: int) -> tuple[np.ndarray, np.ndarray]:  # the alphabet of size n by rank, and its probabilities
         w = 1.0 / np.arange(1, n + 1) ** a.zipf
-        return w / w.sum()
+        return first + order[order < n], w / w.sum()
 
     def draw(r: np.random.Generator, n: int, shape) -> np.ndarray:  # tokens of the alphabet of size n
         if not a.zipf:
             return r.integers(first, first + n, shape)
-        return first + order[order < n][r.choice(n, size=shape, p=weights(n))]
+        tokens, p = ranked(n)
+        return tokens[r.choice(n, size=shape, p=p)]
 
     def batch() -> torch.Tensor:
         out = np.empty((a.batch_size, a.seq_len + 1), dtype=np.int64)
