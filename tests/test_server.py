@@ -115,6 +115,8 @@ def test_seeded_sampling_reproducible(url, server):
     ({"model": "M", "messages": []}, 400, "messages"),
     ({"model": "M", "messages": MSG, "temperature": 3}, 400, "temperature"),
     ({"model": "M", "messages": MSG, "n": 17}, 400, "n"),
+    # a top_k past int64 crashed the engine step (500; found by the fuzz test on a fresh clone)
+    ({"model": "M", "messages": MSG, "top_k": 2299110436515375993963151360}, 400, "top_k"),
     ({"model": "M", "messages": MSG, "suffix": "x"}, 400, "`suffix` is not supported"),
     ({"model": "M", "messages": MSG, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
     ({"model": "M", "messages": MSG, "chat_template_kwargs": {"no_such_option": True}}, 400, "no_such_option"),

@@ -110,7 +110,7 @@ class Sampling(Body):
     stream_options: StreamOptions | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Field(ge=0)] = 0
+    top_k: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0  # the engine holds it in an int64 tensor
     seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
     stop: Stop = None
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None

@@ -45,7 +45,7 @@ class RolloutParams:
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (0 <= self.top_k < 2**31, f"top_k must be in [0, 2**31), got {self.top_k}"),
         ]
         problems = [msg for ok, msg in checks if not ok]
         if problems:
