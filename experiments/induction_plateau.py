@@ -107,16 +107,13 @@ def main() -> None:
         return torch.from_numpy(out)
 
     opt = build_optimizer(model, a.optimizer, lr=a.lr, weight_decay=0.0)
+    def alphabet_probes(r: np.random.Generator) -> dict:  # spans of 16 and 40 from the current alphabet
+        return {n: torch.from_numpy(draw(r, a.alphabet[stage], (16, n))) for n in (16, 40)}
+
     probe_rng = np.random.default_rng(123)
+    probes = alphabet_probes(probe_rng)
     # spans of 16 over the whole vocabulary's ordinary tokens: does what formed work on tokens it never copied?
-    vocab16 = torch.from_numpy(probe_rng.integers(first, config.vocab_size - NUM_RESERVED, (16, 16)))
-
-    def make_probes() -> dict:
-        r = np.random.default_rng(123)
-        out = {n: torch.from_numpy(draw(r, a.alphabet[stage], (16, n))) for n in (16, 40)}
-        return {**out, "vocab16": vocab16}
-
-    probes = make_probes()
+    probes["vocab16"] = torch.from_numpy(probe_rng.integers(first, config.vocab_size - NUM_RESERVED, (16, 16)))
     start = time.time()
     for step in range(1, a.steps + 1):
         x = batch()
@@ -136,7 +133,7 @@ def main() -> None:
                   f"{time.time() - start:.0f}s", flush=True)
             if copied[16] >= a.widen_at and stage + 1 < len(a.alphabet):
                 stage += 1
-                probes = make_probes()
+                probes.update(alphabet_probes(np.random.default_rng(123)))
                 print(f"step {step}: widening to an alphabet of {a.alphabet[stage]}", flush=True)
 
 

@@ -1,6 +1,7 @@
 """experiments/induction_plateau.py runs its loop, widens its alphabet on cue and refuses bad options in one line
 (a few steps of the tiny model; the experiment's findings are in the README, not asserted here)."""
 
+import os
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "induction_platea
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_the_curriculum_widens_when_the_current_alphabet_is_copied():

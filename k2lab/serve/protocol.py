@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from k2lab.serve.sampling import MAX_LOGPROBS
+from k2lab.serve.sampling import MAX_LOGPROBS, MAX_TOP_K
 
 
 class Body(BaseModel):
@@ -110,7 +110,7 @@ class Sampling(Body):
     stream_options: StreamOptions | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    top_k: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0  # the engine holds it in an int64 tensor
+    top_k: Annotated[int, Field(ge=0, le=MAX_TOP_K)] = 0
     seed: Annotated[int, Field(ge=-(2**63), lt=2**64)] | None = None
     stop: Stop = None
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=64)] | None = None

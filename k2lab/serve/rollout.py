@@ -29,6 +29,7 @@ import torch
 from k2lab.model import LatentCache, sample
 from k2lab.model.decode import compilable, decoder_for
 from k2lab.serve.engine import CausalLM
+from k2lab.serve.sampling import MAX_TOP_K
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class RolloutParams:
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
-            (0 <= self.top_k < 2**31, f"top_k must be in [0, 2**31), got {self.top_k}"),
+            (0 <= self.top_k <= MAX_TOP_K, f"top_k must be in [0, {MAX_TOP_K}], got {self.top_k}"),
         ]
         problems = [msg for ok, msg in checks if not ok]
         if problems:

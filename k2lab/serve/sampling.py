@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 
 MAX_LOGPROBS = 20
+# any top_k at or above the vocabulary means no cut; a larger one overflows the engine's int64 columns
+MAX_TOP_K = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,7 @@ class SamplingParams:
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
             (0.0 <= self.temperature <= 2.0, f"temperature must be in [0, 2], got {self.temperature}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
-            (0 <= self.top_k < 2**31, f"top_k must be in [0, 2**31), got {self.top_k}"),
+            (0 <= self.top_k <= MAX_TOP_K, f"top_k must be in [0, {MAX_TOP_K}], got {self.top_k}"),
             (-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2.0 <= self.frequency_penalty <= 2.0,
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
