@@ -58,7 +58,7 @@ def main() -> None:
     config = ModelConfig.preset("tiny")
     first = 300  # ordinary tokens of any tiny vocabulary
     whole = config.vocab_size - NUM_RESERVED - first  # its ordinary tokens from `first` on
-    if not all(2 <= n <= whole for n in a.alphabet) or a.alphabet != sorted(a.alphabet):
+    if not all(2 <= n <= whole for n in a.alphabet) or a.alphabet != sorted(set(a.alphabet)):
         sys.exit(f"error: give --alphabet sizes from 2 to {whole} (the whole vocabulary) in increasing order")
     if not 1 <= a.span[0] <= a.span[1]:
         sys.exit("error: give 1 <= --span MIN <= MAX")

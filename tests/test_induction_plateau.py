@@ -26,7 +26,8 @@ def test_the_curriculum_widens_when_the_current_alphabet_is_copied():
 
 
 def test_bad_options_get_one_line():
-    for args, words in [(("--alphabet", "64", "8"), "increasing order"), (("--alphabet", "9000",), "whole vocabulary"),
+    for args, words in [(("--alphabet", "64", "8"), "increasing order"),
+                        (("--alphabet", "64", "64"), "increasing order"), (("--alphabet", "9000",), "whole vocabulary"),
                         (("--zipf", "-1"), "--zipf"), (("--widen-at", "0"), "--widen-at"),
                         (("--kv-lora-rank", "0"), "--kv-lora-rank"), (("--span", "5", "2"), "--span")]:
         r = _run(*args)
