@@ -149,6 +149,19 @@ def rewrite_jsonl(path: str | Path, records: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) for each setting that differs; nested settings (a recipe) are compared
+    key by key, so a refusal names the one number that changed rather than printing the whole recipe twice."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((prefix + k, a, b))
+    return out
+
+
 def claim(run_dir: str | Path, identity: dict, kind: str, inputs: tuple[str, ...] = (),
           added: dict | None = None) -> Path:
     """Make `run_dir` this run's directory: new -> write run.json; existing -> same kind and identity, or refuse.
@@ -170,9 +183,9 @@ def claim(run_dir: str | Path, identity: dict, kind: str, inputs: tuple[str, ...
                               f"use another --run-dir")
         old_id = old.get("identity", {k: v for k, v in old.items() if k != "kind"})
         old_id = {**json.loads(json.dumps(added or {})), **old_id}
-        diff = sorted(k for k in set(old_id) | set(identity) if old_id.get(k) != identity.get(k))
+        diff = _differences(old_id, identity)
         if diff:
-            shown = ", ".join(f"{k}: {old_id.get(k)!r} there, {identity.get(k)!r} now" for k in diff[:3])
+            shown = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, a, b in diff[:3])
             more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
             raise RunDirError(f"{run_dir} holds a {kind} run with other settings ({shown}{more}); "
                               f"use another --run-dir or the same settings")

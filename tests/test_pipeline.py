@@ -80,6 +80,16 @@ def test_a_run_directory_of_one_preset_is_refused_for_another(tmp_path):
         run_demo(tmp_path / "new", "huge")
 
 
+def test_a_recipe_changed_since_the_run_is_refused_naming_the_one_number(tmp_path):
+    recipe = PRESETS["default"].as_dict()
+    del recipe["agent_max_tokens"]  # a run directory written before the cap existed
+    claim(tmp_path, {"preset": "default", "recipe": recipe}, "demo")
+    with pytest.raises(RunDirError) as e:
+        run_demo(tmp_path, "default")
+    msg = str(e.value)
+    assert "recipe.agent_max_tokens: None there, 256 now" in msg and len(msg) < 250, msg
+
+
 def test_the_demo_command_answers_a_preset_mismatch_in_one_line(tmp_path):
     from typer.testing import CliRunner
 

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import jsonschema
+from tqdm import tqdm
 
 from k2lab.agents.agent import Agent, AgentLimits
 from k2lab.agents.llm import LLM
@@ -56,14 +57,14 @@ def domain_tools(domain, state) -> list[Tool]:
     return out
 
 
-async def agent_task(llm: LLM, task, max_steps: int) -> dict:
+async def agent_task(llm: LLM, task, max_steps: int, max_tokens: int) -> dict:
     domain = registry()[task.domain]
     state = domain.initial_state(task)
     try:
         # greedy, as the other evals: sampled at the server's default temperature the same checkpoint solved a
         # different task on each run
         agent = Agent("agent", llm, task.system, domain_tools(domain, state), AgentLimits(max_steps=max_steps),
-                      sampling={"temperature": 0.0})
+                      sampling={"temperature": 0.0, "max_tokens": max_tokens})
         res = await agent.run(task.turns[0])
     finally:
         domain.close(state)
@@ -126,7 +127,12 @@ def evaluate(checkpoint: Path, out: Path, r: Recipe, run_dir: Path, swarm: bool 
                 code = await run_coding(llm, CodingSettings(
                     dataset=coding_set, run_dir=str(code_dir), resume=True,
                     max_tokens=r.eval_max_tokens))
-                agents = list(await asyncio.gather(*(agent_task(llm, t, r.agent_max_steps) for t in tasks)))
+                with tqdm(total=len(tasks), desc="agent tasks", unit="task") as bar:
+                    async def one(t) -> dict:
+                        res = await agent_task(llm, t, r.agent_max_steps, r.agent_max_tokens)
+                        bar.update()
+                        return res
+                    agents = list(await asyncio.gather(*(one(t) for t in tasks)))
                 write_json(out / "agent_tasks.json", agents)
                 sw = await swarm_run(llm, tasks[:r.swarm_tasks], out / "swarm", r.agent_max_steps) if swarm else None
                 return summarize(tc, cal, code, agents, sw)
