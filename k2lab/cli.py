@@ -7,6 +7,7 @@ keeps its traceback.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -221,6 +222,8 @@ def demo(run_dir: Path = typer.Option(Path("runs/demo"), metavar="DIR", help="ru
         run_demo(run_dir, preset)
     except RunDirError as e:
         typer.echo(f"error: {e}", err=True)
+        if os.environ.get("MAKELEVEL"):  # started by `make run`: say how to pass another directory there
+            typer.echo(f"  with make: `make run RUN_DIR=runs/other`, or remove {run_dir} to start over", err=True)
         raise typer.Exit(2) from None
 
 

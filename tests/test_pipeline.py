@@ -88,6 +88,12 @@ def test_a_recipe_changed_since_the_run_is_refused_naming_the_one_number(tmp_pat
         run_demo(tmp_path, "default")
     msg = str(e.value)
     assert "recipe.agent_max_tokens: None there, 256 now" in msg and len(msg) < 250, msg
+    # started by `make run`, the answer also says how to pass make another directory
+    from typer.testing import CliRunner
+
+    from k2lab.cli import app
+    r = CliRunner().invoke(app, ["demo", "--run-dir", str(tmp_path)], env={"MAKELEVEL": "1"})
+    assert r.exit_code == 2 and "make run RUN_DIR=" in r.output and "Traceback" not in r.output, r.output
 
 
 def test_the_demo_command_answers_a_preset_mismatch_in_one_line(tmp_path):
