@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 import jsonschema
-from tqdm import tqdm
+from tqdm.asyncio import tqdm_asyncio
 
 from k2lab.agents.agent import Agent, AgentLimits
 from k2lab.agents.llm import LLM
@@ -127,12 +127,9 @@ def evaluate(checkpoint: Path, out: Path, r: Recipe, run_dir: Path, swarm: bool 
                 code = await run_coding(llm, CodingSettings(
                     dataset=coding_set, run_dir=str(code_dir), resume=True,
                     max_tokens=r.eval_max_tokens))
-                with tqdm(total=len(tasks), desc="agent tasks", unit="task") as bar:
-                    async def one(t) -> dict:
-                        res = await agent_task(llm, t, r.agent_max_steps, r.agent_max_tokens)
-                        bar.update()
-                        return res
-                    agents = list(await asyncio.gather(*(one(t) for t in tasks)))
+                agents = await tqdm_asyncio.gather(
+                    *(agent_task(llm, t, r.agent_max_steps, r.agent_max_tokens) for t in tasks),
+                    desc="agent tasks", unit="task")
                 write_json(out / "agent_tasks.json", agents)
                 sw = await swarm_run(llm, tasks[:r.swarm_tasks], out / "swarm", r.agent_max_steps) if swarm else None
                 return summarize(tc, cal, code, agents, sw)
