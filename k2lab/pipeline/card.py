@@ -122,7 +122,9 @@ def directions(res: dict) -> list[tuple[str, bool | None, str]]:
                     f"{pct(s['calibration']['abstention_rate'])} -> {pct(rl['calibration']['abstention_rate'])}"
                     + ("; the RL model declines (almost) every question: for a model that gets "
                        f"{pct(known[0])} of the known facts right, that is what the +1 / -1 / 0 reward pays "
-                       "for, calibration by not answering rather than by knowing more" if silent else "")))
+                       "for, calibration by not answering rather than by knowing more (the base completes its "
+                       "facts as sentences, but SFT does not carry them into answers in the chat format: "
+                       "experiments/knowledge_extraction.py)" if silent else "")))
     if b and f:
         new = sorted(set(f["agent"]["solved"]) - set(b["agent"]["solved"]))
         out.append(("the trained model completes embedded agent tasks the pre-trained one fails", bool(new),
@@ -204,7 +206,7 @@ def copy_limit(res: dict) -> str | None:
             f"{c['repeat_nll']:.2f} nats against {c['first_nll']:.2f} the first time (a model with induction heads "
             "drops near 0). Calling a tool by the name declared in its prompt and carrying a request's or a tool "
             "result's values into a call or an answer need that (held-out tool schema accuracy and the agent tasks "
-            "below). None of the remedies tried formed it (experiments/in_context_copying.py and the README: a tied "
+            "below). No remedy tried here formed it (experiments/in_context_copying.py and the README: a tied "
             "head, synthetic copy rows, copying-only SFT names; pure copy training learned a fixed 64-token lookup, "
             "not induction). With Muon, copying by content does form on random spans over a small alphabet "
             "(experiments/induction_plateau.py: 99% of 16-token spans after ~750 steps; AdamW stays flat for 1,500) "
