@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from k2lab.data.encyclopedia import DOMAIN, TOPIC, cloze_items, questions  # noqa: E402
 from k2lab.evals.report import md_table  # noqa: E402
-from common import publish  # noqa: E402
+from common import RESULTS, publish  # noqa: E402
 
 
 def prompts(form: str, items: list[dict]) -> list[str]:
@@ -110,8 +110,6 @@ def parse_checkpoint(arg: str) -> tuple[str | None, Path]:
 
 
 def main() -> None:
-    from common import RESULTS
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoints", nargs="+", metavar="[LABEL=]CHECKPOINT",
                     help="checkpoint directories (with their tokenizer files), each optionally named LABEL=DIR")

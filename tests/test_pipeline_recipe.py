@@ -2,10 +2,10 @@
 
 Slow (about 20 minutes on 2 CPU cores). It runs the real recipe end to end once, as `k2lab demo --preset reduced`
 in a process of its own (no fake model; torch's default thread count, not the test suite's one thread, so it
-measures what that command measures), and asserts what the report claims, not just that files exist: tool-call F1 rises from the pre-trained model to the post-trained
-INT4 model, calibration RL lowers the hallucination rate below the SFT model's, and the trained model solves
-embedded agent tasks the pre-trained one fails. A second run resumes in seconds and keeps every section of the
-report.
+measures what that command measures), and asserts what the report claims, not just that files exist: tool-call
+F1 rises from the pre-trained model to the post-trained INT4 model, calibration RL lowers the hallucination rate
+below the SFT model's, and the trained model solves embedded agent tasks the pre-trained one fails. A second run
+resumes in seconds and keeps every section of the report.
 
 The third direction does not hold at this scale, and its test says so with a strict xfail: every agent task needs
 a name or a number copied from the prompt or a tool result, and the tiny model does not copy from its context
@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -37,13 +38,13 @@ def reduced(tmp_path_factory):
     data = json.loads((run_dir / "report.json").read_text())
     stages = data["stages"]
     evals = {k: stages[f"eval_{k}"]["result"] for k in ("base", "sft", "rl", "int4")}
-    return run_dir, report, list(stages), evals
+    return SimpleNamespace(run_dir=run_dir, report=report, stages=list(stages), evals=evals)
 
 
 def test_reduced_recipe_runs_every_stage_and_a_rerun_reuses_them(reduced):
-    run_dir, report, stages, _ = reduced
-    assert stages == ["tokenizer", "pretrain", "eval_base", "synth", "sft", "eval_sft", "rl", "eval_rl", "qat",
-                      "eval_int4"]
+    run_dir, report = reduced.run_dir, reduced.report
+    assert reduced.stages == ["tokenizer", "pretrain", "eval_base", "synth", "sft", "eval_sft", "rl", "eval_rl",
+                              "qat", "eval_int4"]
     text = report.read_text()
     start = time.perf_counter()
     demo(run_dir)
@@ -53,19 +54,19 @@ def test_reduced_recipe_runs_every_stage_and_a_rerun_reuses_them(reduced):
 
 
 def test_post_training_raises_toolcall_f1_above_the_base(reduced):
-    evals = reduced[3]
+    evals = reduced.evals
     assert evals["int4"]["toolcalls"]["trigger_f1"] > evals["base"]["toolcalls"]["trigger_f1"]
 
 
 def test_calibration_rl_lowers_hallucination_below_sft(reduced):
-    evals = reduced[3]
+    evals = reduced.evals
     assert evals["rl"]["calibration"]["hallucination_rate"] < evals["sft"]["calibration"]["hallucination_rate"]
 
 
 @pytest.mark.xfail(strict=True, reason="the tiny model does not copy names and numbers from its context, which "
                                        "every embedded agent task needs (experiments/in_context_copying.py)")
 def test_the_trained_model_solves_agent_tasks_the_base_fails(reduced):
-    evals = reduced[3]
+    evals = reduced.evals
     # tasks, not one: a files task ("which file mentions X?") passes by naming the right one of the few files
     # listed, and the reduced run's SFT model did so by chance ("notes/meeting.txt mentions the security")
     assert len(set(evals["int4"]["agent"]["solved"]) - set(evals["base"]["agent"]["solved"])) >= 2
