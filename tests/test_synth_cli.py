@@ -125,3 +125,11 @@ def test_embedded_domains_with_a_model_as_teacher(tmp_path):
     for x in kept:  # the endpoint's call_... ids were rewritten to K2's functions.NAME:INDEX
         assert roundtrip_errors(x["messages"], x["tools"]) == []
         assert all(tc["id"].startswith("functions.") for m in x["messages"] for tc in m.get("tool_calls") or [])
+
+
+def test_a_run_without_tools_writes_its_card_quietly(tmp_path):
+    # knowledge questions only: no tool to map, and the tool-map plot says so instead of warning about its legend
+    out = tmp_path / "know"
+    r = synth("--domains", "knowledge", "--tasks", "6", "--out", str(out))
+    assert r.returncode == 0 and "Warning" not in r.stderr, r.stderr
+    assert (out / "tool_map.png").stat().st_size > 0 and len(read_jsonl(out / "kept.jsonl")) == 6

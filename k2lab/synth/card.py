@@ -108,7 +108,10 @@ def _plot(card: dict, path: Path) -> None:
     ax.set_title("Tool descriptions (hashed bag of words, PCA)")
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
-    ax.legend(fontsize=8)
+    if pts:
+        ax.legend(fontsize=8)
+    else:  # e.g. knowledge questions only: say so rather than draw empty axes (and warn about an empty legend)
+        ax.text(0.5, 0.5, "no tools in these tasks", ha="center", va="center", transform=ax.transAxes)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
