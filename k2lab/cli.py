@@ -302,6 +302,16 @@ BASE_URL = typer.Option(None, metavar="URL",
 API_KEY = typer.Option(None, metavar="KEY", help="its API key (default K2LAB_API_KEY / OPENAI_API_KEY)")
 MODEL = typer.Option(None, metavar="NAME", help="model name (default K2LAB_MODEL / OPENAI_MODEL)")
 MCP = typer.Option([], metavar="URL|COMMAND", help="an MCP server: a URL or a command line (repeatable)")
+CALL_MAX_TOKENS = typer.Option(None, "--max-tokens", min=1, metavar="N",
+                               help="tokens one model call may generate (default: the endpoint's own limit; a model "
+                                    "that never ends its turn then writes to the end of its context)")
+CALL_TEMPERATURE = typer.Option(None, "--temperature", min=0.0, metavar="T",
+                                help="sampling temperature of every model call, 0 greedy (default: the endpoint's)")
+
+
+def _sampling(max_tokens: int | None, temperature: float | None) -> dict:
+    """The request fields the options set; the ones left out are the endpoint's to choose."""
+    return {k: v for k, v in (("max_tokens", max_tokens), ("temperature", temperature)) if v is not None}
 
 
 def _task(task: str | None) -> str:
@@ -316,13 +326,15 @@ def agent(task: str = typer.Argument(..., metavar="TASK", help="what the agent s
           workspace: Path = typer.Option(Path("workspace"), metavar="DIR", help="the agent's working directory"),
           run_dir: Path = typer.Option(None, metavar="DIR", help="where trace.jsonl and result.json go"),
           max_steps: int = typer.Option(50, min=1, metavar="N", help="model calls at most"),
+          max_tokens: int = CALL_MAX_TOKENS, temperature: float = CALL_TEMPERATURE,
           base_url: str = BASE_URL, api_key: str = API_KEY, model: str = MODEL) -> None:
     """Run one agent on TASK with workspace (and MCP) tools."""
     from k2lab.agents.agent import run_agent
     from k2lab.agents.llm import LLM
 
     task = _task(task)
-    res = run_agent(task, LLM(base_url=base_url, api_key=api_key, model=model), workspace, mcp, run_dir, max_steps)
+    res = run_agent(task, LLM(base_url=base_url, api_key=api_key, model=model), workspace, mcp, run_dir, max_steps,
+                    _sampling(max_tokens, temperature))
     typer.echo(f"\n{res.output}\n\noutcome: {res.outcome} {res.reason}".rstrip())
 
 
@@ -333,6 +345,7 @@ def swarm(task: str = typer.Argument(None, metavar="TASK", help="what the swarm 
           max_subagents: int = typer.Option(300, min=1, metavar="N"),
           max_tool_calls: int = typer.Option(4000, min=1, metavar="N", help="across the swarm"),
           max_concurrency: int = typer.Option(300, min=1, metavar="N", help="sub-agents running at once"),
+          max_tokens: int = CALL_MAX_TOKENS, temperature: float = CALL_TEMPERATURE,
           mcp: list[str] = MCP, base_url: str = BASE_URL, api_key: str = API_KEY, model: str = MODEL) -> None:
     """Run an agent swarm on TASK (or --resume DIR); prints the answer, the metrics and the run directory."""
     import dataclasses
@@ -346,7 +359,8 @@ def swarm(task: str = typer.Argument(None, metavar="TASK", help="what the swarm 
         raise typer.BadParameter("--resume continues the journaled task; give no TASK with it")
     llm = LLM(base_url=base_url, api_key=api_key, model=model)
     res = run_swarm(task, llm, resume or run_dir, resume is not None,
-                    SwarmLimits(max_subagents, max_tool_calls, max_concurrency), mcp)
+                    SwarmLimits(max_subagents, max_tool_calls, max_concurrency), mcp,
+                    _sampling(max_tokens, temperature))
     metrics = "  ".join(f"{k} {v}" for k, v in dataclasses.asdict(res.metrics).items())
     typer.echo(f"\n{res.output}\n\noutcome: {res.outcome} {res.reason}\n{metrics}\nrun dir: {res.run_dir}")
 

@@ -195,3 +195,48 @@ def test_two_swarms_at_once_keep_their_own_state(tmp_path):
         assert events[0] == {**events[0], "event": "start", "task": task}
         assert sum(e["event"] == "subagent_done" for e in events) == len(counts)
         assert sum(s["kind"] == "agent" for s in read_spans(res.run_dir)) == len(counts) + 1
+
+
+def test_sampling_reaches_every_model_call(tmp_path):
+    """Swarm(sampling=...) sets the fields of the orchestrator's calls and of every sub-agent's."""
+    counts, bodies = plan(4, 40), []
+    script = handler(counts)
+
+    def reply(req):
+        bodies.append(req.body)
+        return script(req)
+
+    async def go(srv):
+        async with LLM(base_url=srv.base_url, api_key="k", model="m") as llm:
+            swarm = Swarm(llm, lambda run_dir, name: [lookup], sampling={"temperature": 0.0, "max_tokens": 7})
+            return await swarm.run("sum all entries", tmp_path)
+
+    with ScriptedServer(reply) as srv:
+        res = asyncio.run(go(srv))
+    assert res.outcome == "completed" and len(bodies) == res.metrics.model_calls > 4
+    assert {(b.get("temperature"), b.get("max_tokens")) for b in bodies} == {(0.0, 7)}
+
+
+def test_cli_max_tokens_and_temperature_reach_the_requests(tmp_path):
+    """`k2lab agent` and `k2lab swarm` send --max-tokens / --temperature on each call, and nothing when not given
+    (the endpoint's defaults)."""
+    bodies = []
+
+    def reply(req):
+        bodies.append(req.body)
+        return {"content": "done"}
+
+    with ScriptedServer(reply) as srv:
+        env = {**os.environ, "K2LAB_BASE_URL": srv.base_url, "K2LAB_API_KEY": "k", "K2LAB_MODEL": "m"}
+        for i, (cmd, extra) in enumerate([("agent", ["--workspace", str(tmp_path / "ws")]), ("swarm", [])]):
+            for flags in (["--max-tokens", "9", "--temperature", "0"], []):
+                bodies.clear()
+                out = subprocess.run([sys.executable, "-m", "k2lab.cli", cmd, "say done", *extra, *flags,
+                                      "--run-dir", str(tmp_path / f"{cmd}{len(flags)}")],
+                                     env=env, capture_output=True, text=True, timeout=120)
+                assert out.returncode == 0 and "outcome: completed" in out.stdout, out.stderr[-2000:]
+                got = {(b.get("max_tokens"), b.get("temperature")) for b in bodies}
+                assert got == ({(9, 0.0)} if flags else {(None, None)}), (cmd, flags, got)
+    bad = subprocess.run([sys.executable, "-m", "k2lab.cli", "agent", "x", "--max-tokens", "0"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--max-tokens" in bad.stderr and "Traceback" not in bad.stderr

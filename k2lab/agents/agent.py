@@ -208,8 +208,9 @@ class Agent:
 
 
 def run_agent(task: str, llm: LLM, workspace: Path, mcp: list[str] = (), run_dir: Path | None = None,
-              max_steps: int = 50) -> AgentResult:
-    """`k2lab agent`: one agent with the workspace tools (+ MCP tools) against `llm`'s endpoint."""
+              max_steps: int = 50, sampling: dict | None = None) -> AgentResult:
+    """`k2lab agent`: one agent with the workspace tools (+ MCP tools) against `llm`'s endpoint; `sampling`: request
+    fields of every model call (temperature, max_tokens; none: the endpoint's defaults)."""
     from k2lab.agents.mcp import MCPTools
     from k2lab.agents.sandbox import Sandbox
     from k2lab.agents.tools import workspace_tools
@@ -225,7 +226,7 @@ def run_agent(task: str, llm: LLM, workspace: Path, mcp: list[str] = (), run_dir
         async with llm, MCPTools(list(mcp)) as mcp_tools:
             agent = Agent("agent", llm, "You are a capable assistant. Use the tools when they help; the "
                           "workspace is your working directory.", workspace_tools(Sandbox(workspace)) + mcp_tools,
-                          AgentLimits(max_steps=max_steps), tracer, on_message=show)
+                          AgentLimits(max_steps=max_steps), tracer, sampling=sampling, on_message=show)
             with tracer.span("run", "agent", task=task[:200]):
                 return await agent.run(task)
     try:

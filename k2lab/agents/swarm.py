@@ -103,8 +103,12 @@ class Swarm:
     `await swarm.run(task, run_dir)`; runs may overlap (each has its own `SwarmRun`)."""
 
     def __init__(self, llm: LLM, tools: ToolFactory = workspace_tool_factory, limits: SwarmLimits = SwarmLimits(),
-                 system_prompt: str = ORCHESTRATOR_PROMPT, on_event: Callable[[dict], None] | None = None):
+                 system_prompt: str = ORCHESTRATOR_PROMPT, on_event: Callable[[dict], None] | None = None,
+                 sampling: dict | None = None):
+        """sampling: request fields of every model call, the orchestrator's and the sub-agents' (e.g.
+        {"temperature": 0.0, "max_tokens": 256}); none: the endpoint's defaults."""
         self.llm, self.tools, self.limits, self.system_prompt = llm, tools, limits, system_prompt
+        self.sampling = dict(sampling or {})
         self.on_event = on_event or (lambda e: None)
 
     async def run(self, task: str | None, run_dir: str | Path, resume: bool = False) -> SwarmResult:
@@ -158,7 +162,8 @@ class SwarmRun:
 
     async def run(self, task: str, resume: bool) -> SwarmResult:
         orchestrator = Agent("orchestrator", self.swarm.llm, self.swarm.system_prompt, self._orchestrator_tools(),
-                             self.limits.orchestrator, self.tracer, self.budget, replay=self.replay,
+                             self.limits.orchestrator, self.tracer, self.budget, sampling=self.swarm.sampling,
+                             replay=self.replay,
                              on_message=lambda step, m: self.record(
                                  {"event": "orchestrator_message", "step": step, "message": m}))
         t0 = time.perf_counter()
@@ -225,7 +230,7 @@ class SwarmRun:
             async with self.running:
                 try:
                     agent = Agent(name, self.swarm.llm, self.subagents[name], self.swarm.tools(self.run_dir, name),
-                                  self.limits.subagent, self.tracer, self.budget)
+                                  self.limits.subagent, self.tracer, self.budget, sampling=self.swarm.sampling)
                     summary = (await agent.run(prompt)).summary()
                 except EndpointError:  # nothing answers at the endpoint: the whole run stops (and can resume)
                     raise
@@ -240,7 +245,7 @@ class SwarmRun:
 
 
 def run_swarm(task: str | None, llm: LLM, run_dir: Path | None = None, resume: bool = False,
-              limits: SwarmLimits = SwarmLimits(), mcp: list[str] = ()) -> SwarmResult:
+              limits: SwarmLimits = SwarmLimits(), mcp: list[str] = (), sampling: dict | None = None) -> SwarmResult:
     """`k2lab swarm`: a swarm against `llm`'s endpoint; sub-agents get workspace (+ MCP) tools."""
     from tqdm import tqdm
 
@@ -259,7 +264,8 @@ def run_swarm(task: str | None, llm: LLM, run_dir: Path | None = None, resume: b
         async with llm, MCPTools(list(mcp)) as mcp_tools:
             def tools(run_dir: Path, name: str) -> list[Tool]:
                 return workspace_tool_factory(run_dir, name) + mcp_tools
-            return await Swarm(llm, tools, limits, on_event=progress).run(task, run_dir, resume=resume)
+            return await Swarm(llm, tools, limits, on_event=progress, sampling=sampling).run(task, run_dir,
+                                                                                             resume=resume)
     try:
         return asyncio.run(go())
     finally:

@@ -82,9 +82,9 @@ async def agent_task(llm: LLM, task, max_steps: int, max_tokens: int) -> dict:
             "success": all(v["passed"] for v in verdicts), "verdicts": verdicts}
 
 
-async def swarm_run(llm: LLM, tasks: list, run_dir: Path, max_steps: int) -> dict:
+async def swarm_run(llm: LLM, tasks: list, run_dir: Path, max_steps: int, max_tokens: int) -> dict:
     """The orchestrator gets several embedded requests at once; each sub-agent gets the tools of all their
-    domains (one shared state per domain for the run)."""
+    domains (one shared state per domain for the run). Greedy with a per-call cap, as the agent tasks."""
     reg = registry()
     states = {t.domain: reg[t.domain].initial_state(t) for t in tasks}
     try:
@@ -98,7 +98,8 @@ async def swarm_run(llm: LLM, tasks: list, run_dir: Path, max_steps: int) -> dic
         resume = (run_dir / "journal.jsonl").exists() and not (run_dir / "result.json").exists()
         if (run_dir / "result.json").exists():
             return json.loads((run_dir / "result.json").read_text())
-        result = await Swarm(llm, tools, limits).run(task, run_dir, resume=resume)
+        result = await Swarm(llm, tools, limits, sampling={"temperature": 0.0, "max_tokens": max_tokens}).run(
+            task, run_dir, resume=resume)
         return result.as_dict()
     finally:
         for d, s in states.items():
@@ -131,7 +132,8 @@ def evaluate(checkpoint: Path, out: Path, r: Recipe, run_dir: Path, swarm: bool 
                     *(agent_task(llm, t, r.agent_max_steps, r.agent_max_tokens) for t in tasks),
                     desc="agent tasks", unit="task")
                 write_json(out / "agent_tasks.json", agents)
-                sw = await swarm_run(llm, tasks[:r.swarm_tasks], out / "swarm", r.agent_max_steps) if swarm else None
+                sw = await swarm_run(llm, tasks[:r.swarm_tasks], out / "swarm", r.agent_max_steps,
+                                     r.agent_max_tokens) if swarm else None
                 return summarize(tc, cal, code, agents, sw)
             finally:
                 await llm.aclose()

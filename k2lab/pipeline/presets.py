@@ -57,9 +57,9 @@ class Recipe:
     calibration_max_tokens: int = 32
     agent_tasks: int = 8  # embedded single-turn tasks, played by an agent over the OpenAI API
     agent_max_steps: int = 4
-    # tokens one agent call may generate: without a cap the server allows the whole context, and a model that never
-    # ends its turn (the pre-trained one) generated ~1,800 tokens per call, which made the base's agent tasks take
-    # ~440 s of a 503 s eval stage (2026-12-01, AVX2 EPYC); the trained models' calls end well within it
+    # tokens one agent or swarm call may generate: without a cap the server allows the whole context, and a model
+    # that never ends its turn (the pre-trained one) generated ~1,800 tokens per call, which made the base's agent
+    # tasks take ~440 s of a 503 s eval stage (2026-12-01, AVX2 EPYC); the trained models' calls end well within it
     agent_max_tokens: int = 256
     swarm_tasks: int = 2  # requests the swarm's orchestrator may hand to sub-agents
     agreement_prompts: int = 8  # INT4 vs full precision: greedy continuations of this many prompts
