@@ -67,6 +67,7 @@ def test_calibration_rl_lowers_hallucination_below_sft(reduced):
                                        "every embedded agent task needs (experiments/in_context_copying.py)")
 def test_the_trained_model_solves_agent_tasks_the_base_fails(reduced):
     evals = reduced.evals
-    # tasks, not one: a files task ("which file mentions X?") passes by naming the right one of the few files
-    # listed, and the reduced run's SFT model did so by chance ("notes/meeting.txt mentions the security")
+    # tasks, not one: the reduced run's SFT model once passed a files task ("which file mentions X?") by naming
+    # the right one of four by chance ("notes/meeting.txt mentions the security"); the rubric now also wants that
+    # file read and no other named, but one file read at random is still the right one a quarter of the time
     assert len(set(evals["int4"]["agent"]["solved"]) - set(evals["base"]["agent"]["solved"])) >= 2

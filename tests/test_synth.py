@@ -112,6 +112,38 @@ def test_answer_checks_resist_gaming():
     assert not check_answer({"kind": "abstain"}, "1432")[0]
 
 
+def test_which_file_tasks_pass_only_a_read_and_named_file():
+    """"Which file mentions X?": naming the right file passes only when the agent read it and named no other (a
+    guess among the four files passed a quarter of the time when only the name was checked)."""
+    task = next(t for t in make_tasks(["files"], 30, seed=3) if t.world["kind"] == "find")
+    where = task.rubric["checkpoints"][0]["contains"][0]
+    others = sorted(p for p in task.world["files"] if p != where)
+
+    def verdicts(reads, answer):
+        env = Environment(REG["files"], task)
+        env.reset()
+        env.step(call("list_files", {}))
+        for i, path in enumerate(reads):
+            env.step(call("read_file", {"path": path}, i + 1))
+        env.step({"role": "assistant", "content": answer})
+        out = {v["checkpoint"]: v["passed"] for v in env.verdicts()}
+        env.close()
+        return out
+
+    def call(name, args, i=0):
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"functions.{name}:{i}", "type": "function",
+             "function": {"name": name, "arguments": json.dumps(args)}}]}
+
+    topic = task.world["topic"]
+    assert all(verdicts([where], f"{where} mentions the {topic}.").values())
+    assert all(verdicts([*others, where], f"{where}.").values())
+    assert verdicts([others[0]], f"{where} mentions the {topic}.")["read_it"] is False  # guessed, not read
+    assert verdicts([], f"{where}.")["read_it"] is False
+    assert verdicts([where], f"{where} or {others[0]}.")["answer"] is False  # hedged over several files
+    assert verdicts([where], f"{others[1]} mentions the {topic}.")["answer"] is False
+
+
 def test_knowledge_tasks_balance_answers_and_abstentions():
     recs = [decide(play(t)) for t in make_tasks(["knowledge"], 40, seed=0)]
     seen = [r for r in recs if r["rubric"]["checkpoints"][0]["kind"] != "abstain"]

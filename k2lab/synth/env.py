@@ -60,8 +60,18 @@ def _words(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", text.lower()))
 
 
+def _args(call: dict) -> dict:
+    raw = call["arguments"]
+    try:
+        args = json.loads(raw) if isinstance(raw, str) else raw
+    except json.JSONDecodeError:
+        return {}
+    return args if isinstance(args, dict) else {}
+
+
 def check_answer(cp: dict, answer: str) -> tuple[bool, str]:
-    """One answer checkpoint: `number` (+ `tolerance`), `contains` (all of), or `abstain`."""
+    """One answer checkpoint: `number` (+ `tolerance`), `contains` (all of, and none of `excludes`), or
+    `abstain`."""
     if cp["kind"] == "abstain":
         if not is_abstention(answer):
             return False, "does not abstain on a question it cannot know"
@@ -75,6 +85,9 @@ def check_answer(cp: dict, answer: str) -> tuple[bool, str]:
         return ok, f"states {cp['number']}" if ok else f"expected {cp['number']} (+-{tol}), found {found[:6]}"
     words = f" {_words(answer)} "
     missing = [s for s in cp["contains"] if f" {_words(s)} " not in words]  # whole words: "4" is not in "42"
+    named = [s for s in cp.get("excludes", ()) if f" {_words(s)} " in words]
+    if not missing and named:  # "README.md, notes/todo.txt or notes/meeting.txt" is not an answer
+        return False, f"also names {named}"
     if not missing and cp.get("not_abstain", True) and is_abstention(answer):
         return False, "hedges into an abstention while answering"
     return not missing, "mentions " + ", ".join(cp["contains"]) if not missing else f"does not mention {missing}"
@@ -146,6 +159,11 @@ class Environment:
                 it = iter(used)
                 ok = all(name in it for name in cp["sequence"])  # expected pattern is a subsequence of the calls
                 why = f"called {cp['sequence']} in order" if ok else f"expected calls {cp['sequence']}, made {used}"
+            elif cp["kind"] == "call":  # one successful call with these argument values (others may be there too)
+                want = cp["arguments"]
+                ok = any(c["name"] == cp["name"] and c["ok"] and _args(c).items() >= want.items() for c in self.calls)
+                why = (f"called {cp['name']} with {want}" if ok else
+                       f"never called {cp['name']} with {want} (calls: {[(c['name'], _args(c)) for c in self.calls]})")
             elif cp["kind"] == "state":
                 ok, why = self.domain.check_state(self.state, cp)
             elif cp["turn"] >= len(self.answers):

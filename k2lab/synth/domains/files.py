@@ -85,9 +85,14 @@ class Files(Domain):
             topic = rng.choice(topics)
             where = next(p for p, text in files.items() if topic in text)
             turns = [f"Which file in my workspace mentions the {topic}?"]
-            cps = [{"id": "answer", "kind": "contains", "turn": 0, "contains": [where]},
+            # the answer names the file and no other, and the agent read that file: a guess among the four files
+            # passed a quarter of the time when only the name was checked (a reduced run's SFT model answered
+            # "notes/meeting.txt mentions the security" for the migration)
+            cps = [{"id": "answer", "kind": "contains", "turn": 0, "contains": [where],
+                    "excludes": sorted(p for p in files if p != where)},
+                   {"id": "read_it", "kind": "call", "name": "read_file", "arguments": {"path": where}},
                    {"id": "list_then_read", "kind": "tools", "sequence": ["list_files", "read_file"]}]
-            criteria = [f"names {where}"]
+            criteria = [f"names {where} (and no other file), having read it"]
         rubric = {"success_criteria": criteria, "expected_tools": cps[-1]["sequence"], "checkpoints": cps}
         return self.task(rng, task_id, turns, rubric, {"files": files, "kind": kind, "threshold": t,
                                                        "topic": topic})
