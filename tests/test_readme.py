@@ -189,8 +189,8 @@ def check(cmd: str, out: str) -> None:
         assert "<|im_user|>user<|im_middle|>hi<|im_end|>" in out, out
     elif cmd.startswith("k2lab parse-tool-calls"):
         assert '"name": "add"' in out, out
-    elif cmd.startswith("k2lab agent"):
-        assert "In Tokyo:" in out and "outcome: completed" in out, out
+    elif cmd.startswith("k2lab agent"):  # the scripted model looks the time up only when asked about Tokyo
+        assert ("In Tokyo:" in out or "Tokyo" not in cmd) and "outcome: completed" in out, out
     elif cmd.startswith("k2lab swarm"):
         assert "survey: part 0 surveyed | part 1 surveyed" in out or "part 0 surveyed" in out, out
     elif cmd.startswith("k2lab trace"):
