@@ -284,19 +284,26 @@ def plot(out: dict, path: Path) -> None:
 
 
 def main() -> None:
+    global RESULTS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="/tmp/k2lab-post-training-calibration", help="run directories (reused)")
     ap.add_argument("--init-from", default=None, help="checkpoint to continue pre-training from (default: scratch)")
     ap.add_argument("--base", default=None, help="use this checkpoint as the pre-trained base (skip pre-training)")
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
                     help="none: the base and its probe only (results stay in --work)")
+    ap.add_argument("--sft-lr", type=float, default=SFT["lr"],
+                    help="SFT's peak learning rate (a gentler one keeps more of what the base answers)")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="where the results go (default: the committed experiments/results)")
     ap.add_argument("--smoke", action="store_true",
                     help="a few steps of every stage to check the plumbing; results stay in --work")
-    global RESULTS
     args = ap.parse_args()
     for option, path in (("--base", args.base), ("--init-from", args.init_from)):
         if path:
             require_base(path, option)
+    if args.sft_lr <= 0:
+        sys.exit("error: --sft-lr must be > 0")
+    SFT["lr"], RESULTS = args.sft_lr, args.results
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.smoke:
