@@ -118,6 +118,21 @@ def test_mixed_training_answers_only_post_training_entities_questions():
         int(t) for row in encyclopedia_rows(encode, 0, 127, 300) for t in row).decode()
 
 
+def test_half_of_the_entities_questions_mixed_in():
+    """qa_entities="half": only the entities `qa_half` picks end with their questions (a fixed choice by name, some
+    of each kind); the other post-training entities' facts are read and never asked, like the held-out ones."""
+    from k2lab.data.encyclopedia import qa_half
+
+    text = "\n".join(corpus_documents(passes=2, qa=True, qa_entities="half"))
+    train = [q for q in questions() if q["split"] == "train" and q["seen"]]
+    asked = {q["entity"] for q in train if f"Q: {q['question']}\nA: {q['answer']}." in text}
+    assert asked == {q["entity"] for q in train if qa_half(q["entity"])}
+    assert 0 < len(asked) < len({q["entity"] for q in train})
+    assert not any(q["question"] in text for q in questions() if q["split"] == "eval" or not q["seen"])
+    with pytest.raises(ValueError, match="choose all or half"):
+        corpus_documents(passes=1, qa=True, qa_entities="most")
+
+
 def test_chat_qa_is_the_conversation_post_training_and_the_eval_ask(tok):
     """qa_format "chat": an article's questions are one conversation in the K2.6 chat format, thinking off,
     under the calibration eval's system prompt, each answered as the knowledge domain's solver (SFT's teacher)

@@ -227,6 +227,10 @@ def test_copy_rows_are_repeated_random_sequences_mixed_into_training(tmp_path, o
         settings(tmp_path / "bad", encyclopedia=0.2, encyclopedia_qa=True, encyclopedia_qa_format="html").check()
     with pytest.raises(ValueError, match="give --encyclopedia-qa too"):
         settings(tmp_path / "bad", encyclopedia=0.2, encyclopedia_qa_format="chat").check()
+    with pytest.raises(ValueError, match="--encyclopedia-qa-entities says"):
+        settings(tmp_path / "bad", encyclopedia=0.2, encyclopedia_qa_entities="half").check()
+    with pytest.raises(ValueError, match="choose all or half"):
+        settings(tmp_path / "bad", encyclopedia=0.2, encyclopedia_qa=True, encyclopedia_qa_entities="most").check()
     res = CliRunner().invoke(app, ["pretrain", "--run-dir", str(tmp_path / "cli"), "--copy-rows", "2"])
     assert res.exit_code == 1 and "Traceback" not in res.output and "copy_rows (2.0)" in res.output
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -66,20 +67,21 @@ def chat_qa(pairs: list[tuple[str, str]]) -> str:
 
 
 def encyclopedia_rows(encode, eos_id: int, seq_len: int, rows: int, qa: bool = False,
-                      qa_format: str = "text") -> np.ndarray:
+                      qa_format: str = "text", qa_entities: str = "all") -> np.ndarray:
     """`rows` packed rows of synthetic-encyclopedia articles (k2lab.data.encyclopedia's default world, the one
     the knowledge domain and the calibration set ask about; seen entities only): freshly worded, shuffled passes
     over the articles, as many as fill the rows (the run's seed orders the rows, not the world). `qa`: the
     post-training entities' articles end with their questions answered (encyclopedia.corpus_documents), as
     `qa_format` "text" ("Q: ... A: ...") or "chat" (`chat_qa`; `encode` must then map special-token text to
-    the special ids)."""
+    the special ids); `qa_entities`: every post-training entity's questions, or "half" of them (`qa_half`)."""
     if qa_format not in QA_FORMATS:
         raise ValueError(f"unknown QA format {qa_format!r}; choose {' or '.join(QA_FORMATS)}")
     render = chat_qa if qa_format == "chat" else qa_text
     width = seq_len + 1
-    one_pass = sum(len(encode(d)) + 1 for d in corpus_documents(passes=1, qa=qa, qa_render=render))
+    docs = partial(corpus_documents, qa=qa, qa_render=render, qa_entities=qa_entities)
+    one_pass = sum(len(encode(d)) + 1 for d in docs(passes=1))
     passes = -(-rows * width // one_pass) + 1  # + 1: wordings differ, so passes differ a little in length
-    toks = [t for doc in corpus_documents(passes=passes, qa=qa, qa_render=render) for t in encode(doc) + [eos_id]]
+    toks = [t for doc in docs(passes=passes) for t in encode(doc) + [eos_id]]
     return np.asarray(toks[: rows * width], dtype=np.int32).reshape(rows, width)
 
 

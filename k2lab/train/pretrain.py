@@ -76,7 +76,8 @@ def pretrain(s: PretrainSettings, tokenizer=None, kind: str = "pretrain") -> dic
             chat = s.encyclopedia_qa_format == "chat"  # its markers are special tokens
             encode = partial(encoder.encode, allow_special=True) if chat else encoder.encode
             mixed.append(encyclopedia_rows(encode, config.eos_token_id, s.seq_len, round(rows * s.encyclopedia),
-                                           qa=s.encyclopedia_qa, qa_format=s.encyclopedia_qa_format))
+                                           qa=s.encyclopedia_qa, qa_format=s.encyclopedia_qa_format,
+                                           qa_entities=s.encyclopedia_qa_entities))
         if s.copy_rows:  # ordinary tokens only: the special ones are the last NUM_RESERVED of the vocabulary
             mixed.append(copy_rows(s.seq_len, round(rows * s.copy_rows), config.vocab_size - NUM_RESERVED, s.seed))
         build_dataset(paths, encoder.encode, config.eos_token_id, s.seq_len, rows, s.val_rows, s.seed,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from k2lab.config import ModelConfig
-from k2lab.data.encyclopedia import QA_FORMATS
+from k2lab.data.encyclopedia import QA_ENTITIES, QA_FORMATS
 from k2lab.optim.schedules import check_schedule
 
 
@@ -74,6 +74,10 @@ class PretrainSettings(TrainSettings):
     encyclopedia_qa_format: str = option("text", "how --encyclopedia-qa writes those questions: text (\"Q: ... "
                                                  "A: ...\") or chat (the K2.6 chat format under the calibration "
                                                  "eval's system prompt: how post-training asks them)")
+    encyclopedia_qa_entities: str = option("all", "whose questions --encyclopedia-qa mixes in: all the "
+                                                  "post-training entities', or half (a fixed choice by name); with "
+                                                  "half, post-training also asks about facts the model read but "
+                                                  "was never asked about, as the held-out set does")
     copy_rows: float = option(0.0, "share of the training rows that are a random token sequence repeated "
                                    "(synthetic in-context copying data, k2lab.train.data.copy_rows); 0: none, "
                                    "1: nothing else (a copying warm-up)")
@@ -85,8 +89,8 @@ class PretrainSettings(TrainSettings):
     run_dir: str = option("runs/pretrain", "run directory; a rerun resumes from its last checkpoint")
 
     CONTROL = (*TrainSettings.CONTROL, "run_dir")
-    ADDED = {"encyclopedia_qa": False, "encyclopedia_qa_format": "text", "copy_rows": 0.0,
-             "tie_embeddings": False}
+    ADDED = {"encyclopedia_qa": False, "encyclopedia_qa_format": "text", "encyclopedia_qa_entities": "all",
+             "copy_rows": 0.0, "tie_embeddings": False}
 
     def check(self) -> None:
         super().check()
@@ -105,6 +109,12 @@ class PretrainSettings(TrainSettings):
                              f"{' or '.join(QA_FORMATS)}")
         if self.encyclopedia_qa_format != "text" and not self.encyclopedia_qa:
             raise ValueError("--encyclopedia-qa-format says how --encyclopedia-qa writes its questions: give "
+                             "--encyclopedia-qa too")
+        if self.encyclopedia_qa_entities not in QA_ENTITIES:
+            raise ValueError(f"unknown --encyclopedia-qa-entities {self.encyclopedia_qa_entities!r}; choose "
+                             f"{' or '.join(QA_ENTITIES)}")
+        if self.encyclopedia_qa_entities != "all" and not self.encyclopedia_qa:
+            raise ValueError("--encyclopedia-qa-entities says whose questions --encyclopedia-qa mixes in: give "
                              "--encyclopedia-qa too")
         if not 0 <= self.copy_rows <= 1 or self.encyclopedia + self.copy_rows > 1:
             raise ValueError(f"copy_rows ({self.copy_rows}) is a share of the training rows: give 0 <= x and "
