@@ -31,7 +31,7 @@ from common import MAKE_RUN_BASE, publish, require_base
 
 VARIANTS = {"constant": (0.9,), "varied": (0.1, 0.3, 0.5, 0.7, 0.9)}
 SFT = dict(max_steps=60, batch_size=4, seq_len=512, lr=2e-3, val_fraction=0.02, eval_every=60,
-           eval_max_new_tokens=16)  # as experiments/post_training_calibration.py
+           eval_max_new_tokens=16)  # as experiments/post_training_calibration.py's first runs
 RL = dict(env="knowledge", calibration_reward="brier", loss="k15", samples=8, batch_size=32, max_steps=30,
           lr=1e-3, tau=0.1, max_new_tokens=40, max_turns=1, temperature_start=1.0, temperature_end=0.6,
           eval_every=30)

@@ -65,8 +65,9 @@ def test_the_report_keeps_every_section_on_a_rerun_and_says_what_it_measured(tmp
     for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", text):  # every linked plot exists and is not empty
         assert (tmp_path / link).stat().st_size > 0
     assert "plots/evals.png" in text
-    # the fixture's RL model declines every question: the summary says so, and names where the cause is measured
+    # the fixture's RL model declines every question: the summary says so, names where the cause is measured
     assert "declines (almost) every question" in text and "experiments/knowledge_extraction.py" in text
+    assert "experiments/post_training_calibration.py" in text  # ... and where a remedy was measured
     data = json.loads((tmp_path / "report.json").read_text())
     assert list(data["stages"]) == [r["name"] for r in FIXTURE]
     assert data["total_stage_s"] == pytest.approx(sum(r["wall_s"] for r in data["stages"].values()))

@@ -124,7 +124,9 @@ def directions(res: dict) -> list[tuple[str, bool | None, str]]:
                        f"{pct(known[0])} of the known facts right, that is what the +1 / -1 / 0 reward pays "
                        "for, calibration by not answering rather than by knowing more (the base completes its "
                        "facts as sentences, but SFT does not carry them into answers in the chat format: "
-                       "experiments/knowledge_extraction.py)" if silent else "")))
+                       "experiments/knowledge_extraction.py; from a base pre-trained with half of the questions "
+                       "mixed in as conversations, RL kept 36% of the known facts right while hallucination fell "
+                       "20 points: experiments/post_training_calibration.py)" if silent else "")))
     if b and f:
         new = sorted(set(f["agent"]["solved"]) - set(b["agent"]["solved"]))
         out.append(("the trained model completes embedded agent tasks the pre-trained one fails", bool(new),
