@@ -98,6 +98,16 @@ def base_checkpoint(work: Path, init_from: str | None) -> Path:
     return last_checkpoint(run_dir)
 
 
+def recipe_of(checkpoint: Path) -> dict | None:
+    """How the base was pre-trained: its run's settings (run.json beside checkpoints/), the model's shape left
+    out; None for a checkpoint outside a run directory."""
+    run = Path(checkpoint).parent.parent / "run.json"
+    if not run.is_file():
+        return None
+    identity = json.loads(run.read_text()).get("identity", {})
+    return {k: v for k, v in identity.items() if k != "model"}
+
+
 def fact_probe(checkpoint: Path) -> dict:
     """What pre-training stored: greedy continuations of every asked fact's canonical sentence cut before the
     value (`cloze_items`); a hit when the continuation starts with the gold. Unseen entities give chance."""
@@ -341,7 +351,8 @@ def main() -> None:
     seeds = [one_seed(work, base, dataset, seed, log) for seed in args.seeds]
     out = {"claim": "calibration RL: hallucination rate down >= 20 points, known accuracy down <= 2 points",
            "heldout": {k: sum(r["kind"] == k for r in rows) for k in ("known", "unknown")},
-           "settings": {"base": args.base or {**BASE, "init_from": args.init_from}, "synth_tasks": SYNTH_TASKS, "sft": SFT,
+           "settings": {"base": args.base or {**BASE, "init_from": args.init_from}, "base_recipe": recipe_of(base),
+                        "synth_tasks": SYNTH_TASKS, "sft": SFT,
                         "rl": RL},
            "base_fact_probe": probe, "summary": summarize(seeds) if seeds else None, "seeds": seeds,
            "seconds": log}
