@@ -60,15 +60,6 @@ def _words(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+(?:\.[0-9]+)?", text.lower()))
 
 
-def _args(call: dict) -> dict:
-    raw = call["arguments"]
-    try:
-        args = json.loads(raw) if isinstance(raw, str) else raw
-    except json.JSONDecodeError:
-        return {}
-    return args if isinstance(args, dict) else {}
-
-
 def check_answer(cp: dict, answer: str) -> tuple[bool, str]:
     """One answer checkpoint: `number` (+ `tolerance`), `contains` (all of, and none of `excludes`), or
     `abstain`."""
@@ -161,9 +152,9 @@ class Environment:
                 why = f"called {cp['sequence']} in order" if ok else f"expected calls {cp['sequence']}, made {used}"
             elif cp["kind"] == "call":  # one successful call with these argument values (others may be there too)
                 want = cp["arguments"]
-                ok = any(c["name"] == cp["name"] and c["ok"] and _args(c).items() >= want.items() for c in self.calls)
-                why = (f"called {cp['name']} with {want}" if ok else
-                       f"never called {cp['name']} with {want} (calls: {[(c['name'], _args(c)) for c in self.calls]})")
+                ok = any(c["name"] == cp["name"] and c["ok"] and c["args"].items() >= want.items() for c in self.calls)
+                made = [(c["name"], c.get("args", c["arguments"])) for c in self.calls]
+                why = f"called {cp['name']} with {want}" if ok else f"never called {cp['name']} with {want} ({made})"
             elif cp["kind"] == "state":
                 ok, why = self.domain.check_state(self.state, cp)
             elif cp["turn"] >= len(self.answers):
@@ -197,6 +188,7 @@ def screen_call(tc: dict, validators: dict, calls: list, rng, fault_rate: float)
     if errors:
         record["schema_error"] = "; ".join(errors)
         return reply | {"content": f"error: invalid arguments for {name}: {record['schema_error']}"}, record, None
+    record["args"] = args  # parsed and valid: what checkpoints compare (the raw text stays in "arguments")
     if rng.random() < fault_rate:
         record["fault"] = "transient"
         return reply | {"content": f"{TRANSIENT}: the {name} service did not answer in time; try again"}, record, None
