@@ -47,12 +47,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MAKE_RUN_BASE = "runs/demo/pretrain/checkpoints/step-000800"  # make run's pre-trained model
 
 
-def require_base(base: str, option: str = "--base") -> None:
-    """Exit with one line unless `base` (given as `option`) is a checkpoint directory."""
+def require_base(base: str, option: str = "--base",
+                 hint: str = "run `make run` first or pass a pre-trained checkpoint") -> None:
+    """Exit with one line unless `base` (given as `option`) is a checkpoint directory; `hint` says how to get one."""
     if not (Path(base) / "config.json").is_file():
         where = "" if Path(base).is_absolute() else f" (relative to {Path.cwd()}: run from the repository root)"
-        sys.exit(f"{option} {base}: no checkpoint there{where}; run `make run` first or pass a pre-trained "
-                 "checkpoint")
+        sys.exit(f"{option} {base}: no checkpoint there{where}; {hint}")
 
 
 def publish(name: str, results, report: str, plot: Callable | None = None, out: Path = RESULTS) -> None:

@@ -21,8 +21,8 @@ The committed results start from a base pre-trained with half of the post-traini
 in, in the chat format (mixed training: it answers questions about what it read; the other half, like the
 held-out set, are facts it read but was never asked about, so RL meets questions it fails on):
 
-    k2lab pretrain --optimizer muonclip --qk-clip-tau 15 --max-steps 800 --batch-size 8 --seq-len 256 --lr 3e-3 \
-        --encyclopedia 0.35 --encyclopedia-qa --encyclopedia-qa-format chat --encyclopedia-qa-entities half \
+    k2lab pretrain --optimizer muonclip --qk-clip-tau 15 --max-steps 800 --batch-size 8 --seq-len 256 --lr 3e-3 \\
+        --encyclopedia 0.35 --encyclopedia-qa --encyclopedia-qa-format chat --encyclopedia-qa-entities half \\
         --tie-embeddings --data runs/demo/data/pretrain.jsonl --tokenizer runs/demo/tokenizer --run-dir runs/qa_half
     python experiments/post_training_calibration.py --base runs/qa_half/checkpoints/step-000800
     python experiments/post_training_calibration.py --init-from CKPT   # or continue CKPT on encyclopedia rows
@@ -309,7 +309,7 @@ def plot(out: dict, path: Path) -> None:
 
 def main() -> None:
     global RESULTS
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="/tmp/k2lab-post-training-calibration", help="run directories (reused)")
     ap.add_argument("--init-from", default=None, help="checkpoint to continue pre-training from (default: scratch)")
     ap.add_argument("--base", default=None, help="use this checkpoint as the pre-trained base (skip pre-training)")
@@ -326,7 +326,8 @@ def main() -> None:
     args = ap.parse_args()
     for option, path in (("--base", args.base), ("--init-from", args.init_from)):
         if path:
-            require_base(path, option)
+            require_base(path, option, "after `make run`, build the committed results' base with the `k2lab "
+                                       "pretrain` command in --help, or pass another pre-trained checkpoint")
     if min(args.sft_lr, args.rl_lr) <= 0 or args.rl_steps < 1:
         sys.exit("error: --sft-lr and --rl-lr must be > 0 and --rl-steps >= 1")
     SFT["lr"], RESULTS = args.sft_lr, args.results
