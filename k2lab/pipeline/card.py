@@ -227,8 +227,13 @@ def _stage_sections(res: dict) -> list[str]:
                   f"plus encyclopedia articles as a share of the training rows (the preset's `encyclopedia`).", ""]
     if "pretrain" in res:
         p = res["pretrain"]
+        mix = [("encyclopedia rows (share of the training rows)", p["encyclopedia"])] if "encyclopedia" in p else []
+        if p.get("encyclopedia_qa"):
+            mix.append(("questions mixed in", p["encyclopedia_qa"]))
+        if "tie_embeddings" in p:
+            mix.append(("output head tied to the embeddings", "yes" if p["tie_embeddings"] else "no"))
         lines += ["## Pre-training with MuonClip", "", *_table(("metric", "value"), [
-            ("steps", p["steps"]), ("tokens", p["tokens"]), ("training loss, first step", p["first_loss"]),
+            *mix, ("steps", p["steps"]), ("tokens", p["tokens"]), ("training loss, first step", p["first_loss"]),
             ("training loss, mean of the last (up to) 10 steps", p["final_loss"]),
             ("held-out loss (rows spread over the same corpus)", p["val_loss"]),
             ("QK-Clip tau", p["qk_clip_tau"]), ("max attention logit, peak / final",
@@ -326,7 +331,9 @@ def write_report(run_dir: Path, preset_name: str, r: Recipe, records: list[dict]
         f"{total / 60:.1f} min (this invocation {this_run_s / 60:.1f} min; finished stages are reused).", "",
         "## Summary", "",
         "A tiny MoE model is pre-trained with MuonClip on Python source plus an invented encyclopedia, fine-tuned "
-        "on synthesized tool-use trajectories, trained with RL on calibration and tool tasks, "
+        "on synthesized tool-use trajectories, trained with RL ("
+        + ("calibration questions only" if set(r.rl_envs.split(",")) == {"knowledge"}
+           else f"environments {', '.join(sorted(set(r.rl_envs.split(','))))}") + "), "
         "quantized to INT4 with QAT and served over the OpenAI API. What the run shows:", "",
         *summary, *[f"- limitation: {x}" for x in [*LIMITS, copy_limit(res)] if x],
         *([f"- stages not finished yet: {', '.join(missing)}"] if missing else []), *progress, "",

@@ -1,7 +1,7 @@
 """`make run` / `k2lab demo`: the whole K2.6 recipe on the embedded data, stage by stage, each resumable.
 
 tokenizer -> pre-training with MuonClip (corpus + the synthetic encyclopedia's seen entities) -> synthesis on the
-embedded domains -> SFT -> RL (calibration and tool tasks) -> INT4 QAT -> the INT4 checkpoint
+embedded domains -> SFT -> RL (calibration; the longer presets add tool tasks) -> INT4 QAT -> the INT4 checkpoint
 served over the OpenAI API, with an agent run and a small swarm run -> the evals after every stage that changes
 the model (base, SFT, RL, INT4) -> RUN_DIR/report.md, report.json and plots. The numbers are the preset's
 (k2lab.pipeline.presets); the data and eval sets come from k2lab.pipeline.builders.
@@ -40,7 +40,10 @@ def pretrain_summary(run_dir: Path, r: Recipe) -> dict:
             "qk_clip_tau": r.qk_clip_tau, "max_logit_peak": max(logits) if logits else None,
             "max_logit_final": logits[-1] if logits else None,
             "steps_clipped": sum(c > 0 for c in clipped), "head_clips_total": sum(clipped),
-            "tokens_per_s": train[-1].get("tokens_per_s")}
+            "tokens_per_s": train[-1].get("tokens_per_s"), "encyclopedia": r.encyclopedia,
+            "encyclopedia_qa": (f"{r.encyclopedia_qa_entities} of the post-training entities' articles end with "
+                                f"their questions answered ({r.encyclopedia_qa_format} format)")
+            if r.encyclopedia_qa else None, "tie_embeddings": r.tie_embeddings}
 
 
 def loop_summary(run_dir: Path, keys: tuple[str, ...]) -> dict:
@@ -123,7 +126,10 @@ def run_demo(run_dir: str | Path = "runs/demo", preset_name: str = "default") ->
     def do_pretrain() -> dict:
         pretrain(PretrainSettings(preset=r.model, optimizer="muonclip", qk_clip_tau=r.qk_clip_tau,
                                   max_steps=r.pretrain_steps, batch_size=r.pretrain_batch, seq_len=r.pretrain_seq_len,
-                                  lr=r.pretrain_lr, seed=r.seed, encyclopedia=r.encyclopedia, eval_every=max(1, r.pretrain_steps // 6),
+                                  lr=r.pretrain_lr, seed=r.seed, encyclopedia=r.encyclopedia,
+                                  encyclopedia_qa=r.encyclopedia_qa, encyclopedia_qa_format=r.encyclopedia_qa_format,
+                                  encyclopedia_qa_entities=r.encyclopedia_qa_entities,
+                                  tie_embeddings=r.tie_embeddings, eval_every=max(1, r.pretrain_steps // 6),
                                   save_every=max(1, r.pretrain_steps // 12), data=[str(p) for p in data],
                                   tokenizer=str(tok_dir), run_dir=str(run_dir / "pretrain")))
         return {**pretrain_summary(run_dir / "pretrain", r),
@@ -165,7 +171,8 @@ def run_demo(run_dir: str | Path = "runs/demo", preset_name: str = "default") ->
                       qk_clip_tau=r.qk_clip_tau, run_dir=str(run_dir / "rl")))
         return loop_summary(run_dir / "rl", ("reward", "accuracy", "hallucination_rate", "abstention_rate",
                                              "all_equal_groups", "response_tokens", "entropy"))
-    st.run("rl", "RL: calibration and tool tasks (K1.5 objective)", do_rl)
+    envs = sorted(set(r.rl_envs.split(",")))
+    st.run("rl", f"RL on {', '.join(envs)} (K1.5 objective)", do_rl)
     rl_ckpt = checkpoint_dirs(run_dir / "rl")[-1]
     st.run("eval_rl", "evals of the RL model (served)", lambda: evaluate(rl_ckpt, run_dir / "evals" / "rl", r, run_dir))
 
