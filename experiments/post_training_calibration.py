@@ -66,7 +66,7 @@ SFT = dict(max_steps=60, batch_size=4, seq_len=512, lr=3e-4, val_fraction=0.02, 
 # the question-mixed base, 16 steps at lr 1e-3 collapsed the policy's entropy within 6 steps (1.6 -> 0.26) and left
 # the held-out set worse (known accuracy 43.8% -> 18.8%); 48 steps at 2e-4 are what the results use
 RL = dict(env="knowledge", loss="k15", samples=8, batch_size=32, max_steps=48, lr=2e-4, tau=0.1,
-          max_new_tokens=40, max_turns=1, temperature_start=1.0, temperature_end=0.6, eval_every=48)
+          max_new_tokens=40, max_turns=1, temperature_start=1.0, temperature_end=0.6, eval_every=48, wrong_reward=-1.0)
 EVAL_MAX_TOKENS = 48
 
 
@@ -319,6 +319,9 @@ def main() -> None:
                     help="SFT's peak learning rate (a gentler one keeps more of what the base answers)")
     ap.add_argument("--rl-lr", type=float, default=RL["lr"], help="RL's peak learning rate")
     ap.add_argument("--rl-steps", type=int, default=RL["max_steps"], help="RL steps (4 prompts x K=8 each)")
+    ap.add_argument("--wrong-reward", type=float, default=RL["wrong_reward"],
+                    help="the calibration reward of a wrong answer (correct +1, abstained 0); answering pays when "
+                         "P(correct) > w / (1 + w), w = -this")
     ap.add_argument("--results", type=Path, default=RESULTS,
                     help="where the results go (default: the committed experiments/results)")
     ap.add_argument("--smoke", action="store_true",
@@ -328,10 +331,10 @@ def main() -> None:
         if path:
             require_base(path, option, "after `make run`, build the committed results' base with the `k2lab "
                                        "pretrain` command in --help, or pass another pre-trained checkpoint")
-    if min(args.sft_lr, args.rl_lr) <= 0 or args.rl_steps < 1:
-        sys.exit("error: --sft-lr and --rl-lr must be > 0 and --rl-steps >= 1")
+    if min(args.sft_lr, args.rl_lr) <= 0 or args.rl_steps < 1 or args.wrong_reward >= 0:
+        sys.exit("error: --sft-lr and --rl-lr must be > 0, --rl-steps >= 1 and --wrong-reward < 0")
     SFT["lr"], RESULTS = args.sft_lr, args.results
-    RL.update(lr=args.rl_lr, max_steps=args.rl_steps, eval_every=args.rl_steps)
+    RL.update(lr=args.rl_lr, max_steps=args.rl_steps, eval_every=args.rl_steps, wrong_reward=args.wrong_reward)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.smoke:

@@ -81,21 +81,24 @@ def _knowledge_task(seen: bool):
     return next(t for t in make_tasks(["knowledge"], 8, seed=0) if t.world["seen"] == seen)
 
 
-@pytest.mark.parametrize("seen, answer, reward, grade", [
-    (True, None, 1.0, "correct"),  # None: the gold answer
-    (True, "I don't know.", 0.0, "abstained"),
-    (False, "It was 1620.", -1.0, "wrong"),
-    (False, "I don't know.", 0.0, "abstained"),
+@pytest.mark.parametrize("seen, answer, reward, grade, wrong", [
+    (True, None, 1.0, "correct", -1.0),  # None: the gold answer
+    (True, "I don't know.", 0.0, "abstained", -1.0),
+    (False, "It was 1620.", -1.0, "wrong", -1.0),
+    (False, "I don't know.", 0.0, "abstained", -1.0),
+    (False, "It was 1620.", -0.5, "wrong", -0.5),  # --wrong-reward
+    (True, None, 1.0, "correct", -0.5),
+    (False, "", -0.5, "wrong", -0.5),  # silence is paid as wrong, whatever wrong pays
 ])
-def test_knowledge_episode_gets_the_calibration_reward(tok, seen, answer, reward, grade):
+def test_knowledge_episode_gets_the_calibration_reward(tok, seen, answer, reward, grade, wrong):
     from k2lab.data.encyclopedia import questions
 
     task = _knowledge_task(seen)
     gold = {q["id"]: q["answer"] for q in questions()}[task.world["item_id"]]
-    script = [{"role": "assistant", "content": answer or f"{gold[0].upper()}{gold[1:]}."}]
+    script = [{"role": "assistant", "content": answer if answer is not None else f"{gold[0].upper()}{gold[1:]}."}]
     trajs, grades = run_episodes(ScriptedGenerator(tok, script), tok, [task], k=2,
                                  params=RolloutParams(max_new_tokens=64), max_turns=2, context=4096,
-                                 budget_penalty=0.5)
+                                 budget_penalty=0.5, wrong_reward=wrong)
     assert [t.rewards for t in trajs] == [{"budget": 0.0, "calibration": reward}] * 2
     assert [g["grade"] for g in grades] == [grade] * 2
 

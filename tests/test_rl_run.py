@@ -248,6 +248,30 @@ def test_rl_in_thinking_mode_with_the_brier_reward(ckpt, tmp_path):
         assert "brier" in t.rewards and "confidence" in g
 
 
+def test_the_wrong_reward_reaches_the_episodes(ckpt, tmp_path):
+    """`--wrong-reward`: a wrong knowledge answer earns that value in the rollouts (the untrained model's random
+    tokens are wrong answers); a value that is not below 0 is refused with one line."""
+    from typer.testing import CliRunner
+
+    import k2lab
+    from k2lab.cli import app
+    from k2lab.tokenizer import Tokenizer
+    from k2lab.train.rl.rollouts import Rollouts
+    from k2lab.train.settings import RLSettings
+
+    s = RLSettings(checkpoint=str(ckpt), env="knowledge", batch_size=4, samples=2, max_turns=1, max_new_tokens=4,
+                   wrong_reward=-0.25, compile=False)
+    rollouts = Rollouts(s, Tokenizer.load(ckpt), 4096, tmp_path / "play")
+    rollouts.attach(k2lab.load_model(str(ckpt)))
+    trajs, grades, _ = rollouts.play(0, 1.0)
+    wrong = [t for t, g in zip(trajs, grades) if g["grade"] == "wrong"]
+    assert wrong and all(t.rewards["calibration"] == -0.25 for t in wrong)
+    r = CliRunner().invoke(app, ["rl", "--checkpoint", str(ckpt), "--run-dir", str(tmp_path / "run"),
+                                 "--env", "knowledge", "--wrong-reward", "0"])
+    assert r.exit_code == 1 and "--wrong-reward" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_ptx_input_is_one_line(ckpt, tmp_path):
     from typer.testing import CliRunner
 

@@ -191,6 +191,9 @@ class RLSettings(TrainSettings):
     calibration_reward: str = option("ternary", "knowledge tasks: ternary (correct +1, wrong -1, abstained 0) or "
                                                 "brier (the prompt asks for 'Confidence: p'; 1 - (p - correct)^2, "
                                                 "0.75 for abstaining)")
+    wrong_reward: float = option(-1.0, "ternary calibration reward paid for a wrong answer (< 0): answering pays "
+                                       "when P(correct) > w / (1 + w) for w = -this, so -1 answers above 50% and "
+                                       "-0.5 above 33%")
     temperature_start: float = option(1.0, "sampling temperature at step 0 (cosine decay)")
     temperature_end: float = option(0.6, "sampling temperature at the last step")
     ptx_data: str = option("", "PTX: chat JSONL of curated conversations, their cross-entropy added (off if empty)")
@@ -210,7 +213,7 @@ class RLSettings(TrainSettings):
                                    "it every max_staleness + 1 steps)")
 
     CONTROL = (*TrainSettings.CONTROL, "run_dir", "rollout_url")
-    ADDED = {"thinking": False, "calibration_reward": "ternary"}
+    ADDED = {"thinking": False, "calibration_reward": "ternary", "wrong_reward": -1.0}
 
     @property
     def envs(self) -> list[str]:
@@ -225,6 +228,9 @@ class RLSettings(TrainSettings):
             raise ValueError(f"unknown environment(s) {unknown or [self.env]}; choose from {', '.join(RL_ENVS)}")
         if self.calibration_reward not in RL_CALIBRATION_REWARDS:
             raise ValueError(f"unknown --calibration-reward {self.calibration_reward!r}; choose ternary or brier")
+        if not self.wrong_reward < 0:
+            raise ValueError(f"--wrong-reward ({self.wrong_reward}) must be below 0 (abstaining earns 0; a wrong "
+                             f"answer paid as much would make guessing free)")
         if self.loss not in RL_LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose k15, k25 or grpo")
         if self.samples < 2 or (self.batch_size // self.grad_accum) % self.samples:

@@ -75,11 +75,11 @@ def _gold(task: Task) -> str:
 
 
 def score(env: Environment, traj: Trajectory, over_budget: bool, budget_penalty: float,
-          calibration: str = "ternary") -> dict:
+          calibration: str = "ternary", wrong_reward: float = -1.0) -> dict:
     """Reward components of a finished episode and its grade. Knowledge (calibration QA): the rules grader on
-    the final answer, +1 correct, -1 wrong, 0 abstained (seen and unseen entities alike: for an entity the model
-    never saw a guess is most likely wrong), or with calibration="brier" 1 - (confidence - correct)^2 on the
-    stated confidence (the grade then also holds that confidence). Tool domains: the share of the rubric's
+    the final answer, +1 correct, `wrong_reward` (-1) wrong, 0 abstained (seen and unseen entities alike: for
+    an entity the model never saw a guess is most likely wrong), or with calibration="brier"
+    1 - (confidence - correct)^2 on the stated confidence (the grade then also holds that confidence). Tool domains: the share of the rubric's
     checkpoints that pass (tool calls really executed, answers checked numerically). Coding: the share of its
     unit tests that pass in the sandbox. Every domain: the budget penalty."""
     components = {"budget": rewards.budget(over_budget, budget_penalty)}
@@ -91,7 +91,7 @@ def score(env: Environment, traj: Trajectory, over_budget: bool, budget_penalty:
             extra["confidence"] = rewards.stated_confidence(answer)
             answer = rewards.without_confidence(answer)
         else:
-            components["calibration"] = rewards.calibration(answer, _gold(env.task))
+            components["calibration"] = rewards.calibration(answer, _gold(env.task), wrong=wrong_reward)
         letter = rules.grade(answer, _gold(env.task))
         # saying nothing is no abstention (rewards.calibration pays it as wrong), so the metrics count it so too
         grade = {"A": "correct", "B": "wrong", "D": "abstained" if rules.declines(answer) else "wrong"}[letter]
@@ -108,12 +108,13 @@ def score(env: Environment, traj: Trajectory, over_budget: bool, budget_penalty:
 def run_episodes(generator: Generator, tokenizer, tasks: list[Task], k: int, params: RolloutParams,
                  max_turns: int, context: int, budget_penalty: float, seed: int = 0,
                  timings: dict | None = None, thinking: bool = False,
-                 calibration: str = "ternary") -> tuple[list[Trajectory], list[dict]]:
+                 calibration: str = "ternary", wrong_reward: float = -1.0) -> tuple[list[Trajectory], list[dict]]:
     """K episodes of each task (prompt-major: K consecutive trajectories per task) and their grades (with each
     episode's first user turn and final answer). Turn t samples with seed sub_seed(seed, t), so the episodes are
     a function of (seed, tasks, weights). `thinking`: the K2.6 thinking mode (see the module docstring);
-    `calibration`: the knowledge tasks' reward, "ternary" or "brier". `timings`, when given, gets the seconds
-    spent sampling ("generate_s"), stepping the environments ("env_s") and scoring ("reward_s")."""
+    `calibration`: the knowledge tasks' reward, "ternary" (a wrong answer paid `wrong_reward`) or "brier".
+    `timings`, when given, gets the seconds spent sampling ("generate_s"), stepping the environments ("env_s")
+    and scoring ("reward_s")."""
     if calibration not in RL_CALIBRATION_REWARDS:
         raise ValueError(f"calibration reward must be one of {RL_CALIBRATION_REWARDS}, got {calibration!r}")
     if calibration == "brier":  # the question asks for the confidence the reward reads
@@ -157,7 +158,7 @@ def run_episodes(generator: Generator, tokenizer, tasks: list[Task], k: int, par
         if not live:
             break
     t1 = time.perf_counter()
-    grades = [score(env, traj, o, budget_penalty, calibration)
+    grades = [score(env, traj, o, budget_penalty, calibration, wrong_reward)
               | {"prompt": env.task.turns[0], "answer": env.answers[-1] if env.answers else ""}
               for env, traj, o in zip(envs, trajs, over)]
     for env in envs:

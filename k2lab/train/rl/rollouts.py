@@ -79,7 +79,8 @@ class Rollouts:
             clock: dict = {}
             mine.append(run_episodes(generator, self.tokenizer, part, self.s.samples, params, self.s.max_turns,
                                      self.context, self.s.budget_penalty, seed=sub_seed(self.s.seed, "rollout", step, c),
-                                     timings=clock, thinking=self.s.thinking, calibration=self.s.calibration_reward))
+                                     timings=clock, thinking=self.s.thinking, calibration=self.s.calibration_reward,
+                                     wrong_reward=self.s.wrong_reward))
             if timings is not None:
                 for key, sec in clock.items():
                     timings[key] = timings.get(key, 0.0) + sec
