@@ -149,12 +149,22 @@ def rewrite_jsonl(path: str | Path, records: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
+class _Unset:
+    """A setting one of two run identities does not have (a recipe from before the setting existed)."""
+
+    def __repr__(self) -> str:
+        return "not set"
+
+
+_UNSET = _Unset()
+
+
 def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
     """(dotted key, old value, new value) for each setting that differs; nested settings (a recipe) are compared
     key by key, so a refusal names the one number that changed rather than printing the whole recipe twice."""
     out = []
     for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
+        a, b = old.get(k, _UNSET), new.get(k, _UNSET)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{prefix}{k}.")
         elif a != b:

@@ -90,7 +90,7 @@ def test_a_recipe_changed_since_the_run_is_refused_naming_the_one_number(tmp_pat
     with pytest.raises(RunDirError) as e:
         run_demo(tmp_path, "default")
     msg = str(e.value)
-    assert "recipe.agent_max_tokens: None there, 256 now" in msg and len(msg) < 250, msg
+    assert "recipe.agent_max_tokens: not set there, 256 now" in msg and len(msg) < 250, msg
     # started by `make run`, the answer also says how to pass make another directory
     from typer.testing import CliRunner
 
