@@ -89,6 +89,16 @@ def test_save_load_round_trip(tok, tmp_path):
     assert (tmp_path / "chat_template.jinja").read_text() == CHAT_TEMPLATE
 
 
+def test_the_same_vocabulary_writes_the_same_files(tok, tmp_path):
+    """Two trainings of one vocabulary may hold its ranks in different orders; the files must not differ."""
+    shuffled = dict(sorted(tok.mergeable_ranks.items(), key=lambda kv: -kv[1]))
+    other = Tokenizer(shuffled, {name: i for name, i in tok.special_tokens.items()})
+    tok.save(tmp_path / "a")
+    other.save(tmp_path / "b")
+    for name in ("tokenizer.json", "tiktoken.model", "tokenizer_config.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
 def test_chat_format_is_recorded_and_inferred(tok, tmp_path):
     Tokenizer(tok.mergeable_ranks, chat_format=K2_INSTRUCT).save(tmp_path)
     cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())

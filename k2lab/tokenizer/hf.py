@@ -51,7 +51,9 @@ def hf_tokenizer_json(tok: Tokenizer) -> str:
     """`tokenizer.json` text: byte-level BPE, the K2 split regex, special tokens as added tokens."""
     b2u = bytes_to_unicode()
     text = lambda b: "".join(b2u[x] for x in b)  # noqa: E731
-    vocab = {text(t): r for t, r in tok.mergeable_ranks.items()}
+    # in id order: the ranks' insertion order can vary between two trainings of the same vocabulary (set order),
+    # and the same tokenizer should write the same file
+    vocab = {text(t): r for t, r in sorted(tok.mergeable_ranks.items(), key=lambda kv: kv[1])}
     added = [{"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": name not in NON_SPECIAL}
              for name, i in sorted(tok.special_tokens.items(), key=lambda kv: kv[1])]
