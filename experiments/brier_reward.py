@@ -9,14 +9,19 @@ able to state a confidence before RL can shape it, so SFT comes first. Two SFT v
 
 Pipeline: the calibration experiment's knowledge conversations (k2lab.synth.pipeline.run_embedded, 400, half
 answers for seen entities and half abstentions for unseen ones) with the confidence instruction added to the
-system prompt (k2lab.train.rl.rewards.CONFIDENCE_INSTRUCTION); `k2lab sft` (the calibration experiment's SFT
-settings) from --base; 30 steps of `k2lab rl --env knowledge --calibration-reward brier` (4 prompts x K=8).
+system prompt (k2lab.train.rl.rewards.CONFIDENCE_INSTRUCTION); `k2lab sft` (60 steps at lr 2e-3, the calibration
+experiment's first SFT settings) from --base; 30 steps of `k2lab rl --env knowledge --calibration-reward brier` (4 prompts x K=8).
 The per-step RL metrics are the result: reward, accuracy, abstention and hallucination rates, the share of
 attempts that state a confidence, and the mean stated confidence of right and of wrong answers.
 
     python experiments/brier_reward.py [--base CKPT] [--work DIR]    # about 8 min on 2 CPU cores
 
 Writes experiments/results/brier_reward.{json,md,png}; the work directory keeps every stage.
+
+The committed results start from the plain base: `make run`'s pre-training before 2026-12-01 (head untied,
+encyclopedia rows 20%, no questions mixed in). The default --base is `make run`'s base, which since then is the
+tied one with half of the post-training questions mixed in; to rerun the results as committed, build the plain
+one (the README's Post-training section has the command) and pass it as --base.
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ Pipeline, all with k2lab's own commands as functions:
 Writes experiments/results/post_training_rlvr.{json,md,png}. The work directory keeps every stage, so a rerun
 skips what is done (SFT, finished RL runs).
 
+The committed results start from the plain base: `make run`'s pre-training before 2026-12-01 (head untied,
+encyclopedia rows 20%, no questions mixed in). The default --base is `make run`'s base, which since then is the
+tied one with half of the post-training questions mixed in; to rerun the results as committed, build the plain
+one (the README's Post-training section has the command) and pass it as --base.
+
 `--losses` picks the objectives (default: all three; with --thinking, k15); another set writes results named
 after it (post_training_rlvr_k15.*), so it never replaces the committed ones. `--thinking` runs the same
 pipeline in K2.6's thinking mode (`k2lab sft --thinking`, `k2lab rl --thinking`, the held-out episodes too):
