@@ -27,7 +27,8 @@ held-out set, are facts it read but was never asked about, so RL meets questions
     python experiments/post_training_calibration.py --base runs/qa_half/checkpoints/step-000800
     python experiments/post_training_calibration.py --init-from CKPT   # or continue CKPT on encyclopedia rows
 
-Writes experiments/results/post_training_calibration.*; --results DIR writes elsewhere.
+Writes experiments/results/post_training_calibration.*; --results DIR writes elsewhere. `--wrong-reward W` pays W
+for a wrong answer instead of -1 and names the results after it (post_training_calibration_wrong0.5.* for -0.5).
 """
 
 from __future__ import annotations
@@ -237,6 +238,7 @@ def markdown(out: dict) -> str:
     s, p = out["summary"], out["base_fact_probe"]
     lines = [
         "# Calibration RL cuts hallucination (K2.6's claim at small scale)", "",
+        f"Calibration reward: correct +1, wrong {out['settings']['rl'].get('wrong_reward', -1.0):g}, abstained 0.", "",
         "Pre-training stored facts? Greedy continuations of each asked fact's canonical sentence cut before the "
         "value (`cloze_items`), on the base: seen entities "
         f"{pct(p['seen']['accuracy'])}% {ci(p['seen']['accuracy_ci95'])} of {p['seen']['items']}, unseen entities "
@@ -360,7 +362,9 @@ def main() -> None:
                         "rl": RL},
            "base_fact_probe": probe, "summary": summarize(seeds) if seeds else None, "seeds": seeds,
            "seconds": log}
-    publish("post_training_calibration", out, markdown(out), plot if seeds else None, RESULTS)
+    # another wrong-answer reward writes results named after it, so it never replaces the committed default's
+    name = "post_training_calibration" + (f"_wrong{-RL['wrong_reward']:g}" if RL["wrong_reward"] != -1.0 else "")
+    publish(name, out, markdown(out), plot if seeds else None, RESULTS)
 
 
 if __name__ == "__main__":
