@@ -84,6 +84,10 @@ class Recipe:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def rl_env_names(self) -> list[str]:
+        """The RL environments rl_envs deals prompts over, each once, sorted."""
+        return sorted({e.strip() for e in self.rl_envs.split(",") if e.strip()})
+
 
 # the longer presets' RL: calibration and tool tasks, prompts dealt round-robin over the list (half each; 16 steps on
 # knowledge alone at lr 1e-3 took an untied base's tool-call F1 from 0.93 to 0.66, half tool tasks kept it at 0.96)

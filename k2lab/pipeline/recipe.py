@@ -171,8 +171,7 @@ def run_demo(run_dir: str | Path = "runs/demo", preset_name: str = "default") ->
                       qk_clip_tau=r.qk_clip_tau, run_dir=str(run_dir / "rl")))
         return loop_summary(run_dir / "rl", ("reward", "accuracy", "hallucination_rate", "abstention_rate",
                                              "all_equal_groups", "response_tokens", "entropy"))
-    envs = sorted(set(r.rl_envs.split(",")))
-    st.run("rl", f"RL on {', '.join(envs)} (K1.5 objective)", do_rl)
+    st.run("rl", f"RL on {', '.join(r.rl_env_names())} (K1.5 objective)", do_rl)
     rl_ckpt = checkpoint_dirs(run_dir / "rl")[-1]
     st.run("eval_rl", "evals of the RL model (served)", lambda: evaluate(rl_ckpt, run_dir / "evals" / "rl", r, run_dir))
 

@@ -79,9 +79,10 @@ def score(env: Environment, traj: Trajectory, over_budget: bool, budget_penalty:
     """Reward components of a finished episode and its grade. Knowledge (calibration QA): the rules grader on
     the final answer, +1 correct, `wrong_reward` (-1) wrong, 0 abstained (seen and unseen entities alike: for
     an entity the model never saw a guess is most likely wrong), or with calibration="brier"
-    1 - (confidence - correct)^2 on the stated confidence (the grade then also holds that confidence). Tool domains: the share of the rubric's
-    checkpoints that pass (tool calls really executed, answers checked numerically). Coding: the share of its
-    unit tests that pass in the sandbox. Every domain: the budget penalty."""
+    1 - (confidence - correct)^2 on the stated confidence (the grade then also holds that confidence). Tool
+    domains: the share of the rubric's checkpoints that pass (tool calls really executed, answers checked
+    numerically). Coding: the share of its unit tests that pass in the sandbox. Every domain: the budget
+    penalty."""
     components = {"budget": rewards.budget(over_budget, budget_penalty)}
     extra: dict = {}
     if env.task.domain == "knowledge":
