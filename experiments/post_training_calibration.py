@@ -234,6 +234,13 @@ def ci(c) -> str:
     return f"[{pct(c[0])}, {pct(c[1])}]"
 
 
+def results_name(out: dict) -> str:
+    """post_training_calibration, or for another wrong-answer reward post_training_calibration_wrong0.5 (-0.5):
+    such results never replace the committed default's."""
+    wrong = out["settings"]["rl"].get("wrong_reward", -1.0)
+    return "post_training_calibration" + (f"_wrong{-wrong:g}" if wrong != -1.0 else "")
+
+
 def markdown(out: dict) -> str:
     s, p = out["summary"], out["base_fact_probe"]
     lines = [
@@ -276,7 +283,7 @@ def markdown(out: dict) -> str:
                      f"| {pct(a['known_abstention'])} -> {pct(b['known_abstention'])} "
                      f"| {a['silent']} -> {b['silent']} |")
     lines += ["", "Settings run here:", "", "```json", json.dumps(out["settings"], indent=1), "```", "",
-              f"Wall time (s): {json.dumps(out['seconds'])}", "", "![](post_training_calibration.png)", ""]
+              f"Wall time (s): {json.dumps(out['seconds'])}", "", f"![]({results_name(out)}.png)", ""]
     return "\n".join(lines)
 
 
@@ -362,9 +369,7 @@ def main() -> None:
                         "rl": RL},
            "base_fact_probe": probe, "summary": summarize(seeds) if seeds else None, "seeds": seeds,
            "seconds": log}
-    # another wrong-answer reward writes results named after it, so it never replaces the committed default's
-    name = "post_training_calibration" + (f"_wrong{-RL['wrong_reward']:g}" if RL["wrong_reward"] != -1.0 else "")
-    publish(name, out, markdown(out), plot if seeds else None, RESULTS)
+    publish(results_name(out), out, markdown(out), plot if seeds else None, RESULTS)
 
 
 if __name__ == "__main__":
