@@ -124,7 +124,9 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--base", default=MAKE_RUN_BASE, help="the pre-trained checkpoint SFT starts from")
+    ap.add_argument("--base", default=MAKE_RUN_BASE,
+                    help="the pre-trained checkpoint SFT starts from (default: make run's; the committed results "
+                         "used the plain base, whose command is in the README's Post-training section)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/k2lab-brier"))
     a = ap.parse_args()
     require_base(a.base)

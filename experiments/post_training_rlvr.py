@@ -198,7 +198,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/k2lab-rlvr"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--base", default=MAKE_RUN_BASE, help="the pre-trained checkpoint SFT starts from")
+    ap.add_argument("--base", default=MAKE_RUN_BASE,
+                    help="the pre-trained checkpoint SFT starts from (default: make run's; the committed results "
+                         "used the plain base, whose command is in the README's Post-training section)")
     ap.add_argument("--steps", type=int, default=160, help="RL steps per run (even: held-out accuracy is also "
                                                              "measured at the middle one)")
     ap.add_argument("--batch", type=int, default=128, help="rollouts per RL step (batch / 8 prompts x K=8)")
