@@ -10,9 +10,9 @@ able to state a confidence before RL can shape it, so SFT comes first. Two SFT v
 Pipeline: the calibration experiment's knowledge conversations (k2lab.synth.pipeline.run_embedded, 400, half
 answers for seen entities and half abstentions for unseen ones) with the confidence instruction added to the
 system prompt (k2lab.train.rl.rewards.CONFIDENCE_INSTRUCTION); `k2lab sft` (60 steps at lr 2e-3, the calibration
-experiment's first SFT settings) from --base; 30 steps of `k2lab rl --env knowledge --calibration-reward brier` (4 prompts x K=8).
-The per-step RL metrics are the result: reward, accuracy, abstention and hallucination rates, the share of
-attempts that state a confidence, and the mean stated confidence of right and of wrong answers.
+experiment's first SFT settings) from --base; 30 steps of `k2lab rl --env knowledge --calibration-reward brier`
+(4 prompts x K=8). The per-step RL metrics are the result: reward, accuracy, abstention and hallucination rates,
+the share of attempts that state a confidence, and the mean stated confidence of right and of wrong answers.
 
     python experiments/brier_reward.py [--base CKPT] [--work DIR]    # about 8 min on 2 CPU cores
 
