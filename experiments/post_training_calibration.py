@@ -47,7 +47,7 @@ from k2lab.data.encyclopedia import cloze_items, heldout_calibration_set  # noqa
 from k2lab.evals.calibration import (CalibrationSettings, accuracy, hallucination_rate,  # noqa: E402
                                      main as eval_calibration, outcomes)
 from k2lab.evals.stats import bootstrap_ci  # noqa: E402
-from k2lab.runs import read_jsonl  # noqa: E402
+from k2lab.runs import read_json, read_jsonl  # noqa: E402
 
 from common import publish, require_base  # noqa: E402
 
@@ -105,7 +105,7 @@ def recipe_of(checkpoint: Path) -> dict | None:
     run = Path(checkpoint).parent.parent / "run.json"
     if not run.is_file():
         return None
-    identity = json.loads(run.read_text()).get("identity", {})
+    identity = read_json(run).get("identity", {})
     return {k: v for k, v in identity.items() if k != "model"}
 
 
@@ -234,10 +234,15 @@ def ci(c) -> str:
     return f"[{pct(c[0])}, {pct(c[1])}]"
 
 
+def wrong_reward(out: dict) -> float:
+    """The calibration reward a wrong answer earned in these results (-1 in those from before the option)."""
+    return out["settings"]["rl"].get("wrong_reward", -1.0)
+
+
 def results_name(out: dict) -> str:
     """post_training_calibration, or for another wrong-answer reward post_training_calibration_wrong0.5 (-0.5):
     such results never replace the committed default's."""
-    wrong = out["settings"]["rl"].get("wrong_reward", -1.0)
+    wrong = wrong_reward(out)
     return "post_training_calibration" + (f"_wrong{-wrong:g}" if wrong != -1.0 else "")
 
 
@@ -245,7 +250,7 @@ def markdown(out: dict) -> str:
     s, p = out["summary"], out["base_fact_probe"]
     lines = [
         "# Calibration RL cuts hallucination (K2.6's claim at small scale)", "",
-        f"Calibration reward: correct +1, wrong {out['settings']['rl'].get('wrong_reward', -1.0):g}, abstained 0.", "",
+        f"Calibration reward: correct +1, wrong {wrong_reward(out):g}, abstained 0.", "",
         "Pre-training stored facts? Greedy continuations of each asked fact's canonical sentence cut before the "
         "value (`cloze_items`), on the base: seen entities "
         f"{pct(p['seen']['accuracy'])}% {ci(p['seen']['accuracy_ci95'])} of {p['seen']['items']}, unseen entities "

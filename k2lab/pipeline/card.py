@@ -217,7 +217,7 @@ def copy_limit(res: dict) -> str | None:
             "presets) is the likely remedy, not measured here")
 
 
-def _stage_sections(res: dict) -> list[str]:
+def _stage_sections(res: dict, r: Recipe) -> list[str]:
     lines = []
     if "tokenizer" in res:
         t = res["tokenizer"]
@@ -227,11 +227,12 @@ def _stage_sections(res: dict) -> list[str]:
                   f"plus encyclopedia articles as a share of the training rows (the preset's `encyclopedia`).", ""]
     if "pretrain" in res:
         p = res["pretrain"]
-        mix = [("encyclopedia rows (share of the training rows)", p["encyclopedia"])] if "encyclopedia" in p else []
-        if p.get("encyclopedia_qa"):
-            mix.append(("questions mixed in", p["encyclopedia_qa"]))
-        if "tie_embeddings" in p:
-            mix.append(("output head tied to the embeddings", "yes" if p["tie_embeddings"] else "no"))
+        # the recipe's pre-training mix (a run directory holds one recipe: k2lab.runs.claim)
+        mix = [("encyclopedia rows (share of the training rows)", r.encyclopedia),
+               *([("questions mixed in", f"{r.encyclopedia_qa_entities} of the post-training entities' articles "
+                                         f"end with their questions answered ({r.encyclopedia_qa_format} format)")]
+                 if r.encyclopedia_qa else []),
+               ("output head tied to the embeddings", "yes" if r.tie_embeddings else "no")]
         lines += ["## Pre-training with MuonClip", "", *_table(("metric", "value"), [
             *mix, ("steps", p["steps"]), ("tokens", p["tokens"]), ("training loss, first step", p["first_loss"]),
             ("training loss, mean of the last (up to) 10 steps", p["final_loss"]),
@@ -340,7 +341,7 @@ def write_report(run_dir: Path, preset_name: str, r: Recipe, records: list[dict]
         "## Published claim | what this run measured", "",
         *(_table(("published claim", "what this run measured"), claims(res)) if claims(res)
           else ["No stage that measures a claim has finished yet.", ""]),
-        *_stage_sections(res), *_eval_sections(res),
+        *_stage_sections(res, r), *_eval_sections(res),
         "## Time per stage", "", *_table(("stage", "seconds", "attempts"),
                                           [(rec["title"], f"{rec['wall_s']:.1f}", len(rec["attempts"]))
                                            for rec in records] + [("total", f"{total:.1f}", "")]),

@@ -40,10 +40,7 @@ def pretrain_summary(run_dir: Path, r: Recipe) -> dict:
             "qk_clip_tau": r.qk_clip_tau, "max_logit_peak": max(logits) if logits else None,
             "max_logit_final": logits[-1] if logits else None,
             "steps_clipped": sum(c > 0 for c in clipped), "head_clips_total": sum(clipped),
-            "tokens_per_s": train[-1].get("tokens_per_s"), "encyclopedia": r.encyclopedia,
-            "encyclopedia_qa": (f"{r.encyclopedia_qa_entities} of the post-training entities' articles end with "
-                                f"their questions answered ({r.encyclopedia_qa_format} format)")
-            if r.encyclopedia_qa else None, "tie_embeddings": r.tie_embeddings}
+            "tokens_per_s": train[-1].get("tokens_per_s")}
 
 
 def loop_summary(run_dir: Path, keys: tuple[str, ...]) -> dict:
