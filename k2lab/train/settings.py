@@ -229,8 +229,8 @@ class RLSettings(TrainSettings):
         if self.calibration_reward not in RL_CALIBRATION_REWARDS:
             raise ValueError(f"unknown --calibration-reward {self.calibration_reward!r}; choose ternary or brier")
         if not self.wrong_reward < 0:
-            raise ValueError(f"--wrong-reward ({self.wrong_reward}) must be below 0 (abstaining earns 0; a wrong "
-                             f"answer paid as much would make guessing free)")
+            raise ValueError(f"--wrong-reward ({self.wrong_reward}) must be below 0: abstaining earns 0, so a wrong "
+                             f"answer paid 0 or more would make guessing free")
         if self.loss not in RL_LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose k15, k25 or grpo")
         if self.samples < 2 or (self.batch_size // self.grad_accum) % self.samples:
