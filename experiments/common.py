@@ -53,7 +53,9 @@ def require_base(base: str, option: str = "--base",
                  hint: str = "run `make run` first or pass a pre-trained checkpoint") -> None:
     """Exit with one line unless `base` (given as `option`) is a checkpoint directory; `hint` says how to get one."""
     if not (Path(base) / "config.json").is_file():
-        where = "" if Path(base).is_absolute() else f" (relative to {Path.cwd()}: run from the repository root)"
+        root = Path(__file__).resolve().parents[1]
+        where = ("" if Path(base).is_absolute() or Path.cwd().resolve() == root
+                 else f" (relative to {Path.cwd()}; the repository root is {root})")
         sys.exit(f"{option} {base}: no checkpoint there{where}; {hint}")
 
 

@@ -68,6 +68,9 @@ SFT = dict(max_steps=60, batch_size=4, seq_len=512, lr=3e-4, val_fraction=0.02, 
 # the held-out set worse (known accuracy 43.8% -> 18.8%); 48 steps at 2e-4 are what the results use
 RL = dict(env="knowledge", loss="k15", samples=8, batch_size=32, max_steps=48, lr=2e-4, tau=0.1,
           max_new_tokens=40, max_turns=1, temperature_start=1.0, temperature_end=0.6, eval_every=48, wrong_reward=-1.0)
+# --ptx-weight W: RL also trains on the seed's SFT conversations (k2lab rl --ptx-data) with weight W, in rows of this
+# many tokens (a knowledge conversation is ~100), one row per trajectory a step
+PTX_SEQ_LEN = 256
 EVAL_MAX_TOKENS = 48
 
 
@@ -187,7 +190,10 @@ def one_seed(work: Path, base: Path, dataset: Path, seed: int, log: dict) -> dic
     sft_ckpt = last_checkpoint(d / "sft")
     res = {"sft": timed(log, f"eval_sft{seed}", lambda: evaluate(sft_ckpt, dataset, d / "eval-sft"))}
     if not finished(d / "rl", RL["max_steps"]):
-        timed(log, f"rl{seed}", lambda: rl(RLSettings(**RL, checkpoint=str(sft_ckpt), seed=seed, run_dir=str(d / "rl"))))
+        # PTX (--ptx-weight): the seed's own SFT conversations (answers and abstentions) are the curated set
+        ptx = {"ptx_data": str(d / "synth" / "kept.jsonl")} if RL.get("ptx_weight") else {}
+        timed(log, f"rl{seed}", lambda: rl(RLSettings(**RL, **ptx, checkpoint=str(sft_ckpt), seed=seed,
+                                                      run_dir=str(d / "rl"))))
     rl_ckpt = last_checkpoint(d / "rl")
     res["rl"] = timed(log, f"eval_rl{seed}", lambda: evaluate(rl_ckpt, dataset, d / "eval-rl"))
     before, after = graded(d / "eval-sft"), graded(d / "eval-rl")
@@ -240,17 +246,27 @@ def wrong_reward(out: dict) -> float:
 
 
 def results_name(out: dict) -> str:
-    """post_training_calibration, or for another wrong-answer reward post_training_calibration_wrong0.5 (-0.5):
-    such results never replace the committed default's."""
-    wrong = wrong_reward(out)
-    return "post_training_calibration" + (f"_wrong{-wrong:g}" if wrong != -1.0 else "")
+    """post_training_calibration, or for another wrong-answer reward post_training_calibration_wrong0.5 (-0.5),
+    with PTX post_training_calibration_ptx0.5 (weight 0.5): such results never replace the committed default's."""
+    wrong, ptx = wrong_reward(out), out["settings"]["rl"].get("ptx_weight", 0.0)
+    return ("post_training_calibration" + (f"_wrong{-wrong:g}" if wrong != -1.0 else "")
+            + (f"_ptx{ptx:g}" if ptx > 0 else ""))
+
+
+def ptx_sentence(rl: dict) -> str:
+    if not rl.get("ptx_weight"):
+        return ""
+    return (f" PTX: each RL step adds {rl['ptx_weight']:g} x the cross-entropy of the seed's SFT conversations "
+            f"(answers for known entities, abstentions for unknown ones; rows of {rl['ptx_seq_len']} tokens, one "
+            "per trajectory).")
 
 
 def markdown(out: dict) -> str:
     s, p = out["summary"], out["base_fact_probe"]
     lines = [
         "# Calibration RL cuts hallucination (K2.6's claim at small scale)", "",
-        f"Calibration reward: correct +1, wrong {wrong_reward(out):g}, abstained 0.", "",
+        f"Calibration reward: correct +1, wrong {wrong_reward(out):g}, abstained 0."
+        + ptx_sentence(out["settings"]["rl"]), "",
         "Pre-training stored facts? Greedy continuations of each asked fact's canonical sentence cut before the "
         "value (`cloze_items`), on the base: seen entities "
         f"{pct(p['seen']['accuracy'])}% {ci(p['seen']['accuracy_ci95'])} of {p['seen']['items']}, unseen entities "
@@ -336,6 +352,9 @@ def main() -> None:
     ap.add_argument("--wrong-reward", type=float, default=RL["wrong_reward"],
                     help="the calibration reward of a wrong answer (correct +1, abstained 0); answering pays when "
                          "P(correct) > w / (1 + w), w = -this")
+    ap.add_argument("--ptx-weight", type=float, default=0.0,
+                    help="PTX: add this weight times the cross-entropy of the seed's SFT conversations to each RL "
+                         "step (k2lab rl --ptx-data; 0: off)")
     ap.add_argument("--results", type=Path, default=RESULTS,
                     help="where the results go (default: the committed experiments/results)")
     ap.add_argument("--smoke", action="store_true",
@@ -345,10 +364,12 @@ def main() -> None:
         if path:
             require_base(path, option, "after `make run`, build the committed results' base with the `k2lab "
                                        "pretrain` command in --help, or pass another pre-trained checkpoint")
-    if min(args.sft_lr, args.rl_lr) <= 0 or args.rl_steps < 1 or args.wrong_reward >= 0:
-        sys.exit("error: --sft-lr and --rl-lr must be > 0, --rl-steps >= 1 and --wrong-reward < 0")
+    if min(args.sft_lr, args.rl_lr) <= 0 or args.rl_steps < 1 or args.wrong_reward >= 0 or args.ptx_weight < 0:
+        sys.exit("error: --sft-lr and --rl-lr must be > 0, --rl-steps >= 1, --wrong-reward < 0 and --ptx-weight >= 0")
     SFT["lr"], RESULTS = args.sft_lr, args.results
     RL.update(lr=args.rl_lr, max_steps=args.rl_steps, eval_every=args.rl_steps, wrong_reward=args.wrong_reward)
+    if args.ptx_weight > 0:
+        RL.update(ptx_weight=args.ptx_weight, ptx_seq_len=PTX_SEQ_LEN)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     if args.smoke:

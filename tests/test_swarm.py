@@ -215,6 +215,43 @@ def test_sampling_reaches_every_model_call(tmp_path):
         res = asyncio.run(go(srv))
     assert res.outcome == "completed" and len(bodies) == res.metrics.model_calls > 4
     assert {(b.get("temperature"), b.get("max_tokens")) for b in bodies} == {(0.0, 7)}
+    assert read_jsonl(tmp_path / "journal.jsonl")[0]["sampling"] == {"temperature": 0.0, "max_tokens": 7}
+
+
+def test_a_resumed_swarm_keeps_the_sampling_it_started_with(tmp_path):
+    """The start event journals the sampling; a resume without sampling uses it, other values are refused (one run
+    would mix two samplings), and a journal from before sampling was recorded takes what is given."""
+    import pytest
+
+    from k2lab.runs import RunDirError, append_jsonl, claim
+
+    task, bodies = "sum all entries", []
+    script = handler(plan(3, 20))
+
+    def reply(req):
+        bodies.append(req.body)
+        return script(req)
+
+    def unfinished(run_dir, start: dict):  # a run killed right after it started
+        claim(run_dir, {"task": task}, "swarm")
+        append_jsonl(run_dir / "journal.jsonl", {"event": "start", "task": task, **start})
+
+    async def resume(srv, run_dir, sampling):
+        async with LLM(base_url=srv.base_url, api_key="k", model="m") as llm:
+            return await Swarm(llm, lambda run_dir, name: [lookup], sampling=sampling).run(None, run_dir, resume=True)
+
+    with ScriptedServer(reply) as srv:
+        unfinished(tmp_path / "a", {"sampling": {"temperature": 0.0, "max_tokens": 7}})
+        with pytest.raises(RunDirError, match=r"started with --max-tokens 7 --temperature 0.0, not --max-tokens 9"):
+            asyncio.run(resume(srv, tmp_path / "a", {"max_tokens": 9}))
+        assert not bodies
+        res = asyncio.run(resume(srv, tmp_path / "a", {}))
+        assert res.outcome == "completed" and {(b.get("temperature"), b.get("max_tokens")) for b in bodies} == {(0.0, 7)}
+        bodies.clear()
+        unfinished(tmp_path / "b", {})  # journaled before sampling was recorded
+        assert asyncio.run(resume(srv, tmp_path / "b", {"max_tokens": 9})).outcome == "completed"
+        assert {b.get("max_tokens") for b in bodies} == {9}
+    assert read_jsonl(tmp_path / "a" / "journal.jsonl")[0]["sampling"] == {"temperature": 0.0, "max_tokens": 7}
 
 
 def test_cli_max_tokens_and_temperature_reach_the_requests(tmp_path):

@@ -15,7 +15,8 @@ State: a `Swarm` holds what runs share (client, tool factory, limits, prompt); e
 several swarms at once. The orchestrator's step reaches `assign_task` as an argument (`tool(with_step=True)`);
 sub-agent results stay `AgentSummary` dataclasses until the journal and `result.json` are written.
 
-Resume: the journal records the task, every orchestrator message and every finished sub-agent. A resumed run
+Resume: the journal records the task, the sampling fields, every orchestrator message and every finished
+sub-agent. A resumed run continues with the journaled sampling (other values are refused) and
 replays the orchestrator's journaled messages instead of asking the model again and answers `assign_task`
 calls whose sub-agent already finished from the journal, so completed sub-agents are not run again. Hand-written
 because no library offers this orchestration with resume; the pieces it uses (openai, tenacity) are libraries.
@@ -124,22 +125,40 @@ class Swarm:
                 raise RunDirError(f"{run_dir} holds a finished swarm run (outcome {events[-1]['outcome']}); "
                                   f"its answer is in {run_dir / 'result.json'}; use another --run-dir for a new run")
             task = events[0]["task"]
+            sampling = resumed_sampling(events[0], self.sampling, run_dir)
         elif events:
             raise RunDirError(f"{run_dir} already holds a swarm run; pass --resume to continue it or use another "
                               "--run-dir")
+        else:
+            sampling = self.sampling
         if not task or not task.strip():
             raise ValueError("the swarm's task is empty")
         claim(run_dir, {"task": task}, "swarm")
         if not resume:
-            append_jsonl(journal, {"event": "start", "task": task, "time": time.time()})
-        return await SwarmRun(self, run_dir, events).run(task, resume)
+            append_jsonl(journal, {"event": "start", "task": task, "sampling": sampling, "time": time.time()})
+        return await SwarmRun(self, run_dir, events, sampling).run(task, resume)
+
+
+def resumed_sampling(start: dict, given: dict, run_dir: Path) -> dict:
+    """The sampling a resumed run continues with: the journaled one (the run's model calls replayed from the
+    journal were made with it), unless none was given now; other values are refused, since one run would then mix
+    two samplings. A journal from before sampling was recorded continues with what is given."""
+    if "sampling" not in start:
+        return given
+    journaled = start["sampling"]
+    if given and given != journaled:
+        def flags(d: dict) -> str:
+            return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(d.items())) or "no sampling flags"
+        raise RunDirError(f"{run_dir} was started with {flags(journaled)}, not {flags(given)}; resume it without "
+                          f"sampling flags (the journaled ones are used) or start a new run with --run-dir")
+    return journaled
 
 
 class SwarmRun:
     """The state of one run: its journal, trace, shared tool budget, sub-agents and their results."""
 
-    def __init__(self, swarm: Swarm, run_dir: Path, events: list[dict]):
-        self.swarm, self.limits, self.run_dir = swarm, swarm.limits, run_dir
+    def __init__(self, swarm: Swarm, run_dir: Path, events: list[dict], sampling: dict):
+        self.swarm, self.limits, self.run_dir, self.sampling = swarm, swarm.limits, run_dir, sampling
         self.journal = run_dir / "journal.jsonl"
         self.done = {e["key"]: AgentSummary.from_dict(e["summary"]) for e in events if e["event"] == "subagent_done"}
         replay = {e["step"]: e["message"] for e in events if e["event"] == "orchestrator_message"}
@@ -162,7 +181,7 @@ class SwarmRun:
 
     async def run(self, task: str, resume: bool) -> SwarmResult:
         orchestrator = Agent("orchestrator", self.swarm.llm, self.swarm.system_prompt, self._orchestrator_tools(),
-                             self.limits.orchestrator, self.tracer, self.budget, sampling=self.swarm.sampling,
+                             self.limits.orchestrator, self.tracer, self.budget, sampling=self.sampling,
                              replay=self.replay,
                              on_message=lambda step, m: self.record(
                                  {"event": "orchestrator_message", "step": step, "message": m}))
@@ -230,7 +249,7 @@ class SwarmRun:
             async with self.running:
                 try:
                     agent = Agent(name, self.swarm.llm, self.subagents[name], self.swarm.tools(self.run_dir, name),
-                                  self.limits.subagent, self.tracer, self.budget, sampling=self.swarm.sampling)
+                                  self.limits.subagent, self.tracer, self.budget, sampling=self.sampling)
                     summary = (await agent.run(prompt)).summary()
                 except EndpointError:  # nothing answers at the endpoint: the whole run stops (and can resume)
                     raise
