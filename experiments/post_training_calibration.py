@@ -28,7 +28,9 @@ held-out set, are facts it read but was never asked about, so RL meets questions
     python experiments/post_training_calibration.py --init-from CKPT   # or continue CKPT on encyclopedia rows
 
 Writes experiments/results/post_training_calibration.*; --results DIR writes elsewhere. `--wrong-reward W` pays W
-for a wrong answer instead of -1 and names the results after it (post_training_calibration_wrong0.5.* for -0.5).
+for a wrong answer instead of -1; `--ptx-weight W` adds W times the cross-entropy of the seed's SFT conversations to
+every RL step (K2's PTX loss, `k2lab rl --ptx-data`). Results with settings other than the default are named after
+them (post_training_calibration_wrong0.5.*, _ptx0.1.*, _ptx0.1_lr0.0004.*).
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ RL = dict(env="knowledge", loss="k15", samples=8, batch_size=32, max_steps=48, l
 # many tokens (a knowledge conversation is ~100), one row per trajectory a step
 PTX_SEQ_LEN = 256
 EVAL_MAX_TOKENS = 48
+DEFAULT_RL, DEFAULT_SFT_LR = dict(RL), SFT["lr"]  # what the committed results ran; the options change RL and SFT
 
 
 def last_checkpoint(run_dir: Path) -> Path:
@@ -246,11 +249,15 @@ def wrong_reward(out: dict) -> float:
 
 
 def results_name(out: dict) -> str:
-    """post_training_calibration, or for another wrong-answer reward post_training_calibration_wrong0.5 (-0.5),
-    with PTX post_training_calibration_ptx0.5 (weight 0.5): such results never replace the committed default's."""
-    wrong, ptx = wrong_reward(out), out["settings"]["rl"].get("ptx_weight", 0.0)
-    return ("post_training_calibration" + (f"_wrong{-wrong:g}" if wrong != -1.0 else "")
-            + (f"_ptx{ptx:g}" if ptx > 0 else ""))
+    """post_training_calibration for the default settings; otherwise each RL setting that differs is named, e.g.
+    post_training_calibration_wrong0.5 (a wrong answer pays -0.5) or _ptx0.1_lr0.0004 (PTX weight 0.1, RL lr 4e-4),
+    so such results never replace the committed default's."""
+    rl, sft = out["settings"]["rl"], out["settings"].get("sft", {})
+    parts = [("wrong", -wrong_reward(out), 1.0), ("ptx", rl.get("ptx_weight", 0.0), 0.0),
+             ("lr", rl.get("lr", DEFAULT_RL["lr"]), DEFAULT_RL["lr"]),
+             ("steps", rl.get("max_steps", DEFAULT_RL["max_steps"]), DEFAULT_RL["max_steps"]),
+             ("sftlr", sft.get("lr", DEFAULT_SFT_LR), DEFAULT_SFT_LR)]
+    return "post_training_calibration" + "".join(f"_{name}{v:g}" for name, v, default in parts if v != default)
 
 
 def ptx_sentence(rl: dict) -> str:
