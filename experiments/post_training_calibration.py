@@ -249,7 +249,7 @@ def wrong_reward(out: dict) -> float:
 
 
 def results_name(out: dict) -> str:
-    """post_training_calibration for the default settings; otherwise each RL setting that differs is named, e.g.
+    """post_training_calibration for the default settings; otherwise each RL or SFT setting that differs is named, e.g.
     post_training_calibration_wrong0.5 (a wrong answer pays -0.5) or _ptx0.1_lr0.0004 (PTX weight 0.1, RL lr 4e-4),
     so such results never replace the committed default's."""
     rl, sft = out["settings"]["rl"], out["settings"].get("sft", {})

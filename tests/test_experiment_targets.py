@@ -34,7 +34,8 @@ def test_calibration_results_other_than_the_default_never_take_the_committed_nam
     assert named({"wrong_reward": -0.5, "ptx_weight": 1.0}) == "post_training_calibration_wrong0.5_ptx1"
     assert named({"ptx_weight": 0.1, "lr": 4e-4, "max_steps": 48}) == "post_training_calibration_ptx0.1_lr0.0004"
     assert named({"max_steps": 96}) == "post_training_calibration_steps96"
-    assert calibration.results_name({"settings": {"rl": {}, "sft": {"lr": 1e-3}}}) == "post_training_calibration_sftlr0.001"
+    sft_lr = {"settings": {"rl": {}, "sft": {"lr": 1e-3}}}
+    assert calibration.results_name(sft_lr) == "post_training_calibration_sftlr0.001"
 
 
 def test_a_missing_base_is_one_line_that_names_the_directory_it_was_relative_to(tmp_path, monkeypatch):

@@ -246,7 +246,8 @@ def test_a_resumed_swarm_keeps_the_sampling_it_started_with(tmp_path):
             asyncio.run(resume(srv, tmp_path / "a", {"max_tokens": 9}))
         assert not bodies
         res = asyncio.run(resume(srv, tmp_path / "a", {}))
-        assert res.outcome == "completed" and {(b.get("temperature"), b.get("max_tokens")) for b in bodies} == {(0.0, 7)}
+        assert res.outcome == "completed"
+        assert {(b.get("temperature"), b.get("max_tokens")) for b in bodies} == {(0.0, 7)}
         bodies.clear()
         unfinished(tmp_path / "b", {})  # journaled before sampling was recorded
         assert asyncio.run(resume(srv, tmp_path / "b", {"max_tokens": 9})).outcome == "completed"
