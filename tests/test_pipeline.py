@@ -139,3 +139,26 @@ def test_the_report_says_when_the_base_does_not_copy_from_its_context(tmp_path, 
     text = write_report(tmp_path, "default", PRESETS["default"], st.records(), 1.0).read_text()
     assert f"{repeat_nll:.2f} when it is read again right after" in text
     assert ("limitation: the pre-trained model does not copy from its context" in text) is says_it
+
+
+@pytest.mark.parametrize("rl_f1, envs, says_it", [(0.186, "knowledge", True), (0.7, "knowledge", False),
+                                                  (0.186, "knowledge,toolbox", False)])
+def test_the_report_says_when_calibration_rl_lost_the_tool_calling(tmp_path, rl_f1, envs, says_it):
+    """RL on calibration questions alone (the default preset) that lost much of SFT's tool-call F1 is named a
+    limitation, with what brought it back; not when F1 held or when RL had tool tasks."""
+    import copy
+    import dataclasses
+
+    records = copy.deepcopy(FIXTURE)
+    f1 = {"eval_sft": 0.794, "eval_rl": rl_f1, "eval_int4": 0.678}
+    for rec in records:
+        if rec["name"] in f1:
+            rec["result"]["toolcalls"]["trigger_f1"] = f1[rec["name"]]
+    st = Stages(tmp_path)
+    for rec in records:
+        st.run(rec["name"], rec["title"], lambda rec=rec: rec["result"])
+    recipe = dataclasses.replace(PRESETS["default"], rl_envs=envs)
+    text = write_report(tmp_path, "default", recipe, st.records(), 1.0).read_text()
+    line = f"tool-call F1 0.794 (SFT) -> {rl_f1:.3g} (RL); the INT4 QAT stage trains on the SFT conversations again"
+    assert (line in text) is says_it
+    assert ("limitation: RL here trains on calibration questions only" in text) is says_it

@@ -217,6 +217,22 @@ def copy_limit(res: dict) -> str | None:
             "presets) is the likely remedy, not measured here")
 
 
+def rl_tool_limit(res: dict, r: Recipe) -> str | None:
+    """A summary line when RL without tool tasks lost much of the SFT model's tool calling (what brought it back,
+    and what would keep it)."""
+    sft, rl = (res.get(k) or {} for k in ("eval_sft", "eval_rl"))
+    f1 = [(e.get("toolcalls") or {}).get("trigger_f1") for e in (sft, rl)]
+    if None in f1 or r.rl_env_names() != ["knowledge"] or f1[1] >= 0.75 * f1[0]:
+        return None
+    int4 = ((res.get("eval_int4") or {}).get("toolcalls") or {}).get("trigger_f1")
+    back = (f"; the INT4 QAT stage trains on the SFT conversations again, which brought it back to {fmt(int4)}"
+            if int4 is not None else "")
+    return (f"RL here trains on calibration questions only, and tool calling faded: tool-call F1 {fmt(f1[0])} "
+            f"(SFT) -> {fmt(f1[1])} (RL){back}. The `small` and `gpu` presets mix tool tasks into RL; K2's PTX loss "
+            "on the SFT conversations (`k2lab rl --ptx-data`) would keep it too, but neither fits this preset's "
+            "30 minutes (k2lab/pipeline/presets.py)")
+
+
 def _stage_sections(res: dict, r: Recipe) -> list[str]:
     lines = []
     if "tokenizer" in res:
@@ -336,7 +352,7 @@ def write_report(run_dir: Path, preset_name: str, r: Recipe, records: list[dict]
         + ("calibration questions only" if r.rl_env_names() == ["knowledge"]
            else f"environments {', '.join(r.rl_env_names())}") + "), "
         "quantized to INT4 with QAT and served over the OpenAI API. What the run shows:", "",
-        *summary, *[f"- limitation: {x}" for x in [*LIMITS, copy_limit(res)] if x],
+        *summary, *[f"- limitation: {x}" for x in [*LIMITS, rl_tool_limit(res, r), copy_limit(res)] if x],
         *([f"- stages not finished yet: {', '.join(missing)}"] if missing else []), *progress, "",
         "## Published claim | what this run measured", "",
         *(_table(("published claim", "what this run measured"), claims(res)) if claims(res)
