@@ -282,7 +282,8 @@ def test_bad_ptx_input_is_one_line(ckpt, tmp_path):
     base = ["rl", "--checkpoint", str(ckpt), "--run-dir", str(tmp_path / "run")]
     for extra, needle in ((["--ptx-data", str(tmp_path / "none.jsonl")], "no such file"),
                           (["--ptx-data", str(bad)], "'messages' list"),
-                          (["--ptx-data", str(bad), "--ptx-weight", "0"], "--ptx-weight")):
+                          (["--ptx-data", str(bad), "--ptx-weight", "0"], "--ptx-weight 0.0: must be > 0"),
+                          (["--ptx-data", str(bad), "--ptx-seq-len", "1"], "--ptx-seq-len 1: must be >= 2")):
         r = CliRunner().invoke(app, base + extra)
         assert r.exit_code == 1 and needle in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "run").exists()

@@ -239,9 +239,11 @@ class RLSettings(TrainSettings):
         if self.max_staleness < 0 or (self.max_staleness and not self.rollout_url):
             raise ValueError(f"--max-staleness {self.max_staleness}: must be >= 0, and > 0 only with --rollout-url "
                              f"(in-process rollouts always use the current weights)")
-        if self.ptx_data and (self.ptx_weight <= 0 or self.ptx_seq_len < 2):
-            raise ValueError(f"--ptx-weight ({self.ptx_weight}) must be > 0 and --ptx-seq-len ({self.ptx_seq_len}) "
-                             f">= 2 with --ptx-data")
+        if self.ptx_data and self.ptx_weight <= 0:
+            raise ValueError(f"--ptx-weight {self.ptx_weight}: must be > 0 with --ptx-data (leave out --ptx-data to "
+                             "train without PTX)")
+        if self.ptx_data and self.ptx_seq_len < 2:
+            raise ValueError(f"--ptx-seq-len {self.ptx_seq_len}: must be >= 2 (tokens per packed PTX row)")
         if self.ptx_data and not Path(self.ptx_data).is_file():
             raise ValueError(f"--ptx-data {self.ptx_data}: no such file; give chat JSONL (one conversation per line)")
         if self.max_new_tokens < 1 or self.max_turns < 1:
