@@ -217,6 +217,39 @@ def test_ptx_adds_the_curated_cross_entropy_to_the_loss_and_resumes_exactly(ckpt
     assert _metrics(killed) == ptx
 
 
+def test_ptx_rows_sets_how_many_curated_rows_a_step_carries_and_they_split_over_micro_batches(ckpt, ptx_file,
+                                                                                              tmp_path):
+    """--ptx-rows 2 (one per prompt here) instead of one per trajectory: the logged PTX loss is that of the first 2
+    rows the (seed, step) order deals, the step's loss rises by exactly weight x it, and with --grad-accum 2 each
+    micro-batch takes one row and the step logs the same PTX loss. A count the micro-batches cannot share is
+    refused."""
+    import torch
+
+    import k2lab
+    from k2lab.train.rl.run import ptx_loss
+    from k2lab.train.settings import RLSettings
+    from k2lab.train.sft import batches_from, load_packed
+
+    ptx = {"ptx_data": str(ptx_file), "ptx_weight": 0.5, "ptx_seq_len": 64, "max_steps": 1}
+    (plain,) = _rl(ckpt, tmp_path / "plain", max_steps=1)
+    (rows,) = _rl(ckpt, tmp_path / "rows", ptx_rows=2, **ptx)
+    (split,) = _rl(ckpt, tmp_path / "split", ptx_rows=2, grad_accum=2, **ptx)
+    packed = load_packed(tmp_path / "rows" / "data" / "ptx.pt")
+    b = batches_from(packed, 2, 0)(0)
+    other = batches_from(packed, 4, 0)(0)  # one row per trajectory, as without --ptx-rows: another loss
+    assert len(b["tokens"]) == 2
+    model = k2lab.load_model(str(ckpt), dtype=torch.float32)
+    with torch.no_grad():
+        expected = float(ptx_loss(model, b["tokens"], b["loss_mask"], b["document_ids"]))
+        per_trajectory = float(ptx_loss(model, other["tokens"], other["loss_mask"], other["document_ids"]))
+    assert abs(rows["ptx_loss"] - expected) < 1e-5 and abs(per_trajectory - expected) > 1e-4
+    assert rows["reward"] == plain["reward"] == split["reward"]
+    assert abs(rows["loss"] - plain["loss"] - 0.5 * rows["ptx_loss"]) < 1e-3 * rows["ptx_loss"]
+    assert split["ptx_loss"] == rows["ptx_loss"]
+    with pytest.raises(ValueError, match="--ptx-rows 3: must be 0"):
+        RLSettings(checkpoint=str(ckpt), ptx_rows=3, grad_accum=2, batch_size=4, samples=2).check()
+
+
 def test_rl_on_the_coding_environment_scores_in_the_sandbox(ckpt, tmp_path):
     (r,) = _rl(ckpt, tmp_path / "coding", env="coding", max_steps=1, max_new_tokens=6)
     assert r["reward_unit_tests"] == 0.0 and r["accuracy"] == 0.0  # six random tokens pass no test

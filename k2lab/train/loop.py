@@ -164,7 +164,10 @@ def train(s: TrainSettings, run_dir: Path, init_model: Callable[[], torch.nn.Mod
             g["lr"] = g["base_lr"] * factor
         batch = batches(step)
         def mine(x: torch.Tensor) -> torch.Tensor:  # this rank's rows, as grad_accum micro-batches
-            return x.view(world, s.grad_accum, micro, *x.shape[1:])[rank].to(device)
+            if len(x) % (world * s.grad_accum):  # rows apart from the batch's (RL's PTX rows) split the same way
+                raise ValueError(f"a batch entry of {len(x)} rows does not split into world size {world} x "
+                                 f"grad_accum {s.grad_accum} micro-batches")
+            return x.view(world, s.grad_accum, -1, *x.shape[1:])[rank].to(device)
 
         tokens, mask = mine(batch["tokens"]), mine(_mask(batch))
         extras = {k: mine(v) for k, v in _extras(batch).items()}

@@ -198,7 +198,9 @@ class RLSettings(TrainSettings):
     temperature_end: float = option(0.6, "sampling temperature at the last step")
     ptx_data: str = option("", "PTX: chat JSONL of curated conversations, their cross-entropy added (off if empty)")
     ptx_weight: float = option(0.1, "PTX: weight of that cross-entropy in the loss")
-    ptx_seq_len: int = option(512, "PTX: tokens per packed row (one row per trajectory each step)")
+    ptx_seq_len: int = option(512, "PTX: tokens per packed row")
+    ptx_rows: int = option(0, "PTX: packed rows a step (0: one per trajectory, --batch-size); fewer cost less, "
+                              "e.g. one per prompt (--batch-size / --samples)")
     critic_url: str = option("", "self-critique rubric reward: OpenAI-compatible critic endpoint (off when empty)")
     critic_model: str = option("", "self-critique rubric reward: the critic's model name (default K2LAB_MODEL)")
     critic_weight: float = option(1.0, "self-critique rubric reward: weight of the group win rate in the reward")
@@ -213,7 +215,7 @@ class RLSettings(TrainSettings):
                                    "it every max_staleness + 1 steps)")
 
     CONTROL = (*TrainSettings.CONTROL, "run_dir", "rollout_url")
-    ADDED = {"thinking": False, "calibration_reward": "ternary", "wrong_reward": -1.0}
+    ADDED = {"thinking": False, "calibration_reward": "ternary", "wrong_reward": -1.0, "ptx_rows": 0}
 
     @property
     def envs(self) -> list[str]:
@@ -244,6 +246,9 @@ class RLSettings(TrainSettings):
                              "train without PTX)")
         if self.ptx_data and self.ptx_seq_len < 2:
             raise ValueError(f"--ptx-seq-len {self.ptx_seq_len}: must be >= 2 (tokens per packed PTX row)")
+        if self.ptx_rows < 0 or self.ptx_rows % self.grad_accum:
+            raise ValueError(f"--ptx-rows {self.ptx_rows}: must be 0 (one per trajectory) or a positive multiple of "
+                             f"--grad-accum {self.grad_accum} (each micro-batch takes its share)")
         if self.ptx_data and not Path(self.ptx_data).is_file():
             raise ValueError(f"--ptx-data {self.ptx_data}: no such file; give chat JSONL (one conversation per line)")
         if self.max_new_tokens < 1 or self.max_turns < 1:

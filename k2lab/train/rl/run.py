@@ -138,7 +138,7 @@ def rl(s: RLSettings) -> dict:
     if rank0 and ptx is not None and not (run_dir / "data" / "ptx.pt").exists():
         with atomic_path(run_dir / "data" / "ptx.pt") as tmp:
             torch.save(dataclasses.asdict(ptx), tmp)
-    ptx_batches = batches_from(ptx, s.batch_size, s.seed) if ptx is not None else None
+    ptx_batches = batches_from(ptx, s.ptx_rows or s.batch_size, s.seed) if ptx is not None else None
     pad = config.pad_token_id if config.pad_token_id is not None else 0
 
     def batches(step: int) -> dict:
