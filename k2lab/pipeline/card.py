@@ -229,8 +229,8 @@ def rl_tool_limit(res: dict, r: Recipe) -> str | None:
             if int4 is not None else "")
     return (f"RL here trains on calibration questions only, and tool calling faded: tool-call F1 {fmt(f1[0])} "
             f"(SFT) -> {fmt(f1[1])} (RL){back}. The `small` and `gpu` presets mix tool tasks into RL. K2's PTX loss "
-            "on the SFT conversations (`k2lab rl --ptx-data`) kept it in a measured run from this preset's SFT "
-            "model, but at nine times RL's time, past this preset's 30 minutes (k2lab/pipeline/presets.py)")
+            "on the SFT conversations (`k2lab rl --ptx-data`) kept most of it in measured runs from this preset's "
+            "SFT model, at two to nine times RL's time, past this preset's 30 minutes (k2lab/pipeline/presets.py)")
 
 
 def _stage_sections(res: dict, r: Recipe) -> list[str]:
