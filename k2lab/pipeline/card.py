@@ -220,15 +220,14 @@ def copy_limit(res: dict) -> str | None:
 def rl_tool_limit(res: dict, r: Recipe) -> str | None:
     """A summary line when RL without tool tasks lost much of the SFT model's tool calling (what brought it back,
     and what would keep it)."""
-    sft, rl = (res.get(k) or {} for k in ("eval_sft", "eval_rl"))
-    f1 = [(e.get("toolcalls") or {}).get("trigger_f1") for e in (sft, rl)]
-    if None in f1 or r.rl_env_names() != ["knowledge"] or f1[1] >= 0.75 * f1[0]:
+    sft, rl, int4 = (((res.get(k) or {}).get("toolcalls") or {}).get("trigger_f1")
+                     for k in ("eval_sft", "eval_rl", "eval_int4"))
+    if sft is None or rl is None or r.rl_env_names() != ["knowledge"] or rl >= 0.75 * sft:
         return None
-    int4 = ((res.get("eval_int4") or {}).get("toolcalls") or {}).get("trigger_f1")
     back = (f"; the INT4 QAT stage trains on the SFT conversations again, which brought it back to {fmt(int4)}"
             if int4 is not None else "")
-    return (f"RL here trains on calibration questions only, and tool calling faded: tool-call F1 {fmt(f1[0])} "
-            f"(SFT) -> {fmt(f1[1])} (RL){back}. The `small` and `gpu` presets mix tool tasks into RL. K2's PTX loss "
+    return (f"RL here trains on calibration questions only, and tool calling faded: tool-call F1 {fmt(sft)} "
+            f"(SFT) -> {fmt(rl)} (RL){back}. The `small` and `gpu` presets mix tool tasks into RL. K2's PTX loss "
             "on the SFT conversations (`k2lab rl --ptx-data`) kept most of it in measured runs from this preset's "
             "SFT model, at two to nine times RL's time, past this preset's 30 minutes (k2lab/pipeline/presets.py)")
 
