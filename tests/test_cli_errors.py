@@ -136,7 +136,8 @@ def test_mcp_command_that_cannot_start(tmp_path, closed_port, no_endpoint):
     fails(["agent", "hello", "--mcp", "no-such-mcp-server --stdio", "--workspace", tmp_path, *endpoint],
           "'no-such-mcp-server --stdio'", "could not be started")
     fails(["agent", "hello", "--mcp", f"{sys.executable} -c 'raise SystemExit(3)'", "--workspace", tmp_path,
-           *endpoint], "could not be started")
+           "--run-dir", tmp_path / "run", *endpoint], "could not be started")
+    assert not (tmp_path / "run").exists()  # nothing ran, so no run directory is left behind
 
 
 def test_debug_shows_the_traceback():
