@@ -16,11 +16,14 @@ from k2lab.tokenizer import train_tokenizer
 from tests.serve_helpers import VOCAB, ScriptedModel, serve_in_thread, tiny_model_config
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
-CALLS = ("<think>The user wants weather.</think>Checking.<|tool_calls_section_begin|>"
+# K2.6's generation prompt ends with <think>, so a script continues inside the reasoning. A script that opened
+# it again would be off-grammar where a grammar runs (strict tools): its first token would be drawn at random
+# among the allowed ones, and one draw in ~1000 is </think>, which derails the rest.
+CALLS = ("The user wants weather.</think>Checking.<|tool_calls_section_begin|>"
          "<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{\"city\":\"Paris\"}<|tool_call_end|>"
          "<|tool_call_begin|>functions.get_weather:1<|tool_call_argument_begin|>{\"city\":\"Rome\"}<|tool_call_end|>"
          "<|tool_calls_section_end|>")
-ANSWER = "<think>Both are sunny.</think>Sunny in Paris and Rome."
+ANSWER = "Both are sunny.</think>Sunny in Paris and Rome."
 
 
 class TurnScriptedModel(ScriptedModel):
@@ -123,6 +126,20 @@ def test_responses_whole_and_streamed_with_openai_client(tok):
                             ({"tool_choice": {"type": "function", "name": "nope"}, "tools": TOOLS}, "not among")]:
             with pytest.raises(openai.BadRequestError, match=needle):
                 c.responses.create(model="scripted", input="hi", **bad)
+
+
+def test_strict_tools_grammar_takes_the_scripted_turn_token_for_token(tok):
+    """The Agents SDK's tools are strict, so its requests decode under the tool-call grammar. Every scripted
+    token must be one the grammar allows: a token it masks is replaced by a random allowed one (the test that
+    used to open <think> twice failed about once in a thousand runs, when that draw was </think>)."""
+    strict = [{**TOOLS[0], "strict": True, "parameters": {**WEATHER, "additionalProperties": False}}]
+    server = scripted(tok, ANSWER)
+    with serve_in_thread(server) as base:
+        c = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+        for _ in range(3):
+            out = c.responses.create(model="scripted", input="Weather?", tools=strict).output
+            assert [(o.type, o.content[0].text) for o in out] == [("reasoning", "Both are sunny."),
+                                                                   ("message", "Sunny in Paris and Rome.")]
 
 
 def test_openai_agents_sdk_default_settings(tok):
