@@ -117,7 +117,9 @@ def train(s: TrainSettings, run_dir: Path, init_model: Callable[[], torch.nn.Mod
     optional "loss_mask": [B, T], and any other per-row tensors}; loss_fn(model, tokens, **others) the per-token
     losses [b, T] of a micro-batch (the other tensors, e.g. SFT's document_ids, are passed by name), or a 0-dim
     tensor: the micro-batch's own mean loss (sequence-level RL losses), and the step's loss is then the mean over
-    micro-batches. A batch's "metrics" entry (a dict of numbers, not per-row) is added to the step's record.
+    micro-batches. A 0-dim loss may come as (loss, {name: 0-dim tensor}): parts of it (RL's PTX cross-entropy),
+    logged as the loss is, the mean over micro-batches and ranks, without a second forward. A batch's "metrics"
+    entry (a dict of numbers, not per-row) is added to the step's record.
     val: a held-out batch of the same form, evaluated every s.eval_every steps; evals(model): more metrics at those
     steps (SFT's tool-call eval). tokenizer_dir is copied into each checkpoint. on_model(model) is called once with
     the model being trained (new or resumed) before the first step, for callers whose batches come from the
@@ -177,12 +179,17 @@ def train(s: TrainSettings, run_dir: Path, init_model: Callable[[], torch.nn.Mod
         max_logits = [torch.full((m.n_heads,), -math.inf, device=device) for m in mla_layers(model)]
         loads = [torch.zeros(m.experts.n_experts, device=device) for m in moe_layers(model)]
         loss_sum = torch.zeros((), device=device)
+        part_sums: dict[str, torch.Tensor] = {}
         for j, (mb, mb_mask) in enumerate(zip(tokens, mask)):
             with autocast:
                 if loss_fn is token_losses:  # the chunked head computes its gradients in the forward: 3 matmuls
                     loss = _head_loss(model, mb, mb_mask, n_tokens, **{k: v[j] for k, v in extras.items()})[0]
                 else:
                     losses = loss_fn(model, mb, **{k: v[j] for k, v in extras.items()})
+                    if isinstance(losses, tuple):
+                        losses, parts = losses
+                        for name, v in parts.items():
+                            part_sums[name] = part_sums.get(name, 0) + v.detach().float() / s.grad_accum
                     loss = losses / s.grad_accum if losses.dim() == 0 else (losses * mb_mask).sum() / n_tokens
             loss_sum += loss.detach()
             if aux is not None:
@@ -205,7 +212,8 @@ def train(s: TrainSettings, run_dir: Path, init_model: Callable[[], torch.nn.Mod
                   "grad_norm": float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()),
                   "max_logit": [c["max_logit"] for c in clip_stats],
                   "heads_clipped": [c["heads_clipped"] for c in clip_stats],
-                  "imbalance": imbalance, "tokens_per_s": tokens_seen / elapsed, **batch.get("metrics", {})}
+                  "imbalance": imbalance, "tokens_per_s": tokens_seen / elapsed, **batch.get("metrics", {}),
+                  **{name: dist_utils.mean_over_ranks(v) for name, v in part_sums.items()}}
         if val is not None and (done % s.eval_every == 0 or done == s.max_steps):
             record["val_loss"] = evaluate(model, {k: v.to(device) for k, v in val.items()}, micro * s.grad_accum,
                                           loss_fn)

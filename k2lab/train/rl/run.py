@@ -51,13 +51,15 @@ def ptx_loss(model, tokens: torch.Tensor, mask: torch.Tensor, document_ids: torc
 def rl_loss(model, tokens, sampled, old_logprobs, rewards, temperature, *, loss: str, k: int, tau: float,
             ptx_weight: float = 0.0, ptx_tokens=None, ptx_mask=None, ptx_document_ids=None):
     """The micro-batch's loss (whole groups of K rows): a 0-dim tensor, as the loop takes for sequence losses.
-    With PTX rows in the batch, plus ptx_weight times their cross-entropy."""
+    With PTX rows in the batch, plus ptx_weight times their cross-entropy, which also comes back as the loop's
+    logged part "ptx_loss" (the loss and the metric from one forward)."""
     logp = policy_logprobs(model, tokens, temperature)
     kw = {} if loss == "grpo" else {"tau": tau}
     out = LOSSES[loss](logp, old_logprobs, sampled, rewards, k, **kw)
-    if ptx_tokens is not None:
-        out = out + ptx_weight * ptx_loss(model, ptx_tokens, ptx_mask, ptx_document_ids)
-    return out
+    if ptx_tokens is None:
+        return out
+    ptx = ptx_loss(model, ptx_tokens, ptx_mask, ptx_document_ids)
+    return out + ptx_weight * ptx, {"ptx_loss": ptx}
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -164,8 +166,6 @@ def rl(s: RLSettings) -> dict:
             if ptx_batches is not None:
                 p = ptx_batches(step)
                 out.update(ptx_tokens=p["tokens"], ptx_mask=p["loss_mask"], ptx_document_ids=p["document_ids"])
-                metrics["ptx_loss"] = float(ptx_loss(model, *(p[k].to(model.device)
-                                                             for k in ("tokens", "loss_mask", "document_ids"))))
         timings["stats_s"] = time.perf_counter() - t0
         if rank0:  # wall-clock seconds stay out of metrics.jsonl, which a resumed run reproduces exactly
             append_jsonl(run_dir / "timings.jsonl", {"step": step + 1, **timings})
