@@ -141,11 +141,13 @@ def test_the_report_says_when_the_base_does_not_copy_from_its_context(tmp_path, 
     assert ("limitation: the pre-trained model does not copy from its context" in text) is says_it
 
 
-@pytest.mark.parametrize("rl_f1, envs, says_it", [(0.186, "knowledge", True), (0.7, "knowledge", False),
-                                                  (0.186, "knowledge,toolbox", False)])
-def test_the_report_says_when_calibration_rl_lost_the_tool_calling(tmp_path, rl_f1, envs, says_it):
+@pytest.mark.parametrize("rl_f1, envs, ptx, says_it", [(0.186, "knowledge", 0.1, True), (0.186, "knowledge", 0.0, True),
+                                                       (0.7, "knowledge", 0.1, False),
+                                                       (0.186, "knowledge,toolbox", 0.1, False)])
+def test_the_report_says_when_calibration_rl_lost_the_tool_calling(tmp_path, rl_f1, envs, ptx, says_it):
     """RL on calibration questions alone (the default preset) that lost much of SFT's tool-call F1 is named a
-    limitation, with what brought it back; not when F1 held or when RL had tool tasks."""
+    limitation, with what brought it back and whether PTX was on; not when F1 held or when RL had tool tasks. The
+    RL section has the PTX loss row and sentence when the stage logged it."""
     import copy
     import dataclasses
 
@@ -154,11 +156,18 @@ def test_the_report_says_when_calibration_rl_lost_the_tool_calling(tmp_path, rl_
     for rec in records:
         if rec["name"] in f1:
             rec["result"]["toolcalls"]["trigger_f1"] = f1[rec["name"]]
+        if rec["name"] == "rl" and ptx:
+            rec["result"].update(ptx_loss_first=0.91, ptx_loss_last=0.88)
     st = Stages(tmp_path)
     for rec in records:
         st.run(rec["name"], rec["title"], lambda rec=rec: rec["result"])
-    recipe = dataclasses.replace(PRESETS["default"], rl_envs=envs)
+    recipe = dataclasses.replace(PRESETS["default"], rl_envs=envs, rl_ptx_weight=ptx)
     text = write_report(tmp_path, "default", recipe, st.records(), 1.0).read_text()
     line = f"tool-call F1 0.794 (SFT) -> {rl_f1:.3g} (RL); the INT4 QAT stage trains on the SFT conversations again"
     assert (line in text) is says_it
     assert ("limitation: RL here trains on calibration questions only" in text) is says_it
+    assert ("faded even with K2's PTX loss on the SFT conversations (weight 0.1, 4 rows of 1024 tokens" in text) \
+        is (says_it and ptx > 0)
+    assert ("faded without K2's PTX loss" in text) is (says_it and ptx == 0)
+    assert ("| ptx_loss | 0.91 | 0.88 |" in text) is (ptx > 0)
+    assert ("K2's PTX loss: 0.1 x the cross-entropy of 4 packed rows of 1024 tokens" in text) is (ptx > 0)

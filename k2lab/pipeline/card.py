@@ -226,10 +226,11 @@ def rl_tool_limit(res: dict, r: Recipe) -> str | None:
         return None
     back = (f"; the INT4 QAT stage trains on the SFT conversations again, which brought it back to {fmt(int4)}"
             if int4 is not None else "")
-    return (f"RL here trains on calibration questions only, and tool calling faded: tool-call F1 {fmt(sft)} "
-            f"(SFT) -> {fmt(rl)} (RL){back}. The `small` and `gpu` presets mix tool tasks into RL. K2's PTX loss "
-            "on the SFT conversations (`k2lab rl --ptx-data`) kept most of it in measured runs from this preset's "
-            "SFT model, at two to nine times RL's time, past this preset's 30 minutes (k2lab/pipeline/presets.py)")
+    ptx = (f"even with K2's PTX loss on the SFT conversations (weight {fmt(r.rl_ptx_weight)}, {r.rl_ptx_rows} rows "
+           f"of {r.rl_ptx_seq_len} tokens a step)" if r.rl_ptx_weight > 0 else
+           "without K2's PTX loss (the recipe's rl_ptx_weight is 0; the default preset's 0.1 kept most of it)")
+    return (f"RL here trains on calibration questions only, and tool calling faded {ptx}: tool-call F1 "
+            f"{fmt(sft)} (SFT) -> {fmt(rl)} (RL){back}. The `small` and `gpu` presets mix tool tasks into RL")
 
 
 def _stage_sections(res: dict, r: Recipe) -> list[str]:
@@ -266,10 +267,14 @@ def _stage_sections(res: dict, r: Recipe) -> list[str]:
     if "rl" in res:
         s = res["rl"]
         keys = ("reward", "accuracy", "hallucination_rate", "abstention_rate", "all_equal_groups",
-                "response_tokens", "entropy")
+                "response_tokens", "entropy", "ptx_loss")
+        ptx = (f" K2's PTX loss: {fmt(r.rl_ptx_weight)} x the cross-entropy of {r.rl_ptx_rows} packed rows of "
+               f"{r.rl_ptx_seq_len} tokens of the SFT conversations a step (ptx_loss), so RL on questions keeps "
+               "what SFT taught." if "ptx_loss_last" in s else "")
         lines += ["## RL (K1.5 objective; rollouts, mean of the first 3 and last 3 steps)", "",
-                  *_table(("metric", "first", "last"), [(k, s.get(f"{k}_first"), s.get(f"{k}_last")) for k in keys]),
-                  f"Steps: {s['steps']}.", ""]
+                  *_table(("metric", "first", "last"), [(k, s.get(f"{k}_first"), s.get(f"{k}_last")) for k in keys
+                                                        if f"{k}_last" in s]),
+                  f"Steps: {s['steps']}.{ptx}", ""]
     if "qat" in res:
         lines += _finetune_table("INT4 QAT (SFT data, fake-quantized experts)", res["qat"])
     if "qat" in res:

@@ -65,6 +65,11 @@ class Recipe:
     rl_lr: float = 2e-4
     rl_max_new_tokens: int = 48
     rl_max_turns: int = 2
+    # K2's PTX loss during RL: rl_ptx_weight x the cross-entropy of rl_ptx_rows packed rows of rl_ptx_seq_len
+    # tokens a step, from SFT's conversations (the kept synthesized trajectories); 0 turns it off
+    rl_ptx_weight: float = 0.1
+    rl_ptx_rows: int = 4
+    rl_ptx_seq_len: int = 1024
     # INT4 QAT: SFT data with fake-quantized routed experts, then the INT4 export
     qat_steps: int = 10
     qat_lr: float = 3e-4

@@ -165,10 +165,13 @@ def run_demo(run_dir: str | Path = "runs/demo", preset_name: str = "default") ->
         rl(RLSettings(checkpoint=str(sft_ckpt), env=r.rl_envs, max_steps=r.rl_steps, batch_size=r.rl_batch,
                       samples=r.rl_samples, lr=r.rl_lr, max_new_tokens=r.rl_max_new_tokens,
                       max_turns=r.rl_max_turns, seed=r.seed, eval_every=max(1, r.rl_steps),
-                      qk_clip_tau=r.qk_clip_tau, run_dir=str(run_dir / "rl")))
+                      qk_clip_tau=r.qk_clip_tau, run_dir=str(run_dir / "rl"),
+                      ptx_data=sft_files[0] if r.rl_ptx_weight > 0 else "",  # SFT's conversations
+                      ptx_weight=r.rl_ptx_weight, ptx_rows=r.rl_ptx_rows, ptx_seq_len=r.rl_ptx_seq_len))
         return loop_summary(run_dir / "rl", ("reward", "accuracy", "hallucination_rate", "abstention_rate",
-                                             "all_equal_groups", "response_tokens", "entropy"))
-    st.run("rl", f"RL on {', '.join(r.rl_env_names())} (K1.5 objective)", do_rl)
+                                             "all_equal_groups", "response_tokens", "entropy", "ptx_loss"))
+    st.run("rl", f"RL on {', '.join(r.rl_env_names())} (K1.5 objective"
+           + (", PTX loss on the SFT conversations)" if r.rl_ptx_weight > 0 else ")"), do_rl)
     rl_ckpt = checkpoint_dirs(run_dir / "rl")[-1]
     st.run("eval_rl", "evals of the RL model (served)", lambda: evaluate(rl_ckpt, run_dir / "evals" / "rl", r, run_dir))
 
