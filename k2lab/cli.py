@@ -410,8 +410,11 @@ def eval_calibration(
     """AA-Omniscience-style calibration: Omniscience Index, accuracy, hallucination rate per domain."""
     from k2lab.evals import calibration
 
+    problems = [f"--dataset {dataset}: no such file"] if dataset and not Path(dataset).is_file() else []
     if not judge_model and grader == "judge":
-        raise typer.BadParameter("give at least one --judge-model (or --grader rules)")
+        problems.append("give at least one --judge-model (or --grader rules)")
+    if problems:  # every wrong option at once, not one per attempt
+        raise typer.BadParameter("; ".join(problems))
     r = calibration.main(_settings(
         calibration.CalibrationSettings, judge_models=judge_model, dataset=dataset, model=model, base_url=base_url,
         api_key=api_key, judge_base_url=judge_base_url, judge_api_key=judge_api_key, run_dir=run_dir,

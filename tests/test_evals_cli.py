@@ -32,6 +32,18 @@ def test_eval_calibration_cli_uses_k2lab_env(tmp_path, monkeypatch):
     assert r["overall"]["omniscience_index"] == 0.0 and "Omniscience Index 0.0" in out.output
 
 
+def test_eval_calibration_names_every_wrong_option_at_once(tmp_path):
+    """A missing dataset and no judge are both named in one short message, not one per attempt."""
+    out = CliRunner().invoke(app, ["eval", "calibration", "--dataset", str(tmp_path / "nosuch.jsonl")])
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    said = " ".join(out.output.split())
+    assert "nosuch.jsonl: no such file" in said and "give at least one --judge-model" in said
+    out = CliRunner().invoke(app, ["eval", "calibration", "--dataset", str(tmp_path / "nosuch.jsonl"),
+                                   "--grader", "rules", "--run-dir", str(tmp_path / "run")])
+    assert out.exit_code == 2 and "no such file" in out.output and "judge" not in out.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_eval_toolcalls_cli_on_the_shipped_set(tmp_path, monkeypatch):
     rows = toolcall.load_dataset(toolcall.SEED_DATASET).rows
 
