@@ -354,7 +354,8 @@ def write_report(run_dir: Path, preset_name: str, r: Recipe, records: list[dict]
         "A tiny MoE model is pre-trained with MuonClip on Python source plus an invented encyclopedia, fine-tuned "
         "on synthesized tool-use trajectories, trained with RL ("
         + ("calibration questions only" if r.rl_env_names() == ["knowledge"]
-           else f"environments {', '.join(r.rl_env_names())}") + "), "
+           else f"environments {', '.join(r.rl_env_names())}")
+        + (", with K2's PTX loss on the SFT conversations" if r.rl_ptx_weight > 0 else "") + "), "
         "quantized to INT4 with QAT and served over the OpenAI API. What the run shows:", "",
         *summary, *[f"- limitation: {x}" for x in [*LIMITS, rl_tool_limit(res, r), copy_limit(res)] if x],
         *([f"- stages not finished yet: {', '.join(missing)}"] if missing else []), *progress, "",

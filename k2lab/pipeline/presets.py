@@ -28,7 +28,7 @@ class Recipe:
     encyclopedia_qa_format: str = "chat"
     encyclopedia_qa_entities: str = "half"
     tie_embeddings: bool = True
-    pretrain_steps: int = 800
+    pretrain_steps: int = 600
     pretrain_batch: int = 8
     pretrain_seq_len: int = 256
     pretrain_lr: float = 3e-3
@@ -39,7 +39,7 @@ class Recipe:
     synth_tasks: int = 1200  # over the six embedded domains, toolbox (generated tools) among them
     synth_domains: str = "embedded"
     # SFT
-    sft_steps: int = 200
+    sft_steps: int = 160
     sft_batch: int = 4
     sft_seq_len: int = 1024
     # lr 3e-4 (measured 2026-12-01 from this preset's base, seed 0, 60 held-out questions and tools): 4e-3 (what
@@ -59,7 +59,7 @@ class Recipe:
     # accuracy 33%, but RL took 27 min instead of 3 (32 PTX rows of 1,024 tokens a step); with `--ptx-rows 4` (one per
     # prompt) F1 0.69, hallucination 14% [4, 23], known 30%, in 6.5 min. Either is past this preset's 30 minutes
     rl_envs: str = "knowledge"
-    rl_steps: int = 48
+    rl_steps: int = 40
     rl_batch: int = 32
     rl_samples: int = 8
     rl_lr: float = 2e-4
