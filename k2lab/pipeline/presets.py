@@ -48,16 +48,15 @@ class Recipe:
     sft_lr: float = 3e-4
     sft_val_fraction: float = 0.05  # held out for the held-out loss and the in-process tool-call eval at the end
     sft_eval_max_new_tokens: int = 48
-    # RL: calibration (the knowledge domain), as experiments/post_training_calibration.py runs it: 48 steps of 4
-    # prompts x 8 samples at lr 2e-4. Measured from this preset's SFT model (2026-12-01, seed 0): hallucination
-    # 53% -> 12%, known accuracy 37% -> 30%, 162 s. With a quarter of the prompts tool tasks (toolbox), 24 steps
-    # took 292 s (a toolbox prompt costs ~10 s, a knowledge one ~1 s) and cut hallucination only to 46%. RL on
-    # knowledge alone drops tool calling (RL model F1 0.19); QAT, which continues on the SFT data, restores it
-    # (the report's INT4 row). The longer presets keep tool tasks in the mix. K2's PTX loss keeps it: this RL from
-    # the same SFT model with `--ptx-data` the SFT data, weight 0.1, one 1,024-token row per trajectory (2026-12-01,
-    # a scratch run, seed 0) ended with tool-call F1 0.82 (SFT 0.79), hallucination 18% [8, 29], known
-    # accuracy 33%, but RL took 27 min instead of 3 (32 PTX rows of 1,024 tokens a step); with `--ptx-rows 4` (one per
-    # prompt) F1 0.69, hallucination 14% [4, 23], known 30%, in 6.5 min. Either is past this preset's 30 minutes
+    # RL: calibration (the knowledge domain), as experiments/post_training_calibration.py runs it: 4 prompts x 8
+    # samples a step at lr 2e-4. Measured from the 800-step base's SFT model (2026-12-01, seed 0), 48 steps:
+    # hallucination 53% -> 12%, known accuracy 37% -> 30%, 162 s. With a quarter of the prompts tool tasks
+    # (toolbox), 24 steps took 292 s (a toolbox prompt costs ~10 s, a knowledge one ~1 s) and cut hallucination only
+    # to 46%. RL on knowledge alone dropped tool calling (RL model F1 0.79 -> 0.19); K2's PTX loss on the SFT data
+    # keeps it (below). The longer presets also keep tool tasks in the mix. PTX from the same SFT model, 48 steps
+    # (2026-12-01, seed 0): one 1,024-token row per trajectory (32 a step) F1 0.82, hallucination 18% [8, 29], known
+    # 33%, 27 min of RL; one per prompt (rows 4) F1 0.69, hallucination 14% [4, 23], known 30%, 4.9 min of steps
+    # (6.5 before the logged PTX loss came from the loss's own forward). The rows-4 setting is the default's
     rl_envs: str = "knowledge"
     rl_steps: int = 40
     rl_batch: int = 32
@@ -72,7 +71,10 @@ class Recipe:
     rl_ptx_seq_len: int = 1024
     # INT4 QAT: SFT data with fake-quantized routed experts, then the INT4 export
     qat_steps: int = 10
-    qat_lr: float = 3e-4
+    # 3e-5: QAT continues on the SFT data, so a larger rate pulls the model back to SFT's behaviour. From the same
+    # RL model (2026-12-01, seed 0; INT4 tool-call F1, hallucination): lr 3e-4 0.58 and 67% (calibration undone),
+    # 3e-5 0.76 and 29%, the RL model quantized without QAT (PTQ) 0.87 and 27%, the RL model itself 0.88 and 27%
+    qat_lr: float = 3e-5
     # evals after every stage that changes the model (base, SFT, RL, INT4)
     eval_max_tokens: int = 96  # tool-call and coding answers
     toolcall_items: int = 60  # held-out generated tools
@@ -111,7 +113,9 @@ PRESETS: dict[str, Recipe] = {
     # (16 steps of 4 prompts x 8), a fresh clone's `make run` took 19.8 min including the venv (stages 18.4 min:
     # pre-training 543 s, SFT 257 s, RL 141 s) and a rerun 4.7 s. With the tied, question-mixed base, SFT lr 3e-4
     # and 48 calibration RL steps (2026-12-01, AVX2 EPYC): 27.7 min including the venv (stages 25.2 min:
-    # pre-training 731 s, SFT 358 s, RL 182 s), a rerun 8.6 s
+    # pre-training 731 s, SFT 358 s, RL 182 s), a rerun 8.6 s. With PTX in RL (rows 4) that schedule took 33.9 min
+    # on a day this machine ran 12-16% slower (pre-training 842 s for the same 800 steps); with 600 / 160 / 40 steps
+    # it took 27.7 min (stages 25.6: pre-training 620 s, SFT 332 s, RL 296 s, QAT 73 s, evals 212 s), a rerun 9.9 s
     "default": Recipe(),
     # the `small` model, longer at every stage (hours on CPU)
     "small": Recipe(model="small", corpus_mb=13.0, pretrain_steps=1500, pretrain_batch=16, pretrain_seq_len=512,
@@ -129,6 +133,7 @@ PRESETS: dict[str, Recipe] = {
     # SFT steps on that base answer about half the held-out known questions (wrongly) and call tools (in-training
     # F1 1.0), which gives RL something to lower. With the tied, question-mixed base and knowledge-only RL
     # (2026-12-01): 20.9 min of stages, F1 0 -> 0.71 (INT4), hallucination 51% -> 0% by declining every question
+    # Since then it inherits the default's RL (40 steps, PTX) and QAT rate
     "reduced": Recipe(corpus_mb=3.5, pretrain_steps=400, synth_tasks=600, sft_steps=200, qat_steps=4,
                       calibration_items=40, agent_tasks=6, agreement_prompts=4, agreement_tokens=64),
 }
