@@ -123,6 +123,26 @@ def test_an_unfinished_run_reports_what_finished_and_where_training_stands(tmp_p
     assert "None" not in text and "## Tokenizer" in text
 
 
+@pytest.mark.parametrize("int4_rate, says_it", [(0.67, True), (0.29, False)])
+def test_the_report_says_when_qat_undid_the_calibration(tmp_path, int4_rate, says_it):
+    """An INT4 model that hallucinates beyond the RL model's interval is named a limitation (the 2026-12-01 run at
+    QAT lr 3e-4: 27% [15, 40] -> 67%); one inside it is not."""
+    import copy
+
+    records = copy.deepcopy(FIXTURE)
+    for rec in records:
+        if rec["name"] in ("eval_rl", "eval_int4"):
+            rate = 0.27 if rec["name"] == "eval_rl" else int4_rate
+            rec["result"]["calibration"].update(hallucination_rate=rate,
+                                                hallucination_rate_ci95=[rate - 0.12, rate + 0.13])
+    st = Stages(tmp_path)
+    for rec in records:
+        st.run(rec["name"], rec["title"], lambda rec=rec: rec["result"])
+    text = write_report(tmp_path, "default", PRESETS["default"], st.records(), 1.0).read_text()
+    line = "limitation: the INT4 model hallucinates more than the RL model it was made from: 67% [55, 80] against 27%"
+    assert (line in text) is says_it
+
+
 @pytest.mark.parametrize("repeat_nll, says_it", [(4.1, True), (0.3, False)])
 def test_the_report_says_when_the_base_does_not_copy_from_its_context(tmp_path, repeat_nll, says_it):
     """The pre-training record's copying probe (k2lab.evals.copying) is in its table, and the summary names the

@@ -199,6 +199,19 @@ def _share(x) -> str:
     return "n/a" if x is None else f"{x:.0%}"
 
 
+def qat_calibration_limit(res: dict) -> str | None:
+    """A summary line when the served INT4 model hallucinates more than the RL model it was made from, beyond the
+    RL model's 95% interval (QAT continues on the SFT data, which can pull the model back to SFT's behaviour)."""
+    rl, q = ((res.get(k) or {}).get("calibration") or {} for k in ("eval_rl", "eval_int4"))
+    ci = rl.get("hallucination_rate_ci95")
+    if q.get("hallucination_rate") is None or not ci or None in ci or q["hallucination_rate"] <= ci[1]:
+        return None
+    return (f"the INT4 model hallucinates more than the RL model it was made from: "
+            f"{pct(q['hallucination_rate'], q.get('hallucination_rate_ci95'))} against "
+            f"{pct(rl['hallucination_rate'], ci)}. INT4 QAT trains on the SFT conversations, which pulls the model "
+            "back toward SFT's answers; a lower `qat_lr` keeps more of RL's calibration (k2lab/pipeline/presets.py)")
+
+
 def copy_limit(res: dict) -> str | None:
     """A summary line when the pre-trained model does not copy from its context (and what that explains)."""
     c = (res.get("pretrain") or {}).get("copying")
@@ -357,7 +370,8 @@ def write_report(run_dir: Path, preset_name: str, r: Recipe, records: list[dict]
            else f"environments {', '.join(r.rl_env_names())}")
         + (", with K2's PTX loss on the SFT conversations" if r.rl_ptx_weight > 0 else "") + "), "
         "quantized to INT4 with QAT and served over the OpenAI API. What the run shows:", "",
-        *summary, *[f"- limitation: {x}" for x in [*LIMITS, rl_tool_limit(res, r), copy_limit(res)] if x],
+        *summary, *[f"- limitation: {x}" for x in [*LIMITS, rl_tool_limit(res, r), qat_calibration_limit(res),
+                                                        copy_limit(res)] if x],
         *([f"- stages not finished yet: {', '.join(missing)}"] if missing else []), *progress, "",
         "## Published claim | what this run measured", "",
         *(_table(("published claim", "what this run measured"), claims(res)) if claims(res)
