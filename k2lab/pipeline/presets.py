@@ -133,7 +133,8 @@ PRESETS: dict[str, Recipe] = {
     # SFT steps on that base answer about half the held-out known questions (wrongly) and call tools (in-training
     # F1 1.0), which gives RL something to lower. With the tied, question-mixed base and knowledge-only RL
     # (2026-12-01): 20.9 min of stages, F1 0 -> 0.71 (INT4), hallucination 51% -> 0% by declining every question
-    # Since then it inherits the default's RL (40 steps, PTX) and QAT rate
+    # Since then it inherits the default's RL (40 steps, PTX) and QAT rate: 21.8 min for the slow test (2026-12-01),
+    # F1 0 -> 0.62 (SFT) -> 0.60 (RL) -> 0.82 (INT4), hallucination 51% -> 11% (RL), 13% (INT4), abstentions 85%
     "reduced": Recipe(corpus_mb=3.5, pretrain_steps=400, synth_tasks=600, sft_steps=200, qat_steps=4,
                       calibration_items=40, agent_tasks=6, agreement_prompts=4, agreement_tokens=64),
 }
