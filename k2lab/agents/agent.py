@@ -216,7 +216,6 @@ def run_agent(task: str, llm: LLM, workspace: Path, mcp: list[str] = (), run_dir
     from k2lab.agents.tools import workspace_tools
 
     run_dir = Path(run_dir or f"runs/agent-{time.strftime('%Y%m%d-%H%M%S')}")
-    tracers: list[Tracer] = []
 
     def show(step: int, m: dict) -> None:
         calls = ", ".join(c["function"]["name"] for c in m.get("tool_calls") or [])
@@ -225,16 +224,15 @@ def run_agent(task: str, llm: LLM, workspace: Path, mcp: list[str] = (), run_dir
     async def go() -> AgentResult:
         async with llm, MCPTools(list(mcp)) as mcp_tools:
             # the run directory is made once the MCP servers are up: a command that cannot start leaves none
-            tracers.append(Tracer(run_dir / "trace.jsonl"))
-            agent = Agent("agent", llm, "You are a capable assistant. Use the tools when they help; the "
-                          "workspace is your working directory.", workspace_tools(Sandbox(workspace)) + mcp_tools,
-                          AgentLimits(max_steps=max_steps), tracers[0], sampling=sampling, on_message=show)
-            with tracers[0].span("run", "agent", task=task[:200]):
-                return await agent.run(task)
-    try:
-        res = asyncio.run(go())
-    finally:
-        for tracer in tracers:
-            tracer.close()
+            tracer = Tracer(run_dir / "trace.jsonl")
+            try:
+                agent = Agent("agent", llm, "You are a capable assistant. Use the tools when they help; the "
+                              "workspace is your working directory.", workspace_tools(Sandbox(workspace)) + mcp_tools,
+                              AgentLimits(max_steps=max_steps), tracer, sampling=sampling, on_message=show)
+                with tracer.span("run", "agent", task=task[:200]):
+                    return await agent.run(task)
+            finally:
+                tracer.close()
+    res = asyncio.run(go())
     write_json(run_dir / "result.json", res.summary().as_dict())
     return res
