@@ -113,6 +113,19 @@ def test_limits_stop_cleanly_with_partial_result(limits, reason):
     assert res.output.startswith("working on step")  # the partial result
 
 
+def test_an_output_cut_at_max_tokens_stops_the_agent_instead_of_completing_it():
+    """A reply that ran into max_tokens is no answer (a tool call cut there is dropped by the server, leaving
+    nothing): the agent stops and says why, keeping the partial text; after tool calls the same holds."""
+    cut = {"content": "The new levels are", "finish_reason": "length"}
+    for replies in ([cut], [{"tool_calls": [{"name": "probe", "arguments": {"q": "x"}}]}, cut]):
+        with ScriptedServer(scripted(replies)) as srv:
+            res = asyncio.run(make_agent(srv, [probe]).run("go"))
+        assert res.outcome == "stopped" and "cut at max_tokens" in res.reason, res
+        assert res.output == "The new levels are" and res.steps == len(replies)
+    with ScriptedServer(scripted([{"content": "The new levels are 48 and 3."}])) as srv:
+        assert asyncio.run(make_agent(srv, [probe]).run("go")).outcome == "completed"
+
+
 def test_wall_time_limit_and_hanging_tool():
     @tool
     async def hang() -> str:

@@ -126,6 +126,7 @@ class Agent:
         self.tracer, self.sampling = tracer, sampling or {}
         self.budget = budget or ToolBudget(limits.max_tool_calls)
         self.replay, self.on_message = list(replay), on_message  # resume: assistant messages already journaled
+        self._cut = False  # the last model call ended at max_tokens
 
     def _span(self, kind: str, name: str, **fields):
         return self.tracer.span(kind, name, agent=self.name, **fields) if self.tracer else nullcontext({})
@@ -166,6 +167,9 @@ class Agent:
                 res.output = message["content"]
             calls = message.get("tool_calls") or []
             if not calls:
+                if self._cut:  # not an answer: the output ran into max_tokens (a malformed call in it was dropped)
+                    return self._stop(res, "the model's output was cut at max_tokens before an answer or a "
+                                           "complete tool call; raise max_tokens")
                 return
             if res.tool_calls + len(calls) > lim.max_tool_calls or not self.budget.take(len(calls)):
                 return self._stop(res, f"tool call limit reached ({res.tool_calls} done, {len(calls)} more asked)")
@@ -188,11 +192,13 @@ class Agent:
     async def _model(self, res: AgentResult, specs: list[dict] | None) -> dict:
         step = res.steps
         res.steps += 1
+        self._cut = False
         if step < len(self.replay):  # resumed run: this step's decision is already in the journal
             return self.replay[step]
         with self._span("model", f"step {step}") as span:
             r = await self.llm.chat(res.messages, tools=specs, **self.sampling)
             span.update(r.usage, retries=r.retries, finish_reason=r.finish_reason)
+        self._cut = r.finish_reason == "length"
         res.usage.add(r.usage["prompt_tokens"], r.usage["completion_tokens"], r.retries, r.usage["cost_usd"])
         if self.on_message:
             self.on_message(step, r.message)
