@@ -113,12 +113,14 @@ def test_bad_input_is_one_line(inputs, tmp_path):
     not_jsonl.write_text("hello\n")
     no_answer = tmp_path / "q.jsonl"
     no_answer.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    cases = [(tmp_path / "missing.jsonl", "no such file"), (not_jsonl, "notes.txt:1: not JSON"),
-             (no_answer, "q.jsonl:1: no assistant message")]
-    for path, message in cases:
-        r = sft(ckpt, path, tmp_path / "run", "--max-steps", "2")
-        assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1
-        assert not (tmp_path / "run").exists()  # nothing claimed for a run that never started
-    r = sft(tmp_path, data, tmp_path / "run", "--max-steps", "2")
-    assert r.returncode == 1 and "not a checkpoint directory" in r.stderr
+    cases = [(ckpt, tmp_path / "missing.jsonl", "no such file"), (ckpt, not_jsonl, "notes.txt:1: not JSON"),
+             (ckpt, no_answer, "q.jsonl:1: no assistant message"), (tmp_path, data, "not a checkpoint directory")]
+    # the commands fail before any training, so they run side by side (each is mostly the interpreter's start)
+    procs = [subprocess.Popen(CLI + ["--checkpoint", str(c), "--data", str(d), "--run-dir", str(tmp_path / "run"),
+                                     *FAST, "--max-steps", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for c, d, _ in cases]
+    for (_, _, message), proc in zip(cases, procs):
+        _, err = proc.communicate(timeout=900)
+        assert proc.returncode == 1 and message in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # nothing claimed for a run that never started
