@@ -300,7 +300,8 @@ def parse_tool_calls_cmd(
 BASE_URL = typer.Option(None, metavar="URL",
                         help="OpenAI-compatible endpoint (default K2LAB_BASE_URL / OPENAI_BASE_URL)")
 API_KEY = typer.Option(None, metavar="KEY", help="its API key (default K2LAB_API_KEY / OPENAI_API_KEY)")
-MODEL = typer.Option(None, metavar="NAME", help="model name (default K2LAB_MODEL / OPENAI_MODEL)")
+MODEL = typer.Option(None, metavar="NAME",
+                     help="model name (default K2LAB_MODEL / OPENAI_MODEL, else the endpoint's only model)")
 MCP = typer.Option([], metavar="URL|COMMAND", help="an MCP server: a URL or a command line (repeatable)")
 CALL_MAX_TOKENS = typer.Option(None, "--max-tokens", min=1, metavar="N",
                                help="tokens one model call may generate (default: the endpoint's own limit; a model "
@@ -515,7 +516,8 @@ def synth(out: Path = typer.Option(..., help="run directory: kept.jsonl, rejecte
           mcp: list[str] = typer.Option([], help="LLM path: MCP server (URL or command line) whose tools are used"),
           tools_file: list[str] = typer.Option([], help="LLM path: OpenAI-format JSON file of tool definitions"),
           tasks_per_agent: int = typer.Option(4, help="LLM path: tasks the task writer writes per agent"),
-          model: str = typer.Option(None, help="LLM path: teacher/simulator model (default K2LAB_MODEL)"),
+          model: str = typer.Option(None, help="LLM path: teacher/simulator model (default K2LAB_MODEL, else "
+                                               "the endpoint's only model)"),
           judge_model: list[str] = typer.Option([], help="LLM path: judge model; repeat for judges that vote"),
           base_url: str = typer.Option(None, help="LLM path: endpoint (default K2LAB_BASE_URL)"),
           concurrency: int = typer.Option(8, help="LLM path: trajectories in flight"),

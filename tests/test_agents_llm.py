@@ -35,6 +35,37 @@ def test_env_fallback_and_errors(monkeypatch):
     assert LLM(model="arg").model == "arg"
 
 
+def test_with_no_model_named_the_endpoints_only_model_is_used(monkeypatch):
+    """`k2lab serve` serves one model: a client given only the URL asks /models and calls that one. An endpoint
+    listing several (or none), answering /models with an error, or not answering at all, is one clear error."""
+    from k2lab.agents.llm import EndpointError
+
+    for k in ("K2LAB_MODEL", "OPENAI_MODEL"):
+        monkeypatch.delenv(k, raising=False)
+    with ScriptedServer(echo, models=("k2lab-int4",)) as srv:
+        llm = LLM(base_url=srv.base_url, api_key="k")
+        assert llm.model == "k2lab-int4"
+
+        async def go():
+            async with llm:
+                return await llm.chat([{"role": "user", "content": "hi"}])
+        assert asyncio.run(go()).message["content"] == "echo:hi"
+        assert srv.stats.requests == 1
+        with pytest.raises(EndpointError, match=r"no model name configured, and .*/v1/nope/models does not list "
+                                                r"the served one \(HTTP Error 404.*--model NAME"):
+            LLM(base_url=srv.base_url.replace("/v1", "/v1/nope"))
+    for models, listed in ((("a", "b"), "lists 2 models: a, b;"), ((), "lists 0 models;")):
+        with ScriptedServer(echo, models=models) as srv, pytest.raises(EndpointError, match=listed + " pass --model"):
+            LLM(base_url=srv.base_url)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(EndpointError, match=f"cannot reach the model endpoint .*:{port}/v1: connection refused"):
+        LLM(base_url=f"http://127.0.0.1:{port}/v1")
+
+
 def test_chat_tool_calls_usage_and_cost():
     with ScriptedServer(echo) as srv:
         llm = LLM(base_url=srv.base_url, api_key="k", model="m", price_per_mtok=(1.0, 2.0))

@@ -116,7 +116,9 @@ def test_no_endpoint_configured(tmp_path, no_endpoint):
     fails(["agent", "hello", "--workspace", tmp_path], "no model endpoint configured", "--base-url",
           "K2LAB_BASE_URL")
     fails(["eval", "coding", "--model", "m", "--run-dir", tmp_path / "run"], "no model endpoint configured")
-    fails(["swarm", "hello", "--base-url", "http://127.0.0.1:1/v1"], "no model name configured", "--model")
+    # no model named: the endpoint is asked for its only one, and nothing answers there
+    fails(["swarm", "hello", "--base-url", "http://127.0.0.1:1/v1"], "cannot reach the model endpoint",
+          "connection refused", "k2lab serve")
 
 
 def test_unreachable_endpoint_fails_fast(tmp_path, closed_port, no_endpoint):

@@ -1,7 +1,8 @@
 """`LLM`: an async client for any OpenAI-compatible chat-completions endpoint (k2lab's server, vLLM, Moonshot).
 
 Endpoint, key and model come from the arguments, else `K2LAB_BASE_URL` / `K2LAB_API_KEY` / `K2LAB_MODEL`, else
-`OPENAI_BASE_URL` / `OPENAI_API_KEY` / `OPENAI_MODEL`. Every call has a timeout; 429, 5xx, timeouts and dropped
+`OPENAI_BASE_URL` / `OPENAI_API_KEY` / `OPENAI_MODEL`; with no model named, the endpoint's only model (its
+`/models` list, as `k2lab serve` serves one). Every call has a timeout; 429, 5xx, timeouts and dropped
 connections are retried with exponential backoff and full jitter (tenacity). An endpoint that cannot be connected
 to at all (connection refused, unknown host) is a setup mistake, not a transient fault: it raises `EndpointError`
 at once instead of being retried. A client-side concurrency limit
@@ -44,6 +45,31 @@ def unreachable(e: BaseException | None) -> str | None:
             return f"unknown host ({e.strerror})"
         e = e.__cause__ or e.__context__
     return None
+
+
+def served_model(base_url: str, api_key: str | None, timeout: float = 10.0) -> str:
+    """The model to call when none is configured: the endpoint's only one (GET /models), as `k2lab serve` serves
+    one; an endpoint that lists several (or none), or cannot list them, is an EndpointError naming what to set."""
+    import urllib.error
+    import urllib.request
+
+    url = base_url.rstrip("/") + "/models"
+    fix = "pass --model NAME or set K2LAB_MODEL (or OPENAI_MODEL)"
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            ids = [m["id"] for m in json.loads(r.read())["data"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:  # URLError and HTTPError are OSErrors
+        reason = getattr(e, "reason", None)
+        if why := unreachable(reason if isinstance(reason, BaseException) else e):
+            raise EndpointError(f"cannot reach the model endpoint {base_url}: {why}; start the server (k2lab "
+                                f"serve) or pass --base-url / set K2LAB_BASE_URL") from e
+        raise EndpointError(f"no model name configured, and {url} does not list the served one ({e}); {fix}") from e
+    if len(ids) != 1:
+        shown = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+        raise EndpointError(f"no model name configured, and {url} lists {len(ids)} models"
+                            f"{': ' + shown if ids else ''}; {fix}")
+    return ids[0]
 
 
 def _retryable(e: BaseException) -> bool:
@@ -136,7 +162,7 @@ class LLM:
             raise EndpointError("no model endpoint configured; pass --base-url URL or set K2LAB_BASE_URL "
                                 "(or OPENAI_BASE_URL), e.g. http://127.0.0.1:8000/v1 for `k2lab serve`")
         if not self.model:
-            raise EndpointError("no model name configured; pass --model NAME or set K2LAB_MODEL (or OPENAI_MODEL)")
+            self.model = served_model(self.base_url, self.api_key)
         if max_concurrency < 1 or max_retries < 0 or timeout <= 0:
             raise ValueError(f"LLM: need max_concurrency >= 1, max_retries >= 0, timeout > 0; got "
                              f"{max_concurrency}, {max_retries}, {timeout}")

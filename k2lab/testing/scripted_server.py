@@ -185,8 +185,8 @@ class ScriptedServer:
     """Background-thread HTTP server; use as a context manager. `base_url` ends in /v1."""
 
     def __init__(self, handler: Callable[[ScriptedRequest], dict], latency: float = 0.0,
-                 faults: Faults | None = None):
-        self.handler, self.latency, self.faults = handler, latency, faults
+                 faults: Faults | None = None, models: tuple[str, ...] = ("scripted",)):
+        self.handler, self.latency, self.faults, self.models = handler, latency, faults, models
         self.stats = ServerStats()
         self._lock = threading.Lock()
         app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"]),
@@ -224,7 +224,8 @@ class ScriptedServer:
         self.stop()
 
     async def _models(self, request: Request) -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [{"id": "scripted", "object": "model", "owned_by": "k2lab"}]})
+        return JSONResponse({"object": "list", "data": [{"id": m, "object": "model", "owned_by": "k2lab"}
+                                                        for m in self.models]})
 
     async def _chat(self, request: Request):
         body = await request.json()

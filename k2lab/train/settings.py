@@ -202,7 +202,8 @@ class RLSettings(TrainSettings):
     ptx_rows: int = option(0, "PTX: packed rows a step (0: one per trajectory, --batch-size); fewer cost less, "
                               "e.g. one per prompt (--batch-size / --samples)")
     critic_url: str = option("", "self-critique rubric reward: OpenAI-compatible critic endpoint (off when empty)")
-    critic_model: str = option("", "self-critique rubric reward: the critic's model name (default K2LAB_MODEL)")
+    critic_model: str = option("", "self-critique rubric reward: the critic's model name (default K2LAB_MODEL, "
+                                   "else the endpoint's only model)")
     critic_weight: float = option(1.0, "self-critique rubric reward: weight of the group win rate in the reward")
     lr: float = option(3e-4, "peak learning rate")
     max_steps: int = option(50, "optimizer steps (one rollout batch each); a larger value continues a finished run")
