@@ -613,7 +613,7 @@ def quantize(checkpoint: str = typer.Option(..., metavar="DIR", help="full-preci
     """Post-training INT4 quantization of the routed experts (compressed-tensors pack-quantized)."""
     from k2lab.report import quantize_summary
 
-    typer.echo(quantize_summary(checkpoint, out))
+    typer.echo(_user_errors(lambda: quantize_summary(checkpoint, out)))
 
 
 def main() -> None:

@@ -79,12 +79,15 @@ def test_cli_quantize_and_qat_resume(fp_ckpt):
     assert not torch.equal(qat.lm_head.weight, ptq.lm_head.weight)  # it trained
 
 
-def test_cli_qat_refuses_an_int4_checkpoint(fp_ckpt):
+def test_cli_qat_and_quantize_refuse_an_int4_checkpoint(fp_ckpt):
     runner = CliRunner()
     runner.invoke(app, ["quantize", "--checkpoint", str(fp_ckpt / "fp"), "--out", str(fp_ckpt / "ptq")])
     res = runner.invoke(app, ["qat", "--checkpoint", str(fp_ckpt / "ptq"), "--run-dir", str(fp_ckpt / "r"),
                               "--max-steps", "1"])
     assert res.exit_code == 1 and "already INT4" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["quantize", "--checkpoint", str(fp_ckpt / "ptq"), "--out", str(fp_ckpt / "q2")])
+    assert res.exit_code == 1 and not isinstance(res.exception, ValueError), res.exception  # no traceback
+    assert res.output.startswith("error: ") and "already INT4" in res.output and not (fp_ckpt / "q2").exists()
 
 
 def test_pretrain_qat_mode_trains_through_int4_experts(tmp_path):
