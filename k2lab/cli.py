@@ -246,7 +246,8 @@ def tokenizer_train(
     from k2lab.tokenizer import train_tokenizer
 
     t0 = time.perf_counter()
-    tok = train_tokenizer(vocab_size, paths or None, out_dir=out, max_bytes=max_bytes, show_progress=True)
+    tok = _user_errors(lambda: train_tokenizer(vocab_size, paths or None, out_dir=out, max_bytes=max_bytes,
+                                               show_progress=True))
     typer.echo(f"vocab {tok.vocab_size} ({tok.vocab_size - 256} BPE ranks + 256 special) in "
                f"{time.perf_counter() - t0:.1f}s -> {out}")
 
@@ -487,7 +488,7 @@ def eval_coding(
 def review(
     run_dir: str = typer.Argument(..., metavar="RUN_DIR", help="a calibration or synth run directory"),
     web: bool = typer.Option(False, help="serve the local review page instead of the terminal UI"),
-    host: str = typer.Option("127.0.0.1", metavar="HOST"), port: int = typer.Option(8765, metavar="PORT"),
+    host: str = typer.Option("127.0.0.1", metavar="HOST"), port: int = typer.Option(8765, min=1, max=65535, metavar="PORT"),
     reviewer: str = typer.Option("human", metavar="NAME", help="name stored with each review"),
 ) -> None:
     """Accept or overrule judge grades; metrics and judge-human agreement are recomputed."""
@@ -558,7 +559,7 @@ def synth(out: Path = typer.Option(..., help="run directory: kept.jsonl, rejecte
 def serve_cmd(
     checkpoint: str = typer.Option(..., "--checkpoint", help="checkpoint directory (weights + tokenizer files)"),
     host: str = typer.Option("127.0.0.1", help="interface to bind"),
-    port: int = typer.Option(8000, help="TCP port"),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port"),
     api_key: str = typer.Option(None, "--api-key", envvar="K2LAB_API_KEY", help="require `Authorization: Bearer KEY`"),
     max_len: int = typer.Option(4096, help="tokens per request (prompt + output)"),
     cache_mb: int = typer.Option(512, help="latent-cache budget in MiB (slots = budget / (max_len x bytes per token))"),

@@ -112,6 +112,14 @@ def test_missing_corpus_file(tmp_path):
     fails(["pretrain", "--data", missing, "--run-dir", tmp_path / "run", "--max-steps", "100"], missing)
 
 
+def test_out_of_range_numbers(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text " * 100)
+    fails(["tokenizer", "train", "--vocab-size", "10", "--out", tmp_path / "tok", corpus], "vocab_size 10 too small")
+    assert not (tmp_path / "tok").exists()
+    fails(["serve", "--checkpoint", tmp_path, "--port", "99999"], "--port", code=2)  # before any model loads
+
+
 def test_no_endpoint_configured(tmp_path, no_endpoint):
     fails(["agent", "hello", "--workspace", tmp_path], "no model endpoint configured", "--base-url",
           "K2LAB_BASE_URL")
