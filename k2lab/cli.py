@@ -488,7 +488,8 @@ def eval_coding(
 def review(
     run_dir: str = typer.Argument(..., metavar="RUN_DIR", help="a calibration or synth run directory"),
     web: bool = typer.Option(False, help="serve the local review page instead of the terminal UI"),
-    host: str = typer.Option("127.0.0.1", metavar="HOST"), port: int = typer.Option(8765, min=1, max=65535, metavar="PORT"),
+    host: str = typer.Option("127.0.0.1", metavar="HOST"),
+    port: int = typer.Option(8765, min=1, max=65535, metavar="PORT"),
     reviewer: str = typer.Option("human", metavar="NAME", help="name stored with each review"),
 ) -> None:
     """Accept or overrule judge grades; metrics and judge-human agreement are recomputed."""

@@ -50,7 +50,6 @@ def unreachable(e: BaseException | None) -> str | None:
 def served_model(base_url: str, api_key: str | None, timeout: float = 10.0) -> str:
     """The model to call when none is configured: the endpoint's only one (GET /models), as `k2lab serve` serves
     one; an endpoint that lists several (or none), or cannot list them, is an EndpointError naming what to set."""
-    import urllib.error
     import urllib.request
 
     url = base_url.rstrip("/") + "/models"

@@ -78,7 +78,8 @@ async def agent_task(llm: LLM, task, max_steps: int, max_tokens: int) -> dict:
     finally:
         env.close()
     return {"task_id": task.task_id, "domain": task.domain, "request": task.turns[0], "outcome": res.outcome,
-            "reason": res.reason, "steps": res.steps, "tool_calls": res.tool_calls, "answer": (res.output or "")[:300],
+            "reason": res.reason, "steps": res.steps, "tool_calls": res.tool_calls,
+            "answer": (res.output or "")[:300],
             "success": all(v["passed"] for v in verdicts), "verdicts": verdicts}
 
 
