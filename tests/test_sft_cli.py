@@ -27,9 +27,12 @@ def inputs(tmp_path_factory, tok_dir):
     return sft_checkpoint_and_data(tmp_path_factory.mktemp("sft"), tok_dir)
 
 
+def sft_argv(ckpt, data, run_dir, *args) -> list[str]:
+    return CLI + ["--checkpoint", str(ckpt), "--data", str(data), "--run-dir", str(run_dir), *FAST, *args]
+
+
 def sft(ckpt, data, run_dir, *args, **kw):
-    return subprocess.run(CLI + ["--checkpoint", str(ckpt), "--data", str(data), "--run-dir", str(run_dir),
-                                 *FAST, *args], capture_output=True, text=True, timeout=900, **kw)
+    return subprocess.run(sft_argv(ckpt, data, run_dir, *args), capture_output=True, text=True, timeout=900, **kw)
 
 
 def test_sft_end_to_end_with_heldout_loss_and_toolcall_eval(inputs, tmp_path):
@@ -116,9 +119,8 @@ def test_bad_input_is_one_line(inputs, tmp_path):
     cases = [(ckpt, tmp_path / "missing.jsonl", "no such file"), (ckpt, not_jsonl, "notes.txt:1: not JSON"),
              (ckpt, no_answer, "q.jsonl:1: no assistant message"), (tmp_path, data, "not a checkpoint directory")]
     # the commands fail before any training, so they run side by side (each is mostly the interpreter's start)
-    procs = [subprocess.Popen(CLI + ["--checkpoint", str(c), "--data", str(d), "--run-dir", str(tmp_path / "run"),
-                                     *FAST, "--max-steps", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for c, d, _ in cases]
+    procs = [subprocess.Popen(sft_argv(c, d, tmp_path / "run", "--max-steps", "2"), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for c, d, _ in cases]
     for (_, _, message), proc in zip(cases, procs):
         _, err = proc.communicate(timeout=900)
         assert proc.returncode == 1 and message in err and "Traceback" not in err, err

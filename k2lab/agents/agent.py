@@ -126,7 +126,6 @@ class Agent:
         self.tracer, self.sampling = tracer, sampling or {}
         self.budget = budget or ToolBudget(limits.max_tool_calls)
         self.replay, self.on_message = list(replay), on_message  # resume: assistant messages already journaled
-        self._cut = False  # the last model call ended at max_tokens
 
     def _span(self, kind: str, name: str, **fields):
         return self.tracer.span(kind, name, agent=self.name, **fields) if self.tracer else nullcontext({})
@@ -161,13 +160,13 @@ class Agent:
             if res.usage.total_tokens >= lim.max_tokens:
                 return self._stop(res, f"max_tokens {lim.max_tokens} reached ({res.usage.total_tokens} used)")
             fit_context(res.messages, lim.context_tokens)
-            message = await self._model(res, specs)
+            message, cut = await self._model(res, specs)
             res.messages.append(message)
             if message.get("content"):
                 res.output = message["content"]
             calls = message.get("tool_calls") or []
             if not calls:
-                if self._cut:  # not an answer: the output ran into max_tokens (a malformed call in it was dropped)
+                if cut:  # not an answer: the output ran into max_tokens (a malformed call in it was dropped)
                     return self._stop(res, "the model's output was cut at max_tokens before an answer or a "
                                            "complete tool call; raise max_tokens")
                 return
@@ -189,20 +188,19 @@ class Agent:
             if stop:
                 return self._stop(res, stop)
 
-    async def _model(self, res: AgentResult, specs: list[dict] | None) -> dict:
+    async def _model(self, res: AgentResult, specs: list[dict] | None) -> tuple[dict, bool]:
+        """The step's assistant message, and whether the model's output was cut at max_tokens."""
         step = res.steps
         res.steps += 1
-        self._cut = False
         if step < len(self.replay):  # resumed run: this step's decision is already in the journal
-            return self.replay[step]
+            return self.replay[step], False
         with self._span("model", f"step {step}") as span:
             r = await self.llm.chat(res.messages, tools=specs, **self.sampling)
             span.update(r.usage, retries=r.retries, finish_reason=r.finish_reason)
-        self._cut = r.finish_reason == "length"
         res.usage.add(r.usage["prompt_tokens"], r.usage["completion_tokens"], r.retries, r.usage["cost_usd"])
         if self.on_message:
             self.on_message(step, r.message)
-        return r.message
+        return r.message, r.finish_reason == "length"
 
     async def _tool(self, call: dict, step: int) -> str:
         name = call["function"]["name"]
