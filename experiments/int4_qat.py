@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -40,6 +41,7 @@ from k2lab.quant.qat import enable_qat_  # noqa: E402
 from k2lab.train.loop import token_losses, train  # noqa: E402
 from k2lab.train.metrics import read_metrics  # noqa: E402
 from k2lab.train.settings import TrainSettings  # noqa: E402
+from k2lab.train.sft import distill_losses  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -147,11 +149,7 @@ def main() -> None:
     fit("fp", fp, args.base_steps, args.lr, 0, schedule="cosine")
     fp.requires_grad_(False)
 
-    def distill(student, tokens):  # KL(FP teacher || student) per next-byte position: [B, T]
-        with torch.no_grad():
-            teacher = F.log_softmax(fp(tokens[:, :-1]).float(), -1)
-        student_logp = F.log_softmax(student(tokens[:, :-1]).float(), -1)
-        return (teacher.exp() * (teacher - student_logp)).sum(-1)
+    distill = functools.partial(distill_losses, fp)  # KL(FP teacher || student) per next-byte position: [B, T]
 
     continued = {}
     for name, qat_on, loss_fn in [("qat", True, token_losses), ("qat-kd", True, distill), ("fp+", False, token_losses)]:

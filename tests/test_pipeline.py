@@ -123,6 +123,46 @@ def test_an_unfinished_run_reports_what_finished_and_where_training_stands(tmp_p
     assert "None" not in text and "## Tokenizer" in text
 
 
+def test_a_stage_whose_training_finished_is_not_trained_again(tmp_path):
+    """`make run` stopped after a stage's training but before its record (QAT's quantize and agreement take about a
+    minute) resumes: the finished run is not handed to the loop again, which refuses a finished run."""
+    import torch
+
+    from k2lab.pipeline.recipe import train_once
+    from k2lab.train.loop import train
+    from k2lab.train.settings import TrainSettings
+    from tests.conftest import random_model, tiny_config
+
+    s = TrainSettings(batch_size=2, max_steps=2, lr=1e-3, optimizer="adamw", eval_every=2)
+    batches = lambda step: {"tokens": torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(step))}
+    run = lambda: train(s, tmp_path, lambda: random_model(tiny_config()), batches)
+    last = train_once(tmp_path, 2, run)
+    assert last["step"] == 2
+    with pytest.raises(RunDirError, match="already finished"):
+        run()  # what the rerun did before
+    assert train_once(tmp_path, 2, run) == last  # the logged record, not a new run
+    called = []
+    assert train_once(tmp_path, 3, lambda: called.append(1)) == {} and called == [1]
+
+
+def test_the_report_shows_qat_by_self_distillation_against_ptq(tmp_path):
+    """A QAT stage that distilled the RL model (tests/fixtures/qat_distill_stage.json: the record of that stage in
+    a default run, 2026-12-01) is reported as such: its losses are KL, and the INT4 export is compared with the RL
+    model by held-out KL and greedy agreement beside PTQ's."""
+    distilled = json.loads((Path(__file__).parent / "fixtures" / "qat_distill_stage.json").read_text())
+    st = Stages(tmp_path)
+    for rec in FIXTURE:
+        st.run(rec["name"], rec["title"], lambda rec=distilled if rec["name"] == "qat" else rec: rec["result"])
+    text = write_report(tmp_path, "default", PRESETS["default"], st.records(), 1.0).read_text()
+    kl = distilled["result"]["heldout_kl"]
+    assert "## INT4 QAT (self-distillation from the RL model" in text and "not cross-entropy" in text
+    assert f"| QAT | {kl['rows']} | {kl['tokens']} | {kl['qat']:.3g} |" in text
+    assert f"| PTQ (the RL model quantized without QAT) | {kl['rows']} | {kl['tokens']} | {kl['ptq']:.3g} |" in text
+    assert f"held-out KL from the RL model: QAT-INT4 {kl['qat']:.3g}, PTQ-INT4 {kl['ptq']:.3g}" in text
+    assert "greedy agreement QAT-INT4 vs the RL model" in text and "INT4 export vs the RL model it distilled" in text
+    assert "None" not in text and "nan" not in text.lower()
+
+
 @pytest.mark.parametrize("int4_rate, says_it", [(0.67, True), (0.29, False)])
 def test_the_report_says_when_qat_undid_the_calibration(tmp_path, int4_rate, says_it):
     """An INT4 model that hallucinates beyond the RL model's interval is named a limitation (the 2026-12-01 run at

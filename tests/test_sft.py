@@ -176,6 +176,27 @@ def test_loop_loss_is_masked_cross_entropy_per_conversation(model):
     assert losses[-1] < losses[0] - 0.1
 
 
+@torch.no_grad()
+def test_distill_loss_is_the_kl_from_the_teacher_per_conversation(model):
+    """--distill's per-token loss: KL(teacher || model) of the next-token distributions, each packed conversation
+    computed as if alone, 0 where the model is the teacher."""
+    from k2lab.train.sft import distill_losses
+
+    student = random_model(tiny_config(), seed=4)
+    docs = random_docs([6, 9, 4], seed=5)
+    packed = pack(docs, seq_len=20, pad_id=511)
+    batch = batches_from(packed, batch_size=1, seed=0)(0)
+    losses = distill_losses(model, student, batch["tokens"], batch["document_ids"])[0]
+    for doc, (ids, _) in enumerate(docs):
+        p = F.log_softmax(model(torch.tensor([ids]))[0, :-1], -1)
+        q = F.log_softmax(student(torch.tensor([ids]))[0, :-1], -1)
+        by_hand = F.kl_div(q, p, log_target=True, reduction="none").sum(-1)  # sum p (log p - log q)
+        cols = (batch["document_ids"][0, 1:] == doc) & (batch["document_ids"][0, :-1] == doc)
+        torch.testing.assert_close(losses[cols.nonzero()[:, 0]], by_hand, atol=1e-5, rtol=1e-4)
+    assert losses.min() > 0
+    assert distill_losses(model, model, batch["tokens"], batch["document_ids"]).abs().max() < 1e-5
+
+
 def test_packing_drops_what_does_not_fit_and_reports_it():
     packed = pack(random_docs([4, 30, 6]), seq_len=10, pad_id=511)
     assert packed.dropped == [1] and packed.input_ids.shape == (1, 10) and packed.fill == 1.0

@@ -159,9 +159,12 @@ def claims(res: dict) -> list[tuple[str, str]]:
                                                               f"({p['head_clips_total']} head clips)" if acted
                                                               else "never acted (logits stayed below tau)")))
     if q and rl and f:
-        a, b = q["qat_agreement"], q["ptq_agreement"]
+        a, b, kl = q["qat_agreement"], q["ptq_agreement"], q.get("heldout_kl")
+        reference = "the RL model" if q.get("distill") else "its full-precision weights"
         rows.append(("K2 Thinking: INT4 QAT is lossless",
-                     f"greedy agreement QAT-INT4 vs its full-precision weights {pct(a['token_agreement'])}, "
+                     (f"held-out KL from the RL model: QAT-INT4 {kl['qat']:.3g}, PTQ-INT4 {kl['ptq']:.3g} "
+                      f"nats/token ({kl['tokens']} assistant tokens); " if kl else "") +
+                     f"greedy agreement QAT-INT4 vs {reference} {pct(a['token_agreement'])}, "
                      f"PTQ-INT4 vs RL weights {pct(b['token_agreement'])} ({a['prompts']} prompts x "
                      f"{a['tokens_per_prompt']} tokens); tool-call F1 RL {fmt(rl['toolcalls']['trigger_f1'])} vs "
                      f"INT4 {fmt(f['toolcalls']['trigger_f1'])}"))
@@ -208,8 +211,11 @@ def qat_calibration_limit(res: dict) -> str | None:
         return None
     return (f"the INT4 model hallucinates more than the RL model it was made from: "
             f"{pct(q['hallucination_rate'], q.get('hallucination_rate_ci95'))} against "
-            f"{pct(rl['hallucination_rate'], ci)}. INT4 QAT trains on the SFT conversations, which pulls the model "
-            "back toward SFT's answers; a lower `qat_lr` keeps more of RL's calibration (k2lab/pipeline/presets.py)")
+            f"{pct(rl['hallucination_rate'], ci)}. " +
+            ("QAT distilled the RL model, so this is what quantizing lost; more `qat_steps` may recover it "
+             if (res.get("qat") or {}).get("distill") else
+             "INT4 QAT trains on the SFT conversations, which pulls the model back toward SFT's answers; "
+             "`qat_distill` or a lower `qat_lr` keeps more of RL's calibration ") + "(k2lab/pipeline/presets.py)")
 
 
 def copy_limit(res: dict) -> str | None:
@@ -289,10 +295,22 @@ def _stage_sections(res: dict, r: Recipe) -> list[str]:
                                                         if f"{k}_last" in s]),
                   f"Steps: {s['steps']}.{ptx}", ""]
     if "qat" in res:
-        lines += _finetune_table("INT4 QAT (SFT data, fake-quantized experts)", res["qat"])
-    if "qat" in res:
+        q = res["qat"]
+        lines += _finetune_table("INT4 QAT (self-distillation from the RL model on the SFT conversations, "
+                                 "fake-quantized experts)" if q.get("distill") else
+                                 "INT4 QAT (SFT data, fake-quantized experts)", q)
+        if q.get("distill"):
+            lines += ["The losses above are KL(RL model || model being trained) per assistant token, not "
+                      "cross-entropy: QAT learns to make up for what quantizing loses, not the conversations.", ""]
+        if kl := q.get("heldout_kl"):
+            lines += ["### INT4 vs full precision: KL from the RL model on held-out SFT rows", "",
+                      *_table(("INT4 checkpoint", "held-out rows", "assistant tokens", "KL (nats/token)"),
+                              [("QAT", kl["rows"], kl["tokens"], f"{kl['qat']:.3g}"),
+                               ("PTQ (the RL model quantized without QAT)", kl["rows"], kl["tokens"],
+                                f"{kl['ptq']:.3g}")])]
         rows = []
-        for name, a in (("QAT: INT4 export vs its full-precision weights", res["qat"]["qat_agreement"]),
+        for name, a in (("QAT: INT4 export vs the RL model it distilled" if q.get("distill") else
+                         "QAT: INT4 export vs its full-precision weights", res["qat"]["qat_agreement"]),
                         ("PTQ: RL model quantized without QAT vs the RL model", res["qat"]["ptq_agreement"])):
             rows.append((name, f"{a['prompts']} x {a['tokens_per_prompt']}", pct(a["token_agreement"]),
                          a["mean_tokens_until_first_difference"]))

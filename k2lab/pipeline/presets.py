@@ -69,12 +69,18 @@ class Recipe:
     rl_ptx_weight: float = 0.1
     rl_ptx_rows: int = 4
     rl_ptx_seq_len: int = 1024
-    # INT4 QAT: SFT data with fake-quantized routed experts, then the INT4 export
+    # INT4 QAT: fake-quantized routed experts on the SFT conversations, then the INT4 export. With qat_distill (QAT by
+    # self-distillation, k2lab.train.sft) the loss is the KL from the RL model's next-token distributions and only the
+    # routed experts train; cross-entropy on the conversations pulled the model back toward SFT's behaviour. From the
+    # same RL model (2026-12-01, seed 0; INT4 tool-call F1 and hallucination; the RL model 0.88 and 27%, PTQ 0.87
+    # and 27%): cross-entropy, all weights, 10 steps: lr 3e-4 0.58 and 67%, 3e-5 0.77 and 29%. Distillation, 10
+    # steps, held-out KL from the RL model on 12 SFT rows (PTQ: 0.00328 nats/token): all weights at lr 1e-5 0.00313,
+    # at 3e-5 and above worse than PTQ (AdamW steps on weights already at the teacher only add noise); experts only
+    # at 1e-5 0.00306, 3e-5 0.00297, 1e-4 0.00354, 3e-4 0.00832; experts only with the router biases kept (as
+    # --distill trains now) at 3e-5 0.00256, 1e-4 0.00262
     qat_steps: int = 10
-    # 3e-5: QAT continues on the SFT data, so a larger rate pulls the model back to SFT's behaviour. From the same
-    # RL model (2026-12-01, seed 0; INT4 tool-call F1, hallucination): lr 3e-4 0.58 and 67% (calibration undone),
-    # 3e-5 0.76 and 29%, the RL model quantized without QAT (PTQ) 0.87 and 27%, the RL model itself 0.88 and 27%
     qat_lr: float = 3e-5
+    qat_distill: bool = True
     # evals after every stage that changes the model (base, SFT, RL, INT4)
     eval_max_tokens: int = 96  # tool-call and coding answers
     toolcall_items: int = 60  # held-out generated tools
@@ -89,6 +95,7 @@ class Recipe:
     swarm_tasks: int = 2  # requests the swarm's orchestrator may hand to sub-agents
     agreement_prompts: int = 8  # INT4 vs full precision: greedy continuations of this many prompts
     agreement_tokens: int = 128  # ... this many tokens each
+    kl_rows: int = 12  # INT4 vs full precision: KL on this many held-out packed SFT rows (1,024 tokens each)
     serve_max_len: int = 2048
     device: str = "cpu"  # informational: the training loop picks the accelerator when there is one
 

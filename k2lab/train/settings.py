@@ -148,9 +148,15 @@ class SftSettings(TrainSettings):
                                               "with expect (default: the held-out conversations' first turns)")
     thinking: bool = option(False, "render with K2.6 thinking on (reasoning trained) instead of off, as RL "
                                    "episodes render and eval requests ask with chat_template_kwargs")
+    distill: bool = option(False, "with --qat: QAT by self-distillation, the loss is the KL from the starting "
+                                  "checkpoint's next-token distributions (a frozen copy) instead of the cross-entropy "
+                                  "of the data's tokens, and only the routed experts' weights train (no router-bias "
+                                  "updates), so QAT recovers what quantizing loses without pulling the model toward "
+                                  "the data")
     run_dir: str = option("runs/sft", "run directory; a rerun resumes from its last checkpoint")
 
     CONTROL = (*TrainSettings.CONTROL, "run_dir")
+    ADDED = {"distill": False}
 
     def check(self) -> None:
         super().check()
@@ -161,6 +167,9 @@ class SftSettings(TrainSettings):
         if self.seq_len < 2 or not 0 <= self.val_fraction < 1 or self.eval_max_new_tokens < 1:
             raise ValueError(f"need seq_len >= 2 ({self.seq_len}), 0 <= val_fraction < 1 ({self.val_fraction}), "
                              f"eval_max_new_tokens >= 1 ({self.eval_max_new_tokens})")
+        if self.distill and not self.qat:
+            raise ValueError("--distill trains toward the starting checkpoint, which the model already is without "
+                             "--qat; add --qat (QAT by self-distillation) or drop --distill")
 
     def identity(self) -> dict:
         """What makes two runs the same run: every setting but run control."""
