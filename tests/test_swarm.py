@@ -264,17 +264,22 @@ def test_cli_max_tokens_and_temperature_reach_the_requests(tmp_path):
         bodies.append(req.body)
         return {"content": "done"}
 
+    runs = [(cmd, extra, flags) for cmd, extra in [("agent", ["--workspace", str(tmp_path / "ws")]), ("swarm", [])]
+            for flags in (["--max-tokens", "9", "--temperature", "0"], [])]
     with ScriptedServer(reply) as srv:
         env = {**os.environ, "K2LAB_BASE_URL": srv.base_url, "K2LAB_API_KEY": "k", "K2LAB_MODEL": "m"}
-        for i, (cmd, extra) in enumerate([("agent", ["--workspace", str(tmp_path / "ws")]), ("swarm", [])]):
-            for flags in (["--max-tokens", "9", "--temperature", "0"], []):
-                bodies.clear()
-                out = subprocess.run([sys.executable, "-m", "k2lab.cli", cmd, "say done", *extra, *flags,
-                                      "--run-dir", str(tmp_path / f"{cmd}{len(flags)}")],
-                                     env=env, capture_output=True, text=True, timeout=120)
-                assert out.returncode == 0 and "outcome: completed" in out.stdout, out.stderr[-2000:]
-                got = {(b.get("max_tokens"), b.get("temperature")) for b in bodies}
-                assert got == ({(9, 0.0)} if flags else {(None, None)}), (cmd, flags, got)
-    bad = subprocess.run([sys.executable, "-m", "k2lab.cli", "agent", "x", "--max-tokens", "0"],
-                         capture_output=True, text=True, timeout=60)
+        # the four runs at once (each is mostly the interpreter's start); run i's task names it, so each request
+        # body is told apart by its messages
+        procs = [subprocess.Popen([sys.executable, "-m", "k2lab.cli", cmd, f"say done (run {i})", *extra, *flags,
+                                   "--run-dir", str(tmp_path / f"{cmd}{len(flags)}")], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i, (cmd, extra, flags) in enumerate(runs)]
+        bad = subprocess.run([sys.executable, "-m", "k2lab.cli", "agent", "x", "--max-tokens", "0"],
+                             capture_output=True, text=True, timeout=60)
+        outs = [p.communicate(timeout=120) for p in procs]
     assert bad.returncode == 2 and "--max-tokens" in bad.stderr and "Traceback" not in bad.stderr
+    for i, ((cmd, _, flags), proc, (out, err)) in enumerate(zip(runs, procs, outs)):
+        assert proc.returncode == 0 and "outcome: completed" in out, err[-2000:]
+        mine = [b for b in bodies if f"(run {i})" in json.dumps(b["messages"])]
+        got = {(b.get("max_tokens"), b.get("temperature")) for b in mine}
+        assert mine and got == ({(9, 0.0)} if flags else {(None, None)}), (cmd, flags, got)

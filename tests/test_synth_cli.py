@@ -53,14 +53,22 @@ def test_output_renders_parses_back_and_validates(tmp_path):
     assert sum(d["trajectories"] for d in card["per_domain"].values()) == 100
 
 
+def side_by_side(*argvs) -> list[tuple[int, str]]:
+    """(exit code, stderr) of each synth command, run at the same time (each is mostly the interpreter's start)."""
+    procs = [subprocess.Popen(CLI + list(a), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for a in argvs]
+    return [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+
+
 def test_bad_input_gets_a_short_message(tmp_path):
-    r = synth("--domains", "cooking", "--tasks", "5", "--out", str(tmp_path / "a"))
-    assert r.returncode == 2 and "cooking" in r.stderr and "Traceback" not in r.stderr
-    assert synth("--tasks", "3", "--out", str(tmp_path / "b")).returncode == 0
-    r = synth("--tasks", "3", "--out", str(tmp_path / "b"))
-    assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
-    r = synth("--tasks", "4", "--out", str(tmp_path / "b"), "--resume")
-    assert r.returncode == 2 and "other settings" in r.stderr
+    b = str(tmp_path / "b")
+    (code, err), (made, _) = side_by_side(["--domains", "cooking", "--tasks", "5", "--out", str(tmp_path / "a")],
+                                          ["--tasks", "3", "--out", b])
+    assert code == 2 and "cooking" in err and "Traceback" not in err
+    assert made == 0
+    (code, err), (code2, err2) = side_by_side(["--tasks", "3", "--out", b], ["--tasks", "4", "--out", b, "--resume"])
+    assert code == 2 and "--resume" in err and "Traceback" not in err
+    assert code2 == 2 and "other settings" in err2
 
 
 def test_kill_then_resume_loses_and_repeats_nothing(tmp_path):
