@@ -212,8 +212,8 @@ def qat_calibration_limit(res: dict) -> str | None:
     return (f"the INT4 model hallucinates more than the RL model it was made from: "
             f"{pct(q['hallucination_rate'], q.get('hallucination_rate_ci95'))} against "
             f"{pct(rl['hallucination_rate'], ci)}. " +
-            ("QAT distilled the RL model, so this is what quantizing lost; more `qat_steps` may recover it "
-             if (res.get("qat") or {}).get("distill") else
+            ("QAT distilled the RL model (it did not train on the conversations), so the gap is what INT4 lost; "
+             "the held-out KL under INT4 QAT compares it with PTQ's " if (res.get("qat") or {}).get("distill") else
              "INT4 QAT trains on the SFT conversations, which pulls the model back toward SFT's answers; "
              "`qat_distill` or a lower `qat_lr` keeps more of RL's calibration ") + "(k2lab/pipeline/presets.py)")
 
