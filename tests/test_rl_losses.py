@@ -122,3 +122,25 @@ def test_one_step_on_a_real_model_moves_probability_toward_rewarded_samples(name
             if p.grad is not None:
                 p -= 0.05 * p.grad
         assert float((adv * (seq_logp() - before)).sum()) > 0
+
+
+@torch.no_grad()
+def test_policy_stats_at_the_sampled_tokens_equal_those_of_the_full_logits():
+    """RL's per-step statistics run the head on the sampled positions only; they equal the full [B, T, vocab]
+    computation they replace (log-ratio to the sampler, entropy under softmax(logits / T))."""
+    from k2lab.train.rl.run import policy_stats
+
+    model = random_model(tiny_config(), seed=1).eval()
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 512, (3, 13), generator=g)
+    mask = torch.zeros(3, 12)
+    mask[0, 5:9], mask[1, 2:12], mask[2, 11] = 1, 1, 1
+    old = torch.randn(3, 12, generator=g) - 3
+    temp = 0.7
+    logp_all = (model(tokens[:, :-1]).float() / temp).log_softmax(-1)
+    logp = logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    want = {**log_ratio_stats(logp, old, mask), "entropy": entropy(logp_all, mask)}
+    got = policy_stats(model, tokens, old, mask, temp)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), k

@@ -43,6 +43,23 @@ def policy_logprobs(model, tokens: torch.Tensor, temperature: torch.Tensor) -> t
     return logits.log_softmax(-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
 
+@torch.no_grad()
+def policy_stats(model, tokens: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor,
+                 temperature: float) -> dict:
+    """The log-ratio statistics to the sampler and the mean entropy of softmax(logits / T) over the sampled
+    (masked) tokens [B, T] of tokens [B, T+1]. The head and its softmax run at those positions only: they are a few
+    of each row's tokens, and over every position the [B, T, vocab] head cost as much as the model body (RL's
+    statistics took 55 of `make run`'s 310-s RL stage, 2026-12-01)."""
+    lm = getattr(model, "language_model", model)  # a K2.5/K2.6 checkpoint: its K2ForCausalLM
+    sel = mask.bool()
+    h = lm.model(tokens[:, :-1].to(lm.device))[sel.to(lm.device)]
+    logp_all = (lm.lm_head(h).float().cpu() / temperature).log_softmax(-1)  # [sampled tokens, vocab]
+    logp = torch.zeros(mask.shape)
+    logp[sel] = logp_all.gather(-1, tokens[:, 1:][sel][:, None]).squeeze(-1)
+    return {**log_ratio_stats(logp, old_logprobs, mask),
+            "entropy": entropy(logp_all[None], torch.ones(1, len(logp_all)))}
+
+
 def ptx_loss(model, tokens: torch.Tensor, mask: torch.Tensor, document_ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over the masked (assistant) tokens of packed curated conversations."""
     return (token_losses(model, tokens, document_ids) * mask).sum() / mask.sum().clamp(min=1)
@@ -156,16 +173,14 @@ def rl(s: RLSettings) -> dict:
         temperature = torch.full((len(trajs),), temp)
         out = {"tokens": b.input_ids, "loss_mask": b.mask, "sampled": b.mask, "old_logprobs": b.old_logprobs,
                "rewards": b.rewards, "temperature": temperature}
-        with torch.no_grad():  # the policy before this update: log-ratio to the sampler, entropy
-            logits = model(b.input_ids[:, :-1].to(model.device)).float().cpu() / temp
-            logp_all = logits.log_softmax(-1)
-            logp = logp_all.gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)
-            metrics = {**rollout_metrics(trajs, grades, s.samples), **log_ratio_stats(logp, b.old_logprobs, b.mask),
-                       "entropy": entropy(logp_all, b.mask), "policy_version": min(t.policy_version for t in trajs),
-                       **staleness(trajs, step), "temperature": temp}
-            if ptx_batches is not None:
-                p = ptx_batches(step)
-                out.update(ptx_tokens=p["tokens"], ptx_mask=p["loss_mask"], ptx_document_ids=p["document_ids"])
+        # the policy before this update: log-ratio to the sampler, entropy
+        metrics = {**rollout_metrics(trajs, grades, s.samples), **policy_stats(model, b.input_ids, b.old_logprobs,
+                                                                                b.mask, temp),
+                   "policy_version": min(t.policy_version for t in trajs), **staleness(trajs, step),
+                   "temperature": temp}
+        if ptx_batches is not None:
+            p = ptx_batches(step)
+            out.update(ptx_tokens=p["tokens"], ptx_mask=p["loss_mask"], ptx_document_ids=p["document_ids"])
         timings["stats_s"] = time.perf_counter() - t0
         if rank0:  # wall-clock seconds stay out of metrics.jsonl, which a resumed run reproduces exactly
             append_jsonl(run_dir / "timings.jsonl", {"step": step + 1, **timings})
