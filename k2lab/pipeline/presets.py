@@ -122,7 +122,9 @@ PRESETS: dict[str, Recipe] = {
     # and 48 calibration RL steps (2026-12-01, AVX2 EPYC): 27.7 min including the venv (stages 25.2 min:
     # pre-training 731 s, SFT 358 s, RL 182 s), a rerun 8.6 s. With PTX in RL (rows 4) that schedule took 33.9 min
     # on a day this machine ran 12-16% slower (pre-training 842 s for the same 800 steps); with 600 / 160 / 40 steps
-    # it took 27.7 min (stages 25.6: pre-training 620 s, SFT 332 s, RL 296 s, QAT 73 s, evals 212 s), a rerun 9.9 s
+    # it took 27.7 min (stages 25.6: pre-training 620 s, SFT 332 s, RL 296 s, QAT 73 s, evals 212 s), a rerun 9.9 s.
+    # With QAT by self-distillation, on a slower day: 29.4 min (stages 27.5: pre-training 662 s, SFT 337 s, RL 310 s,
+    # QAT 116 s, evals 218 s); RL's statistics at the sampled tokens then took RL from 310 to 272 s
     "default": Recipe(),
     # the `small` model, longer at every stage (hours on CPU)
     "small": Recipe(model="small", corpus_mb=13.0, pretrain_steps=1500, pretrain_batch=16, pretrain_seq_len=512,
