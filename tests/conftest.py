@@ -1,4 +1,4 @@
-import dataclasses
+import subprocess
 
 import pytest
 import torch
@@ -105,3 +105,11 @@ def sft_checkpoint_and_data(d, tok_dir):
     tok.save(d / "ckpt")
     run_embedded("embedded", 30, d / "synth", seed=0)
     return d / "ckpt", d / "synth" / "kept.jsonl"
+
+
+def side_by_side(argvs: list[list[str]], timeout: float = 300, **popen) -> list[subprocess.CompletedProcess]:
+    """Run the commands at the same time and wait for all (for commands that are mostly the interpreter's start:
+    bad-input answers, short CLI runs); each result has returncode, stdout and stderr as text."""
+    procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen) for a in argvs]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [subprocess.CompletedProcess(a, p.returncode, out, err) for a, p, (out, err) in zip(argvs, procs, outs)]

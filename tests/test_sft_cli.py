@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from k2lab.runs import read_jsonl
-from tests.conftest import sft_checkpoint_and_data
+from tests.conftest import sft_checkpoint_and_data, side_by_side
 
 CLI = [sys.executable, "-m", "k2lab.cli", "sft"]
 FAST = ["--seq-len", "512", "--batch-size", "2", "--eval-max-new-tokens", "8"]
@@ -149,10 +149,10 @@ def test_bad_input_is_one_line(inputs, tmp_path):
              (ckpt, no_answer, [], "q.jsonl:1: no assistant message"), (tmp_path, data, [], "not a checkpoint directory"),
              (ckpt, data, ["--distill"], "--distill trains toward the starting checkpoint")]  # and needs --qat
     # the commands fail before any training, so they run side by side (each is mostly the interpreter's start)
-    procs = [subprocess.Popen(sft_argv(c, d, tmp_path / "run", "--max-steps", "2", *extra), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for c, d, extra, _ in cases]
-    for (_, _, _, message), proc in zip(cases, procs):
-        _, err = proc.communicate(timeout=900)
-        assert proc.returncode == 1 and message in err and "Traceback" not in err, err
+    results = side_by_side([sft_argv(c, d, tmp_path / "run", "--max-steps", "2", *extra) for c, d, extra, _ in cases],
+                           timeout=900)
+    for (_, _, _, message), r in zip(cases, results):
+        err = r.stderr
+        assert r.returncode == 1 and message in err and "Traceback" not in err, err
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()  # nothing claimed for a run that never started

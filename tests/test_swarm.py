@@ -18,6 +18,7 @@ from k2lab.agents.trace import read_spans, render_tree
 from k2lab.runs import read_jsonl
 from k2lab.testing.scripted_server import Faults, ScriptedServer
 from k2lab.testing.swarm_script import expected, handler, lookup, plan
+from tests.conftest import side_by_side
 
 
 def run_swarm(srv, run_dir, tools, limits=SwarmLimits(), **llm_kw):
@@ -270,16 +271,14 @@ def test_cli_max_tokens_and_temperature_reach_the_requests(tmp_path):
         env = {**os.environ, "K2LAB_BASE_URL": srv.base_url, "K2LAB_API_KEY": "k", "K2LAB_MODEL": "m"}
         # the four runs at once (each is mostly the interpreter's start); run i's task names it, so each request
         # body is told apart by its messages
-        procs = [subprocess.Popen([sys.executable, "-m", "k2lab.cli", cmd, f"say done (run {i})", *extra, *flags,
-                                   "--run-dir", str(tmp_path / f"{cmd}{len(flags)}")], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i, (cmd, extra, flags) in enumerate(runs)]
-        bad = subprocess.run([sys.executable, "-m", "k2lab.cli", "agent", "x", "--max-tokens", "0"],
-                             capture_output=True, text=True, timeout=60)
-        outs = [p.communicate(timeout=120) for p in procs]
+        *results, bad = side_by_side([[sys.executable, "-m", "k2lab.cli", cmd, f"say done (run {i})", *extra, *flags,
+                                       "--run-dir", str(tmp_path / f"{cmd}{len(flags)}")]
+                                      for i, (cmd, extra, flags) in enumerate(runs)]
+                                     + [[sys.executable, "-m", "k2lab.cli", "agent", "x", "--max-tokens", "0"]],
+                                     timeout=120, env=env)
     assert bad.returncode == 2 and "--max-tokens" in bad.stderr and "Traceback" not in bad.stderr
-    for i, ((cmd, _, flags), proc, (out, err)) in enumerate(zip(runs, procs, outs)):
-        assert proc.returncode == 0 and "outcome: completed" in out, err[-2000:]
+    for i, ((cmd, _, flags), r) in enumerate(zip(runs, results)):
+        assert r.returncode == 0 and "outcome: completed" in r.stdout, r.stderr[-2000:]
         mine = [b for b in bodies if f"(run {i})" in json.dumps(b["messages"])]
         got = {(b.get("max_tokens"), b.get("temperature")) for b in mine}
         assert mine and got == ({(9, 0.0)} if flags else {(None, None)}), (cmd, flags, got)

@@ -15,6 +15,7 @@ import jsonschema
 from k2lab.runs import read_jsonl
 from k2lab.tokenizer.chat import render
 from k2lab.tokenizer.toolcalls import parse
+from tests.conftest import side_by_side
 
 CLI = [sys.executable, "-m", "k2lab.cli", "synth"]
 
@@ -53,22 +54,16 @@ def test_output_renders_parses_back_and_validates(tmp_path):
     assert sum(d["trajectories"] for d in card["per_domain"].values()) == 100
 
 
-def side_by_side(*argvs) -> list[tuple[int, str]]:
-    """(exit code, stderr) of each synth command, run at the same time (each is mostly the interpreter's start)."""
-    procs = [subprocess.Popen(CLI + list(a), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for a in argvs]
-    return [(p.wait(timeout=300), p.stderr.read()) for p in procs]
-
-
 def test_bad_input_gets_a_short_message(tmp_path):
     b = str(tmp_path / "b")
-    (code, err), (made, _) = side_by_side(["--domains", "cooking", "--tasks", "5", "--out", str(tmp_path / "a")],
-                                          ["--tasks", "3", "--out", b])
-    assert code == 2 and "cooking" in err and "Traceback" not in err
-    assert made == 0
-    (code, err), (code2, err2) = side_by_side(["--tasks", "3", "--out", b], ["--tasks", "4", "--out", b, "--resume"])
-    assert code == 2 and "--resume" in err and "Traceback" not in err
-    assert code2 == 2 and "other settings" in err2
+    # side by side: each command is mostly the interpreter's start
+    bad, made = side_by_side([CLI + ["--domains", "cooking", "--tasks", "5", "--out", str(tmp_path / "a")],
+                              CLI + ["--tasks", "3", "--out", b]])
+    assert bad.returncode == 2 and "cooking" in bad.stderr and "Traceback" not in bad.stderr
+    assert made.returncode == 0
+    again, other = side_by_side([CLI + ["--tasks", "3", "--out", b], CLI + ["--tasks", "4", "--out", b, "--resume"]])
+    assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
+    assert other.returncode == 2 and "other settings" in other.stderr
 
 
 def test_kill_then_resume_loses_and_repeats_nothing(tmp_path):
