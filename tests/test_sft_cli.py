@@ -140,14 +140,18 @@ def test_kill_9_and_rerun_gives_the_metrics_of_an_uninterrupted_run(inputs, tmp_
 
 
 def test_bad_input_is_one_line(inputs, tmp_path):
+    from k2lab.train.qat import quantize
+
     ckpt, data = inputs
     not_jsonl = tmp_path / "notes.txt"
     not_jsonl.write_text("hello\n")
     no_answer = tmp_path / "q.jsonl"
     no_answer.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    int4 = quantize(ckpt, tmp_path / "int4")
     cases = [(ckpt, tmp_path / "missing.jsonl", [], "no such file"), (ckpt, not_jsonl, [], "notes.txt:1: not JSON"),
              (ckpt, no_answer, [], "q.jsonl:1: no assistant message"), (tmp_path, data, [], "not a checkpoint directory"),
-             (ckpt, data, ["--distill"], "--distill trains toward the starting checkpoint")]  # and needs --qat
+             (ckpt, data, ["--distill"], "--distill trains toward the starting checkpoint"),  # and needs --qat
+             (int4, data, ["--qat", "--distill"], "is already INT4; QAT starts from a full-precision checkpoint")]
     # the commands fail before any training, so they run side by side (each is mostly the interpreter's start)
     results = side_by_side([sft_argv(c, d, tmp_path / "run", "--max-steps", "2", *extra) for c, d, extra, _ in cases],
                            timeout=900)

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from k2lab.evals.toolcall import load_dataset
+from k2lab.quant.checkpoint import is_int4_checkpoint
 from k2lab.runs import atomic_path, claim, read_jsonl, rewrite_jsonl
 from k2lab.tokenizer.chat import render_sft
 from k2lab.train import distributed as dist_utils
@@ -281,6 +282,9 @@ def sft(s: SftSettings) -> dict:
     if not (checkpoint / "tiktoken.model").is_file():
         raise ValueError(f"{checkpoint} has no tokenizer (tiktoken.model); SFT renders chats with the "
                          f"checkpoint's own tokenizer")
+    if s.qat and is_int4_checkpoint(checkpoint):  # its experts are packed INT4, with no latent weights to train
+        raise ValueError(f"{checkpoint} is already INT4; QAT starts from a full-precision checkpoint (the one it "
+                         f"was quantized from)")
     config = ModelConfig.load(checkpoint)
     tokenizer = Tokenizer.load(checkpoint)
     _check_sizes(s, tokenizer, config)
